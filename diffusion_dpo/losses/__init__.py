@@ -1,0 +1,22 @@
+"""The shared preference-loss core: pure functions, per-example outputs (see MATH.md)."""
+
+from diffusion_dpo.losses.kto import kto_loss
+from diffusion_dpo.losses.metrics import preference_metrics
+from diffusion_dpo.losses.pairwise import (
+    PAIRWISE_LOSSES,
+    check_pairwise_args,
+    dpo_loss,
+    pairwise_loss_from_logratios,
+)
+from diffusion_dpo.losses.reference_free import orpo_loss, simpo_loss
+
+__all__ = [
+    "PAIRWISE_LOSSES",
+    "check_pairwise_args",
+    "dpo_loss",
+    "kto_loss",
+    "orpo_loss",
+    "pairwise_loss_from_logratios",
+    "preference_metrics",
+    "simpo_loss",
+]

@@ -1,0 +1,216 @@
+"""Tiny Stable-Diffusion-shaped models with random weights, built locally (no downloads).
+
+They have the real architectures (UNet2DConditionModel, AutoencoderKL, CLIP text encoders and a
+CLIP BPE tokenizer) at toy sizes, are saved with ``save_pretrained`` and are loaded back by the same
+``from_pretrained`` code path as real Stable Diffusion weights. Used by the embedded default
+(``configs/tiny.yaml``), the tests and the synthetic experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+#: Whole words that get one BPE token each, so captions of the synthetic world are short sequences.
+TINY_WORDS = (
+    "a an the of on in with and photo picture image small big large red green blue yellow white "
+    "black orange purple pink gray cyan magenta circle square triangle cross ring star stripe "
+    "background shape cat dog"
+).split()
+
+TEXT_HIDDEN = 32
+TEXT_MAX_LENGTH = 16
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # The byte -> printable-character table every byte-level BPE (GPT-2, CLIP) uses.
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))
+
+
+def write_tiny_clip_tokenizer(path: str | Path, words: tuple[str, ...] | list[str] = TINY_WORDS) -> Path:
+    """Write a CLIP BPE tokenizer (vocab.json + merges.txt) whose merges make each of ``words`` one token.
+
+    Every other word falls back to byte-level characters, exactly as a real CLIP tokenizer would for
+    unseen words, so any caption can be tokenized.
+    """
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    vocab_tokens = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    # Longer words first: BPE applies the lowest-ranked merge first, so a short word's merge (e.g.
+    # "g r" of "green") must not outrank a longer word's chain ("backg r" of "background").
+    for word in sorted(words, key=len, reverse=True):
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            merged = parts[0] + parts[1]
+            merge = f"{parts[0]} {parts[1]}"
+            if merge not in merges:
+                merges.append(merge)
+                vocab_tokens.append(merged)
+            parts = [merged] + parts[2:]
+    special = ["<|startoftext|>", "<|endoftext|>"]
+
+    def build():
+        vocab = {tok: i for i, tok in enumerate(list(dict.fromkeys(vocab_tokens)) + special)}
+        (path / "vocab.json").write_text(json.dumps(vocab))
+        (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        return CLIPTokenizer(
+            str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=TEXT_MAX_LENGTH
+        )
+
+    tokenizer = build()
+    # Merges of different words can still cut across each other ("m a" of "magenta" inside "image");
+    # chain whatever pieces a word ends up in into the whole word, until every word is one token.
+    for _ in range(4):
+        broken = [w for w in words if len(tokenizer.tokenize(w)) > 1]
+        if not broken:
+            break
+        for word in broken:
+            parts = tokenizer.tokenize(word)
+            while len(parts) > 1:
+                merges.append(f"{parts[0]} {parts[1]}")
+                vocab_tokens.append(parts[0] + parts[1])
+                parts = [parts[0] + parts[1]] + parts[2:]
+        tokenizer = build()
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _text_config(vocab_size: int, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig
+
+    kwargs = dict(
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=TEXT_MAX_LENGTH,
+        vocab_size=vocab_size,
+        hidden_act="gelu",
+    )
+    if projection_dim is not None:
+        kwargs["projection_dim"] = projection_dim
+    return CLIPTextConfig(**kwargs)
+
+
+def tiny_unet_config(sdxl: bool = False, sample_size: int = 16) -> dict:
+    """A two-level UNet2DConditionModel config (≈0.4M parameters; SDXL-shaped when ``sdxl``)."""
+    config = dict(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT_HIDDEN,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    if sdxl:
+        config.update(
+            cross_attention_dim=2 * TEXT_HIDDEN,  # penultimate states of both encoders, concatenated
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            # 6 micro-conditioning numbers × 8 + pooled embedding of the second encoder
+            projection_class_embeddings_input_dim=6 * 8 + TEXT_HIDDEN,
+            use_linear_projection=True,
+        )
+    return config
+
+
+def tiny_vae_config() -> dict:
+    """A one-downsample AutoencoderKL config: 32 px images ↔ 4×16×16 latents."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32):
+    """Build a tiny SD1.5-shaped (or SDXL-shaped) diffusers pipeline with random weights, in memory."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(tmp))
+    vocab_size = len(tokenizer)
+    unet = UNet2DConditionModel(**tiny_unet_config(sdxl, sample_size=resolution // 2))
+    vae = AutoencoderKL(**tiny_vae_config())
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    if not sdxl:
+        from diffusers import StableDiffusionPipeline
+
+        text_encoder = CLIPTextModel(_text_config(vocab_size))
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(_text_config(vocab_size)),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab_size, projection_dim=TEXT_HIDDEN)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def save_tiny_pipeline(path: str | Path, sdxl: bool = False, seed: int = 0, resolution: int = 32) -> Path:
+    """Build a tiny pipeline and write it as a diffusers folder that ``from_pretrained`` loads."""
+    path = Path(path)
+    pipe = build_tiny_pipeline(sdxl=sdxl, seed=seed, resolution=resolution)
+    pipe.save_pretrained(path)
+    logger.info("wrote a tiny %s pipeline to %s", "SDXL" if sdxl else "SD1.5", path)
+    return path
