@@ -1,0 +1,255 @@
+"""Diffusion-DPO / SFT / Diffusion-KTO objectives on denoising errors (MATH.md §4, §5).
+
+The project convention lives here and nowhere else: for an image ``x`` noised to ``x_t`` with noise
+``ε`` at timestep ``t``,
+
+    logratio(x) = −0.5 · (eθ − eref),   eθ = mean over C×H×W of (fθ(x_t, t) − target)²
+
+where ``target`` is ``ε`` for epsilon-prediction and the velocity for v-prediction models, and
+``eref`` is the same error under the frozen reference. With it, the shared core's sigmoid loss at
+``β = beta_dpo`` is exactly the loss of the Diffusion-DPO paper's ``train.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def denoising_target(noise_scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the UNet is trained to predict: ``ε`` (epsilon) or the velocity (v-prediction)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(
+        f"scheduler prediction_type={prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'"
+    )
+
+
+def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """``[N, C, H, W]`` × 2 → ``[N]``: mean squared error per sample, in float32."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def logratios_from_errors(model_errors: Tensor, ref_errors: Tensor) -> Tensor:
+    """The diffusion log-ratio surrogate ``−0.5·(eθ − eref)`` (``[N]`` → ``[N]``)."""
+    return -0.5 * (model_errors - ref_errors)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # accelerate/DDP/torch.compile wrappers keep the real module in .module / ._orig_mod
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run the LoRA UNet as its own reference: the base weights, adapters switched off."""
+    base = _unwrap(unet)
+    if not getattr(base, "_hf_peft_config_loaded", False):
+        raise ValueError(
+            "ref_unet=None means 'the same UNet with its LoRA adapters disabled', but this UNet has no "
+            "adapters; pass a frozen reference UNet for a full fine-tune"
+        )
+    base.disable_adapters()
+    try:
+        yield base
+    finally:
+        base.enable_adapters()
+
+
+def _reference_prediction(unet, ref_unet, noisy, timesteps, hidden, cond) -> Tensor:
+    with torch.no_grad():
+        if ref_unet is None:
+            with adapters_disabled(unet) as base:
+                return base(noisy, timesteps, hidden, added_cond_kwargs=cond).sample
+        # The frozen reference may be kept in the low-precision weight dtype to save memory.
+        dtype = next(ref_unet.parameters()).dtype
+        ref_cond = None if cond is None else {k: v.to(dtype) for k, v in cond.items()}
+        return ref_unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=ref_cond).sample
+
+
+def denoising_errors(
+    unet: torch.nn.Module,
+    ref_unet: torch.nn.Module | None,
+    noise_scheduler,
+    latents: Tensor,
+    encoder_hidden_states: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Model and reference denoising errors per image (used as is by Diffusion-KTO).
+
+    ``latents``/``noise`` ``[N, C, h, w]``, ``encoder_hidden_states`` ``[N, L, D]``, ``timesteps``
+    ``[N]``. Returns ``(model_errors, ref_errors)``, each ``[N]`` float32; the reference is run under
+    ``no_grad`` on identical inputs (``ref_unet=None``: the same UNet with LoRA adapters disabled).
+    """
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = denoising_target(noise_scheduler, latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+    ref_pred = _reference_prediction(
+        unet, ref_unet, noisy, timesteps, encoder_hidden_states, added_cond_kwargs
+    )
+    return per_sample_mse(pred, target), per_sample_mse(ref_pred, target)
+
+
+def _repeat_for_pair(x: Tensor, batch: int) -> Tensor:
+    # Conditioning may be given once per pair [B, ...] (same caption) or per image [2B, ...].
+    if x.shape[0] == batch:
+        return torch.cat([x, x], dim=0)
+    if x.shape[0] == 2 * batch:
+        return x
+    raise ValueError(f"conditioning has batch size {x.shape[0]}; expected {batch} (per pair) or {2 * batch}")
+
+
+def pair_denoising_errors(
+    unet: torch.nn.Module,
+    ref_unet: torch.nn.Module | None,
+    noise_scheduler,
+    latents_w: Tensor,
+    latents_l: Tensor,
+    encoder_hidden_states: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Model and reference denoising errors for winners stacked on losers.
+
+    Winner and loser of a pair share the noise and the timestep (the paper's ``train.py``).
+
+    Args:
+        unet: the trained UNet (may be wrapped by accelerate).
+        ref_unet: the frozen reference UNet, or ``None`` for "``unet`` with its LoRA adapters disabled".
+        noise_scheduler: a diffusers scheduler with ``add_noise`` (and ``get_velocity`` for v-prediction).
+        latents_w, latents_l: ``[B, C, h, w]`` latents of the preferred and the rejected images.
+        encoder_hidden_states: ``[B, L, D]`` (one caption per pair) or ``[2B, L, D]``.
+        noise: ``[B, C, h, w]``, shared by both images of a pair.
+        timesteps: ``[B]`` long, shared by both images of a pair.
+        added_cond_kwargs: SDXL's ``{"text_embeds": [B or 2B, D], "time_ids": [B or 2B, 6]}``.
+
+    Returns:
+        ``(model_errors, ref_errors)``, each ``[2B]`` float32: winners first, then losers; the
+        reference errors carry no gradient.
+    """
+    if latents_w.shape != latents_l.shape or noise.shape != latents_w.shape:
+        raise ValueError(
+            f"latents_w {tuple(latents_w.shape)}, latents_l {tuple(latents_l.shape)} and noise "
+            f"{tuple(noise.shape)} must have the same shape"
+        )
+    batch = latents_w.shape[0]
+    latents = torch.cat([latents_w, latents_l], dim=0)  # [2B, C, h, w]
+    noise2 = torch.cat([noise, noise], dim=0)
+    t2 = torch.cat([timesteps, timesteps], dim=0)  # [2B]
+    hidden = _repeat_for_pair(encoder_hidden_states, batch)
+    cond = None
+    if added_cond_kwargs is not None:
+        cond = {k: _repeat_for_pair(v, batch) for k, v in added_cond_kwargs.items()}
+
+    return denoising_errors(unet, ref_unet, noise_scheduler, latents, hidden, noise2, t2, cond)
+
+
+def pair_logratios(
+    unet: torch.nn.Module,
+    ref_unet: torch.nn.Module | None,
+    noise_scheduler,
+    latents_w: Tensor,
+    latents_l: Tensor,
+    encoder_hidden_states: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Diffusion log-ratio surrogates of the chosen and the rejected image of each pair.
+
+    Same arguments as :func:`pair_denoising_errors`. Returns ``(chosen_logratios,
+    rejected_logratios)``, each ``[B]`` float32, with ``logratio = −0.5·(eθ − eref)``; feed them to
+    :func:`diffusion_dpo.losses.pairwise_loss_from_logratios` with ``beta = beta_dpo``.
+    """
+    model_errors, ref_errors = pair_denoising_errors(
+        unet,
+        ref_unet,
+        noise_scheduler,
+        latents_w,
+        latents_l,
+        encoder_hidden_states,
+        noise,
+        timesteps,
+        added_cond_kwargs,
+    )
+    logratios = logratios_from_errors(model_errors, ref_errors)
+    batch = latents_w.shape[0]
+    return logratios[:batch], logratios[batch:]
+
+
+def sample_noise_and_timesteps(
+    latents: Tensor, num_train_timesteps: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """``ε ~ N(0, I)`` shaped like ``latents`` ``[B, C, h, w]`` and ``t ~ U{0..T−1}`` ``[B]``."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(
+        0, num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
+    )
+    return noise, timesteps
+
+
+@torch.no_grad()
+def implicit_reward_accuracy(
+    unet: torch.nn.Module,
+    ref_unet: torch.nn.Module | None,
+    noise_scheduler,
+    latents_w: Tensor,
+    latents_l: Tensor,
+    encoder_hidden_states: Tensor,
+    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
+    seed: int = 0,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """Share of pairs whose implicit reward prefers the human winner (the paper's Table 2 metric).
+
+    For each fixed timestep the pairs are noised with seeded noise (the same for every model, so
+    checkpoints are compared on identical draws); a pair counts as right when its chosen log-ratio
+    exceeds the rejected one (ties as 0.5). Returns a 0-dim tensor: the mean over pairs and
+    timesteps.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    scores = []
+    for t in timesteps:
+        noise = torch.randn(latents_w.shape, generator=generator).to(latents_w.device, latents_w.dtype)
+        ts = torch.full((latents_w.shape[0],), int(t), device=latents_w.device, dtype=torch.long)
+        rc, rr = pair_logratios(
+            unet,
+            ref_unet,
+            noise_scheduler,
+            latents_w,
+            latents_l,
+            encoder_hidden_states,
+            noise,
+            ts,
+            added_cond_kwargs,
+        )
+        scores.append((rc > rr).float() + 0.5 * (rc == rr).float())
+    return torch.cat(scores).mean()
+
+
+def sft_losses(
+    unet: torch.nn.Module,
+    noise_scheduler,
+    latents: Tensor,
+    encoder_hidden_states: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """Plain denoising MSE on the preferred images (the paper's SFT baseline): ``[B]``."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    target = denoising_target(noise_scheduler, latents, noise, timesteps)
+    pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+    return per_sample_mse(pred, target)

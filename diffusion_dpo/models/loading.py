@@ -1,0 +1,152 @@
+"""Load Stable Diffusion (SD1.x/2.x) and SDXL components and turn captions/images into UNet inputs.
+
+Everything goes through ``from_pretrained``, so a hub id (e.g. ``runwayml/stable-diffusion-v1-5``,
+``stabilityai/stable-diffusion-xl-base-1.0``) and a local diffusers folder take the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion pipeline the trainer needs (SDXL: two tokenizers/encoders)."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    noise_scheduler: object
+    tokenizers: list = field(default_factory=list)
+    text_encoders: list = field(default_factory=list)
+
+    @property
+    def is_sdxl(self) -> bool:
+        return len(self.text_encoders) == 2
+
+
+def read_model_index(pretrained_model_name_or_path: str, revision: str | None = None) -> dict:
+    """``model_index.json`` of a local folder or a hub repository, with a clear error if absent."""
+    local = Path(pretrained_model_name_or_path)
+    if local.exists():
+        index = local / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(
+                f"{local} is not a diffusers pipeline folder: it has no model_index.json "
+                "(expected subfolders unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
+            )
+        return json.loads(index.read_text())
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision)
+    except Exception as err:  # hub errors come in many types; say what was asked for
+        raise FileNotFoundError(
+            f"could not read model_index.json of {pretrained_model_name_or_path!r}: it is neither a local "
+            f"folder nor a reachable hub repository ({type(err).__name__}: {err})"
+        ) from err
+
+
+def load_components(
+    pretrained_model_name_or_path: str,
+    revision: str | None = None,
+    variant: str | None = None,
+    vae_model_name_or_path: str | None = None,
+) -> SDComponents:
+    """Load UNet, VAE, DDPM noise scheduler, tokenizer(s) and text encoder(s), all in fp32 on CPU.
+
+    SDXL is recognised by a second text encoder in ``model_index.json``. ``vae_model_name_or_path``
+    swaps in another VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``, which is stable in fp16).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    index = read_model_index(pretrained_model_name_or_path, revision)
+    sdxl = "text_encoder_2" in index and index["text_encoder_2"][0] is not None
+    kw = dict(revision=revision)
+    src = pretrained_model_name_or_path
+    # The DDPM scheduler defines the forward process q used in training, whatever sampler is saved.
+    noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+    tokenizers = [AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)]
+    text_encoders = [CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=variant, **kw)]
+    if sdxl:
+        tokenizers.append(AutoTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw))
+        text_encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(
+                src, subfolder="text_encoder_2", variant=variant, **kw
+            )
+        )
+    if vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(vae_model_name_or_path)
+    else:
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", variant=variant, **kw)
+    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", variant=variant, **kw)
+    for module in [vae, *text_encoders]:
+        module.requires_grad_(False)
+        module.eval()
+    return SDComponents(
+        unet=unet,
+        vae=vae,
+        noise_scheduler=noise_scheduler,
+        tokenizers=tokenizers,
+        text_encoders=text_encoders,
+    )
+
+
+@torch.no_grad()
+def encode_prompts(
+    components: SDComponents, captions: list[str], device: torch.device | str
+) -> tuple[Tensor, Tensor | None]:
+    """Captions → ``(encoder_hidden_states [B, L, D], pooled [B, D] or None)``.
+
+    SD1.x/2.x: the last hidden state of the one CLIP text encoder. SDXL (MATH.md §4): the penultimate
+    hidden states of both encoders concatenated on the feature axis, and the pooled (projected)
+    output of the second encoder.
+    """
+    if not components.is_sdxl:
+        tokenizer, encoder = components.tokenizers[0], components.text_encoders[0]
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        return encoder(ids)[0], None
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the second encoder)
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def sdxl_time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, resolution: int) -> Tensor:
+    """SDXL micro-conditioning ``[N, 6]``: (original h, w, crop top, left, target h, w)."""
+    target = torch.tensor([resolution, resolution], device=original_sizes.device).expand(
+        original_sizes.shape[0], 2
+    )
+    return torch.cat([original_sizes, crop_top_lefts, target], dim=1).float()
+
+
+@torch.no_grad()
+def encode_images(vae: torch.nn.Module, pixel_values: Tensor) -> Tensor:
+    """Images ``[N, 3, H, W]`` in [−1, 1] → scaled VAE latents ``[N, 4, H/f, W/f]`` (a posterior sample)."""
+    dtype = next(vae.parameters()).dtype
+    latents = vae.encode(pixel_values.to(dtype)).latent_dist.sample()
+    return latents * vae.config.scaling_factor
