@@ -1,0 +1,245 @@
+"""Training configuration: one dataclass mirrored by the YAML files in ``configs/``.
+
+Each field's docstring (the ``help`` metadata) is its ``--help`` text. Names follow the Diffusion-DPO
+paper's ``train.py`` and the diffusers training scripts where the concept is the same. Precedence:
+dataclass default < YAML < command-line flag. Unknown YAML keys are an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from diffusion_dpo.losses import PAIRWISE_LOSSES, check_pairwise_args
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    pretrained_model_name_or_path: str = _f(
+        None, "Base model: a hub id (e.g. runwayml/stable-diffusion-v1-5) or a local diffusers folder."
+    )
+    revision: str | None = _f(None, "Hub revision of the base model.")
+    variant: str | None = _f(None, "Weight variant of the base model files, e.g. fp16.")
+    vae_model_name_or_path: str | None = _f(
+        None, "Another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE is unstable in fp16)."
+    )
+    # --- data ---
+    dataset_name: str = _f(
+        None,
+        "Preference data: a hub id (yuvalkirstain/pickapic_v2), a local parquet file/folder, a `datasets` "
+        "save_to_disk folder, or a JSONL/CSV of caption,image_w,image_l (KTO: caption,image,label).",
+    )
+    dataset_split: str = _f("train", "Split of the dataset to train on.")
+    streaming: bool = _f(False, "Stream the dataset instead of downloading it (for sets too large for disk).")
+    keep_ties: bool = _f(False, "Keep tied pairs (label_0 = 0.5). By default they are dropped and counted.")
+    max_train_samples: int | None = _f(None, "Use only the first N pairs (debugging, small runs).")
+    cache_dir: str | None = _f(None, "Where `datasets` and the hub cache downloads.")
+    resolution: int = _f(512, "Images are resized (shorter side) and cropped to this size. SDXL: 1024.")
+    random_crop: bool = _f(False, "Random instead of center crops.")
+    no_hflip: bool = _f(False, "Disable random horizontal flips (the paper flips).")
+    proportion_empty_prompts: float = _f(
+        0.2, "Probability that a pair's caption is replaced by '' (decided once per pair; paper: 0.2)."
+    )
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes (0 = load in the main process).")
+    # --- objective ---
+    objective: str = _f(
+        "dpo",
+        "dpo (pairs), sft (denoising MSE on winners) or kto (unpaired data).",
+        choices=("dpo", "sft", "kto"),
+    )
+    sft: bool = _f(False, "Same as `--objective sft` (the paper's flag).")
+    beta_dpo: float = _f(
+        5000.0,
+        "β in the paper code's scale: loss = −logσ(−0.5·β·(Δθ − Δref)). Paper: 2000 (SD1.5), 5000 (SDXL). "
+        "diffusers' research script's β is half of this.",
+    )
+    loss_type: str = _f("sigmoid", "Pairwise loss of the core.", choices=tuple(sorted(PAIRWISE_LOSSES)))
+    label_smoothing: float = _f(0.0, "ε for sigmoid (cDPO), robust and exo_pair.")
+    kto_desirable_weight: float = _f(1.0, "λD of Diffusion-KTO.")
+    kto_undesirable_weight: float = _f(1.0, "λU of Diffusion-KTO.")
+    # --- optimisation ---
+    output_dir: str = _f("outputs/run", "Where checkpoints, metrics.jsonl and the final model are written.")
+    seed: int = _f(0, "Seed for model init, noise, timesteps, data order and augmentation.")
+    train_batch_size: int = _f(1, "Pairs per device per micro-batch.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    max_train_steps: int = _f(2000, "Optimizer steps to train for.")
+    learning_rate: float = _f(1e-8, "Learning rate (multiplied by the total batch size with --scale_lr).")
+    scale_lr: bool = _f(False, "lr × train_batch_size × gradient_accumulation_steps × num_processes (paper).")
+    lr_scheduler: str = _f(
+        "constant_with_warmup",
+        "diffusers scheduler name: constant, constant_with_warmup, linear, cosine, ...",
+    )
+    lr_warmup_steps: int = _f(500, "Warm-up optimizer steps.")
+    adam_beta1: float = _f(0.9, "AdamW β1.")
+    adam_beta2: float = _f(0.999, "AdamW β2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW ε.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    use_lora: bool = _f(False, "Train LoRA adapters; the reference is the same UNet with adapters disabled.")
+    rank: int = _f(8, "LoRA rank.")
+    lora_alpha: int | None = _f(None, "LoRA alpha (default: the rank).")
+    mixed_precision: str = _f("no", "no, fp16 or bf16.", choices=("no", "fp16", "bf16"))
+    gradient_checkpointing: bool = _f(
+        False, "Recompute UNet activations in the backward pass to save memory."
+    )
+    enable_xformers_memory_efficient_attention: bool = _f(
+        False, "Use xformers attention (GPU, optional extra)."
+    )
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    # --- checkpoints, logging, validation ---
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint-N every N optimizer steps.")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoint-N folders.")
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint-N folder, or `latest` in output_dir.")
+    report_to: str = _f("none", "Trackers for accelerate: none, tensorboard, wandb, all.")
+    logging_dir: str = _f("logs", "Tracker logs, relative to output_dir.")
+    validation_steps: int = _f(500, "Every N steps: held-out implicit-reward accuracy (and images).")
+    validation_dataset_name: str | None = _f(
+        None, "Held-out pairs for implicit-reward accuracy (default: none; same formats as dataset_name)."
+    )
+    validation_split: str = _f("train", "Split of the validation dataset.")
+    num_validation_pairs: int = _f(64, "How many held-out pairs to score.")
+    validation_timesteps: list[int] = _f(
+        (100, 300, 500, 700, 900), "Fixed timesteps averaged by the implicit-reward accuracy."
+    )
+    validation_prompts: list[str] = _f((), "Prompts to sample at validation and after training.")
+    num_inference_steps: int = _f(25, "Sampling steps for validation images.")
+    # --- embedded default ---
+    create_tiny_assets: bool = _f(
+        False, "If the model/dataset paths do not exist, build the tiny SD model and synthetic dataset there."
+    )
+
+    # ---- derived values (never written back) ----
+    @property
+    def effective_objective(self) -> str:
+        return "sft" if self.sft else self.objective
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending flag."""
+        if not self.pretrained_model_name_or_path:
+            raise ValueError(
+                "--pretrained_model_name_or_path is required (a hub id or a local diffusers folder)"
+            )
+        if not self.dataset_name:
+            raise ValueError("--dataset_name is required (a hub id, a parquet file/folder, or a JSONL/CSV)")
+        if self.sft and self.objective not in ("dpo", "sft"):
+            raise ValueError(f"--sft contradicts --objective {self.objective}")
+        if self.effective_objective == "dpo":
+            try:
+                check_pairwise_args(self.loss_type, self.beta_dpo, self.label_smoothing)
+            except ValueError as err:
+                raise ValueError(f"--loss_type/--beta_dpo/--label_smoothing: {err}") from None
+        positive = (
+            "resolution",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "rank",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ValueError(
+                f"--proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}"
+            )
+        if self.checkpointing_steps <= 0 or self.validation_steps <= 0:
+            raise ValueError("--checkpointing_steps and --validation_steps must be > 0")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
+        for name in ("mixed_precision", "objective", "loss_type"):
+            choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _base_type(annotation):
+    """``int | None`` → (int, optional); ``list[int]`` → (list, int)."""
+    hint = typing.get_type_hints(TrainConfig)[annotation] if isinstance(annotation, str) else annotation
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)][0]
+        return _base_type(inner)
+    if typing.get_origin(hint) is list:
+        return list, args[0]
+    return hint, None
+
+
+def _str2bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Diffusion-DPO / SFT / Diffusion-KTO fine-tuning of Stable Diffusion (SD1.x, SDXL).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=str, default=None, help="YAML file in configs/; flags override it.")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind, inner = _base_type(hints[f.name])
+        kw: dict = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if kind is bool:
+            # `--flag` sets True; `--flag false` is accepted too, so YAML values can be overridden.
+            kw.update(nargs="?", const=True, type=_str2bool)
+        elif kind is list:
+            kw.update(nargs="*", type=inner)
+        else:
+            kw.update(type=kind)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kw)
+    return parser
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; see `python train_sd.py --help` for the options")
+    return data
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults < ``--config`` YAML < command-line flags; validated."""
+    args = vars(build_parser().parse_args(argv))
+    values = load_yaml(args.pop("config")) if args.get("config") else {}
+    args.pop("config", None)
+    values.update(args)
+    hints = typing.get_type_hints(TrainConfig)
+    for name, value in values.items():
+        if _base_type(hints[name])[0] is list and value is not None:
+            values[name] = tuple(value)
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
