@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.create_tiny_assets:
         ensure_tiny_assets(cfg)
     summary = train(cfg)
-    print(json.dumps({"output_dir": cfg.output_dir, **summary}, indent=2, default=str))
+    shown = {k: v for k, v in summary.items() if k != "models"}
+    print(json.dumps({"output_dir": cfg.output_dir, **shown}, indent=2))
     return summary
 
 

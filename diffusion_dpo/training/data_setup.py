@@ -48,6 +48,9 @@ def _make_loader(cfg: TrainConfig, dataset_name: str, split: str, is_sdxl: bool,
         collate_fn=collate,
         num_workers=cfg.dataloader_num_workers,
         drop_last=train,
+        # Its own generator: creating a loader iterator (also when resuming) then never draws from the
+        # global RNG, whose restored state must produce the same noise as the uninterrupted run.
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 

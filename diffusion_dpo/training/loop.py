@@ -390,7 +390,7 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Train as configured; returns a summary (final step, last metrics, wall-clock seconds)."""
+    """Train as configured; returns a summary (final step, last metrics, wall-clock seconds, the models)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
@@ -551,7 +551,7 @@ def train(cfg: TrainConfig) -> dict:
                 cfg.seed,
             )
     accelerator.end_training()
-    return {"global_step": global_step, "last_metrics": last_row, "seconds": time.time() - started}
+    return {"global_step": global_step, "last_metrics": last_row, "seconds": time.time() - started, "models": models}
 
 
 def log_validation_images(cfg: TrainConfig, models: Models, accelerator, step: int) -> None:

@@ -1,0 +1,41 @@
+"""Preference data: pair and unpaired loaders, transforms, collate functions, a synthetic world."""
+
+from diffusion_dpo.data.pairs import PairStats, load_pair_dataset, load_rows
+from diffusion_dpo.data.transforms import (
+    BadRowError,
+    PairTransform,
+    TransformedDataset,
+    TransformedIterableDataset,
+    collate_pairs,
+    decode_image,
+    make_torch_dataset,
+    row_rng,
+)
+from diffusion_dpo.data.unpaired import (
+    UnpairedStats,
+    UnpairedTransform,
+    collate_unpaired,
+    load_caption_dataset,
+    load_unpaired_dataset,
+    pairs_to_unpaired,
+)
+
+__all__ = [
+    "BadRowError",
+    "PairStats",
+    "PairTransform",
+    "TransformedDataset",
+    "TransformedIterableDataset",
+    "UnpairedStats",
+    "UnpairedTransform",
+    "collate_pairs",
+    "collate_unpaired",
+    "decode_image",
+    "load_caption_dataset",
+    "load_pair_dataset",
+    "load_rows",
+    "load_unpaired_dataset",
+    "make_torch_dataset",
+    "pairs_to_unpaired",
+    "row_rng",
+]

@@ -1,0 +1,314 @@
+"""Unpaired (binary-feedback) data for Diffusion-KTO, and captioned images.
+
+Source rows ``caption, image, label``: ``label`` says whether the image is desirable, as a bool,
+1 / 0, or the strings ``"desirable"`` / ``"undesirable"`` (also ``"true"``/``"false"``, ``"1"``/``"0"``,
+any case). Sources are those of :func:`~diffusion_dpo.data.pairs.load_rows` (hub id, parquet file or
+folder, ``save_to_disk`` folder, JSONL / CSV with image paths relative to the file's folder).
+Loaded rows are ``{"caption": str, "image": ImageLike, "desirable": bool}``.
+
+:func:`pairs_to_unpaired` turns preference pairs into such rows as Diffusion-KTO does with
+Pick-a-Pic (Li et al. 2024, arXiv 2404.04465; MATH.md §5): an image preferred in at least one
+comparison is desirable, every other image undesirable, each image once (de-duplicated by a hash of
+its encoded bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from diffusion_dpo.data.pairs import column_names, load_rows, resolve_image_path
+from diffusion_dpo.data.transforms import (
+    BadRowError,
+    _stack_pixels,
+    check_caption,
+    decode_image,
+    image_bytes,
+    row_rng,
+    transform_image,
+)
+
+logger = logging.getLogger(__name__)
+
+UNPAIRED_COLUMNS = ("caption", "image", "label")
+CAPTION_COLUMNS = ("caption", "image")
+_TRUE = {"desirable", "true", "1", "yes"}
+_FALSE = {"undesirable", "false", "0", "no"}
+
+
+@dataclass
+class UnpairedStats:
+    """Label counts of a loaded unpaired dataset (for a stream: of the rows iterated so far). KTO
+    wants ``λD·n_desirable / (λU·n_undesirable)`` in [1, 4/3] (MATH.md §3)."""
+
+    seen: int = 0
+    desirable: int = 0
+    undesirable: int = 0
+
+
+def parse_label(value, *, where: str = "label") -> bool:
+    """``True`` for a desirable label, ``False`` for an undesirable one; :class:`BadRowError` otherwise."""
+    if isinstance(value, bool):
+        return value
+    if hasattr(value, "item") and not isinstance(value, str):  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise BadRowError(
+        f"{where}: label {value!r} is not desirable/undesirable (expected a bool, 1/0, or "
+        "'desirable'/'undesirable')"
+    )
+
+
+class _UnpairedNormalizer:
+    def __init__(self, base_dir: str | None, labelled: bool):
+        self.base_dir = base_dir
+        self.labelled = labelled
+        self._position = 0  # streaming rows have no index; name them by position
+
+    def row(self, row: dict, index: int | None = None) -> dict:
+        out = {"caption": row["caption"], "image": resolve_image_path(row["image"], self.base_dir)}
+        if self.labelled:
+            where = f"row {index if index is not None else self._position}"
+            out["desirable"] = parse_label(row["label"], where=where)
+        self._position += 1
+        return out
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["caption"])
+        rows = [self.row({k: v[i] for k, v in batch.items()}) for i in range(n)]
+        keys = ("caption", "image", "desirable") if self.labelled else ("caption", "image")
+        return {key: [r[key] for r in rows] for key in keys}
+
+
+class _LabelCounter:
+    def __init__(self, stats: UnpairedStats):
+        self.stats = stats
+
+    def __call__(self, row: dict) -> bool:
+        self.stats.seen += 1
+        self.stats.desirable += row["desirable"]
+        self.stats.undesirable += not row["desirable"]
+        return True
+
+
+def _load(dataset_name, split, streaming, max_train_samples, cache_dir, required, stats, load_kwargs):
+    source = load_rows(dataset_name, split, streaming=streaming, cache_dir=cache_dir, **load_kwargs)
+    names = column_names(source)
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise ValueError(
+            f"missing columns {missing}; found columns {sorted(names)} in {source.description}. "
+            f"This dataset needs columns {', '.join(required)}."
+        )
+    labelled = "label" in required
+    rows = source.rows.select_columns(list(required))
+    normalizer = _UnpairedNormalizer(source.base_dir, labelled)
+    if streaming:
+        rows = rows.map(normalizer.row, remove_columns=[c for c in required if c != "caption"])
+        if labelled and stats is not None:
+            rows = rows.filter(_LabelCounter(stats))
+        return rows.take(max_train_samples) if max_train_samples is not None else rows
+    if max_train_samples is not None:
+        rows = rows.select(range(min(max_train_samples, len(rows))))
+    if labelled:
+        # Labels are small: check them all now, so a bad one fails at load time, naming its row.
+        labels = [
+            parse_label(v, where=f"row {i} of {source.description}") for i, v in enumerate(rows["label"])
+        ]
+        counts = UnpairedStats(len(labels), sum(labels), len(labels) - sum(labels))
+        if stats is not None:
+            stats.seen, stats.desirable, stats.undesirable = counts.seen, counts.desirable, counts.undesirable
+        logger.info(
+            "%d images from %s: %d desirable, %d undesirable",
+            counts.seen,
+            source.description,
+            counts.desirable,
+            counts.undesirable,
+        )
+    return rows.with_transform(normalizer)
+
+
+def load_unpaired_dataset(
+    dataset_name,
+    split: str = "train",
+    streaming: bool = False,
+    max_train_samples: int | None = None,
+    cache_dir: str | None = None,
+    stats: UnpairedStats | None = None,
+    **load_kwargs,
+):
+    """Load ``caption, image, label`` rows as ``{"caption", "image", "desirable": bool}``.
+
+    A ``datasets.Dataset`` (normalised lazily on access; every label parsed at load time, so a bad
+    label raises a ``ValueError`` naming its row) or, with ``streaming``, a
+    ``datasets.IterableDataset``. ``stats`` gets the label counts. ``max_train_samples`` keeps the
+    first N rows.
+    """
+    return _load(
+        dataset_name, split, streaming, max_train_samples, cache_dir, UNPAIRED_COLUMNS, stats, load_kwargs
+    )
+
+
+def load_caption_dataset(
+    dataset_name,
+    split: str = "train",
+    streaming: bool = False,
+    max_train_samples: int | None = None,
+    cache_dir: str | None = None,
+    **load_kwargs,
+):
+    """Load ``caption, image`` rows (e.g. for pretraining or SFT) as ``{"caption", "image"}``; any
+    other column is ignored. Transform with :class:`UnpairedTransform`, batch with
+    :func:`collate_unpaired` (no ``desirable`` key then)."""
+    return _load(
+        dataset_name, split, streaming, max_train_samples, cache_dir, CAPTION_COLUMNS, None, load_kwargs
+    )
+
+
+@dataclass
+class UnpairedTransform:
+    """Turns a row ``{"caption", "image"[, "desirable"]}`` into training tensors: resize (shorter
+    side), center or random crop, random flip, [-1, 1]; caption dropout with probability
+    ``proportion_empty_prompts``. Randomness from ``(seed, epoch, index)`` only (see
+    :func:`~diffusion_dpo.data.transforms.row_rng`)."""
+
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = True
+    proportion_empty_prompts: float = 0.0
+    sdxl: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ValueError(
+                f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}"
+            )
+        if self.resolution <= 0:
+            raise ValueError(f"resolution must be positive, got {self.resolution}")
+
+    def __call__(self, row: dict, *, index: int, epoch: int = 0) -> dict:
+        """Returns ``pixel_values`` [3, R, R], ``caption``, ``index``, ``desirable`` (if the row has
+        it) and, for SDXL, ``original_size`` (h, w) and ``crop_top_left`` (top, left)."""
+        caption = check_caption(row.get("caption"), where=f"row {index}")
+        image = decode_image(row.get("image"), where=f"row {index}, image")
+        rng = row_rng(self.seed, epoch, index)
+        if rng.random() < self.proportion_empty_prompts:
+            caption = ""
+        pixels, original_size, crop_top_left = transform_image(
+            image, rng, self.resolution, self.center_crop, self.random_flip
+        )
+        out = {"pixel_values": pixels, "caption": caption, "index": index}
+        if "desirable" in row:
+            out["desirable"] = bool(row["desirable"])
+        if self.sdxl:
+            out["original_size"] = original_size
+            out["crop_top_left"] = crop_top_left
+        return out
+
+
+def collate_unpaired(examples: list[dict | None]) -> dict | None:
+    """Batch :class:`UnpairedTransform` outputs; ``None`` entries (skipped bad rows) are dropped.
+
+    Returns ``pixel_values`` [B, 3, R, R] float32 in [-1, 1], ``captions`` list[str], ``indices``
+    [B] long, ``num_skipped`` int, ``desirable`` [B] bool (for labelled rows) and, for SDXL,
+    ``original_sizes`` [B, 2] long (h, w) and ``crop_top_lefts`` [B, 2] long (top, left). ``None``
+    when every row of the batch was skipped.
+    """
+    kept = [e for e in examples if e is not None]
+    if not kept:
+        return None
+    batch = {
+        "pixel_values": _stack_pixels([e["pixel_values"] for e in kept]),
+        "captions": [e["caption"] for e in kept],
+        "indices": torch.tensor([e["index"] for e in kept], dtype=torch.long),
+        "num_skipped": len(examples) - len(kept),
+    }
+    if "desirable" in kept[0]:
+        batch["desirable"] = torch.tensor([e["desirable"] for e in kept], dtype=torch.bool)
+    if "original_size" in kept[0]:
+        batch["original_sizes"] = torch.tensor([e["original_size"] for e in kept], dtype=torch.long)
+        batch["crop_top_lefts"] = torch.tensor([e["crop_top_left"] for e in kept], dtype=torch.long)
+    return batch
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def _read(value, where: str) -> bytes:
+    try:
+        return image_bytes(value)
+    except (OSError, ValueError, TypeError) as error:
+        raise BadRowError(f"{where}: cannot read image ({type(error).__name__}: {error})") from error
+
+
+def iter_unpaired_from_pairs(pairs: Iterable[dict]) -> Iterator[dict]:
+    """Unary rows ``caption, image (bytes), label (bool)`` from normalised pair rows (``caption,
+    image_w, image_l``, e.g. from :func:`~diffusion_dpo.data.pairs.load_pair_dataset`).
+
+    An image is desirable if it won at least one comparison; each image (by a hash of its bytes)
+    appears once, with the caption of its first pair. Iterates ``pairs`` twice (so it must be
+    re-iterable): once for the winners, once to emit. Ties are dropped by the pair loader by default,
+    so an image seen only in ties does not appear.
+    """
+    winners = {_digest(_read(row["image_w"], f"pair {i}, image_w")) for i, row in enumerate(pairs)}
+    emitted: set[bytes] = set()
+    n_pairs = duplicates = 0
+    for i, row in enumerate(pairs):
+        n_pairs += 1
+        for key in ("image_w", "image_l"):
+            data = _read(row[key], f"pair {i}, {key}")
+            digest = _digest(data)
+            if digest in emitted:
+                duplicates += 1
+                continue
+            emitted.add(digest)
+            yield {"caption": row["caption"], "image": data, "label": digest in winners}
+    logger.info(
+        "%d pairs -> %d images (%d desirable); %d repeated images merged",
+        n_pairs,
+        len(emitted),
+        len(winners & emitted),
+        duplicates,
+    )
+
+
+def pairs_to_unpaired(pairs: Iterable[dict], output_path: str | os.PathLike | None = None):
+    """:func:`iter_unpaired_from_pairs` as a ``datasets.Dataset`` with columns ``caption``, ``image``
+    (bytes), ``label`` (bool), loadable by :func:`load_unpaired_dataset`.
+
+    With ``output_path`` the rows are streamed to that parquet file in chunks and the dataset is
+    memory-mapped from it (for large sources such as Pick-a-Pic); without, it is built in memory.
+    """
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([("caption", pa.string()), ("image", pa.binary()), ("label", pa.bool_())])
+    rows = iter_unpaired_from_pairs(pairs)
+    if output_path is None:
+        features = datasets.Features(
+            caption=datasets.Value("string"), image=datasets.Value("binary"), label=datasets.Value("bool")
+        )
+        return datasets.Dataset.from_list(list(rows), features=features)
+    output_path = Path(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(str(output_path), schema) as writer:
+        buffer: list[dict] = []
+        for row in rows:
+            buffer.append(row)
+            if len(buffer) == 4096:
+                writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+                buffer = []
+        writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
+    return datasets.load_dataset("parquet", data_files=str(output_path), split="train")

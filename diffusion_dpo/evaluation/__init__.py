@@ -1,0 +1,42 @@
+"""Evaluation: prompt sets, cached paired generation, statistics and reports (``eval/evaluate.py``)."""
+
+from diffusion_dpo.evaluation.generate import (
+    GenerationSettings,
+    ModelSpec,
+    generate_images,
+    load_pipeline,
+    model_identity,
+    parse_model_spec,
+    resolve_model,
+)
+from diffusion_dpo.evaluation.prompts import PromptSet, load_prompts
+from diffusion_dpo.evaluation.report import EvalResults, summarize_results, write_report
+from diffusion_dpo.evaluation.stats import (
+    WinRate,
+    fit_bradley_terry,
+    pairwise_wins,
+    summarize,
+    win_rate,
+    win_rate_by_category,
+)
+
+__all__ = [
+    "EvalResults",
+    "GenerationSettings",
+    "ModelSpec",
+    "PromptSet",
+    "WinRate",
+    "fit_bradley_terry",
+    "generate_images",
+    "load_pipeline",
+    "load_prompts",
+    "model_identity",
+    "pairwise_wins",
+    "parse_model_spec",
+    "resolve_model",
+    "summarize",
+    "summarize_results",
+    "win_rate",
+    "win_rate_by_category",
+    "write_report",
+]

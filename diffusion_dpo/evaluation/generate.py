@@ -1,0 +1,288 @@
+"""Generate evaluation images with an on-disk cache, the same seeds for every model.
+
+A model is named by a spec string: a diffusers pipeline folder, a hub id, or a LoRA output folder of
+the trainer (``pytorch_lora_weights.safetensors`` + ``training_config.yaml`` naming the base model).
+Every image is a pure function of (model weights, prompt, seed, generation settings), so it is cached
+under a hash of exactly those: a rerun, or a run that crashed half-way, only generates what is missing,
+and a pipeline is loaded only when one of its images is missing. Images are written atomically (a temp
+file, then ``os.replace``), so a crash never leaves a truncated PNG that looks cached.
+
+Pairing: image ``(p, k)`` of every model starts from the noise of ``torch.Generator(device)
+.manual_seed(seeds[k])``, one generator per image, so scores of two models on the same (prompt, seed)
+are paired comparisons.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TRAINING_CONFIG = "training_config.yaml"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to evaluate.
+
+    ``kind`` is ``"pipeline"`` (local diffusers folder), ``"hub"`` (hub id) or ``"lora"`` (trainer LoRA
+    output folder; ``base`` is the pipeline it was trained from).
+    """
+
+    name: str
+    source: str
+    kind: str
+    base: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything besides weights, prompt and seed that changes a generated image."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    resolution: int | None = None  # None: the pipeline's default size
+    negative_prompt: str | None = None
+    dtype: str = "fp32"
+    device_type: str = "cpu"  # the noise of a seeded generator differs between cpu and cuda
+
+    def __post_init__(self):
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ValueError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+
+
+def _find_key(tree, key: str):
+    # training_config.yaml may nest the model section; take the first match, depth-first
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for value in tree.values():
+            found = _find_key(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def lora_base_model(folder: str | Path) -> str:
+    """The base model a LoRA output folder was trained from (``pretrained_model_name_or_path`` in its
+    ``training_config.yaml``)."""
+    import yaml
+
+    config_path = Path(folder) / TRAINING_CONFIG
+    if not config_path.is_file():
+        raise ValueError(
+            f"{folder} has {LORA_WEIGHTS} but no {TRAINING_CONFIG}: cannot tell which base model the "
+            "LoRA belongs to"
+        )
+    base = _find_key(yaml.safe_load(config_path.read_text()), "pretrained_model_name_or_path")
+    if not base:
+        raise ValueError(f"{config_path} has no pretrained_model_name_or_path")
+    return str(base)
+
+
+def resolve_model(name: str, source: str) -> ModelSpec:
+    """Classify ``source`` as a pipeline folder, a LoRA output folder or a hub id; fail early on a bad path."""
+    if not name:
+        raise ValueError(f"model name is empty in spec {name}={source}")
+    if not source:
+        raise ValueError(f"model {name!r} has an empty path or hub id")
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(
+                f"model {name!r}: {source} is a file; expected a diffusers folder or LoRA folder"
+            )
+        if (path / LORA_WEIGHTS).is_file():
+            return ModelSpec(name, str(path), "lora", lora_base_model(path))
+        if (path / "model_index.json").is_file():
+            return ModelSpec(name, str(path), "pipeline")
+        raise ValueError(
+            f"model {name!r}: {source} has neither model_index.json (a diffusers pipeline) nor "
+            f"{LORA_WEIGHTS} (a LoRA output folder)"
+        )
+    # A hub id is "name" or "org/name"; anything else that does not exist is a mistyped path.
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source:
+        raise ValueError(f"model {name!r}: path {source} does not exist")
+    return ModelSpec(name, source, "hub")
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """``"NAME=PATH_OR_ID"`` → :class:`ModelSpec` (see :func:`resolve_model`)."""
+    name, sep, source = text.partition("=")
+    if not sep:
+        raise ValueError(
+            f"--model {text!r}: expected NAME=PATH_OR_ID (e.g. base=runwayml/stable-diffusion-v1-5)"
+        )
+    return resolve_model(name.strip(), source.strip())
+
+
+def _file_stamps(root: Path, paths) -> list[list]:
+    # Size and modification time identify a weights file without reading gigabytes to hash it.
+    out = []
+    for p in sorted(paths):
+        st = p.stat()
+        out.append([p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _pipeline_identity(source: str) -> dict:
+    path = Path(source).expanduser()
+    if not path.exists():
+        return {"hub": source}
+    index = json.loads((path / "model_index.json").read_text())
+    files = [path / "model_index.json"]
+    for component in index:
+        if (path / component).is_dir():
+            files += [f for f in (path / component).rglob("*") if f.is_file()]
+    return {"path": str(path.resolve()), "files": _file_stamps(path, files)}
+
+
+def model_identity(spec: ModelSpec) -> dict:
+    """A JSON-able description of the weights behind ``spec`` (paths, sizes, mtimes; hub ids by name).
+
+    A retrained model in the same folder gets new mtimes and so a new identity: its images are
+    regenerated. Hub ids are identified by name only (pin a revision by downloading to a folder).
+    """
+    if spec.kind == "lora":
+        folder = Path(spec.source)
+        lora = _file_stamps(folder, [folder / LORA_WEIGHTS])
+        return {"lora": str(folder.resolve()), "files": lora, "base": _pipeline_identity(spec.base)}
+    return _pipeline_identity(spec.source)
+
+
+def image_key(identity: dict, prompt: str, seed: int, settings: GenerationSettings) -> str:
+    """sha256 over (weights identity, prompt, seed, settings): the cache key of one image."""
+    payload = {"model": identity, "prompt": prompt, "seed": int(seed), "settings": asdict(settings)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def cached_image_path(cache_dir: str | Path, key: str) -> Path:
+    """``cache_dir/ab/abcdef….png`` — two-level layout keeps folders small for thousands of images."""
+    return Path(cache_dir) / key[:2] / f"{key}.png"
+
+
+def save_image_atomic(image, path: Path) -> None:
+    """Write a PIL image as PNG via a temp file in the same folder and ``os.replace`` (atomic rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    # diffusers >= 0.42 renamed torch_dtype to dtype (the old name warns); older versions only know
+    # torch_dtype. The helper that resolves the two exists exactly in the versions that accept dtype.
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
+def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "fp32"):
+    """Load a text-to-image pipeline for ``spec`` onto ``device`` in ``dtype`` (LoRA: base + adapter)."""
+    from diffusers import DiffusionPipeline
+
+    source = spec.base if spec.kind == "lora" else spec.source
+    try:
+        pipe = DiffusionPipeline.from_pretrained(source, **_dtype_kwargs(DTYPES[dtype]))
+    except Exception as err:  # hub and loading errors come in many types; name the model
+        raise RuntimeError(
+            f"could not load model {spec.name!r} from {source!r} ({type(err).__name__}: {err})"
+        ) from err
+    if spec.kind == "lora":
+        pipe.load_lora_weights(spec.source)
+    pipe.set_progress_bar_config(disable=True)
+    logger.info("loaded model %s (%s) from %s", spec.name, spec.kind, spec.source)
+    return pipe.to(device)
+
+
+def generate_images(
+    spec: ModelSpec,
+    prompts: list[str],
+    seeds: list[int],
+    settings: GenerationSettings,
+    cache_dir: str | Path,
+    *,
+    device: str = "cpu",
+    batch_size: int = 4,
+    progress: bool = True,
+) -> tuple[list[list[Path]], int]:
+    """Images of ``spec`` for every (prompt, seed), generating only those not yet in ``cache_dir``.
+
+    Args:
+        prompts: ``[P]`` prompts; seeds: ``[S]`` seeds, the same for every model.
+        settings: steps, guidance, resolution, negative prompt, dtype (part of the cache key).
+        batch_size: images per pipeline call (mixed prompts and seeds; one generator per image).
+
+    Returns:
+        ``(paths, n_generated)``: ``paths[p][k]`` is the PNG of prompt ``p`` and seed ``seeds[k]``.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    identity = model_identity(spec)
+    paths = [
+        [cached_image_path(cache_dir, image_key(identity, prompt, seed, settings)) for seed in seeds]
+        for prompt in prompts
+    ]
+    missing: dict[Path, tuple[str, int]] = {}  # dict: a repeated prompt is generated once
+    for prompt, row in zip(prompts, paths):
+        for seed, path in zip(seeds, row):
+            if not path.exists():
+                missing[path] = (prompt, seed)
+    total = len(prompts) * len(seeds)
+    logger.info("model %s: %d of %d images cached", spec.name, total - len(missing), total)
+    if not missing:
+        return paths, 0
+
+    pipe = load_pipeline(spec, device=device, dtype=settings.dtype)
+    size = {"height": settings.resolution, "width": settings.resolution} if settings.resolution else {}
+    jobs = list(missing.items())
+    flagged = 0
+    with tqdm(total=len(jobs), desc=f"generating {spec.name}", disable=not progress) as bar:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            batch_prompts = [prompt for _, (prompt, _) in chunk]
+            generators = [torch.Generator(device).manual_seed(seed) for _, (_, seed) in chunk]
+            negative = [settings.negative_prompt] * len(chunk) if settings.negative_prompt else None
+            with torch.no_grad():
+                out = pipe(
+                    prompt=batch_prompts,
+                    negative_prompt=negative,
+                    generator=generators,
+                    num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.guidance_scale,
+                    output_type="pil",
+                    **size,
+                )
+            flagged += sum(bool(x) for x in (getattr(out, "nsfw_content_detected", None) or []))
+            for (path, _), image in zip(chunk, out.images, strict=True):
+                save_image_atomic(image, path)
+            bar.update(len(chunk))
+    if flagged:
+        logger.warning("model %s: the safety checker blanked %d images", spec.name, flagged)
+    del pipe
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return paths, len(jobs)

@@ -1,0 +1,384 @@
+"""Summaries and reports of an evaluation run: ``summary.json``, ``scores.csv``, ``report.html``, plots.
+
+:func:`summarize_results` turns paired scores (:class:`EvalResults`) into one JSON-able dict with
+:mod:`diffusion_dpo.evaluation.stats`; :func:`write_report` writes it and the human-readable files.
+The HTML page is self-contained apart from the images, which it references by paths relative to the
+output folder, so the folder can be copied or served as a whole.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import math
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from diffusion_dpo.evaluation import stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResults:
+    """Everything an evaluation produced; model 0 is the baseline.
+
+    ``scores[model][scorer]`` and ``image_paths[model]`` are indexed ``[P, S]`` (prompt, seed).
+    """
+
+    models: list[str]
+    scorers: list[str]
+    prompts: list[str]
+    seeds: list[int]
+    scores: dict[str, dict[str, np.ndarray]]
+    image_paths: dict[str, list[list[Path]]]
+    categories: list[str] | None = None
+    settings: dict = field(default_factory=dict)
+    implicit_accuracy: dict[str, float] | None = None
+
+    def __post_init__(self):
+        shape = (len(self.prompts), len(self.seeds))
+        for m in self.models:
+            for s in self.scorers:
+                got = np.shape(self.scores[m][s])
+                if got != shape:
+                    raise ValueError(
+                        f"scores of model {m!r}, scorer {s!r} have shape {got}, expected {shape}"
+                    )
+        if self.categories is not None and len(self.categories) != len(self.prompts):
+            raise ValueError(f"{len(self.categories)} categories for {len(self.prompts)} prompts")
+
+    @property
+    def baseline(self) -> str:
+        return self.models[0]
+
+
+def summarize_results(results: EvalResults, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Per-model/per-scorer statistics, win rates vs the baseline, per-category breakdown and (with more
+    than two models) Bradley–Terry strengths. JSON-able; NaN becomes None when written."""
+    base = results.baseline
+    others = results.models[1:]
+    summary: dict = {
+        "baseline": base,
+        "models": list(results.models),
+        "scorers": list(results.scorers),
+        "n_prompts": len(results.prompts),
+        "seeds": list(results.seeds),
+        "settings": dict(results.settings),
+        "scores": {
+            m: {s: stats.summarize(results.scores[m][s]) for s in results.scorers} for m in results.models
+        },
+        "win_rates": {
+            m: {
+                s: stats.win_rate(
+                    results.scores[m][s], results.scores[base][s], n_boot=n_boot, seed=seed
+                ).to_dict()
+                for s in results.scorers
+            }
+            for m in others
+        },
+        "per_category": None,
+        "bradley_terry": None,
+        "implicit_accuracy": results.implicit_accuracy,
+    }
+    if results.categories is not None:
+        cats = results.categories
+        per_cat: dict = {}
+        for c in sorted(set(cats)):
+            per_cat[c] = {"n_prompts": int(sum(1 for x in cats if x == c)), "scores": {}, "win_rates": {}}
+        for m in results.models:
+            for s in results.scorers:
+                for c, v in stats.summarize_by_category(results.scores[m][s], cats).items():
+                    per_cat[c]["scores"].setdefault(m, {})[s] = v
+                if m == base:
+                    continue
+                by = stats.win_rate_by_category(
+                    results.scores[m][s], results.scores[base][s], cats, n_boot=n_boot, seed=seed
+                )
+                for c, wr in by.items():
+                    per_cat[c]["win_rates"].setdefault(m, {})[s] = wr.to_dict()
+        summary["per_category"] = per_cat
+    if len(results.models) > 2:
+        bt = {}
+        for s in results.scorers:
+            wins = stats.pairwise_wins([results.scores[m][s] for m in results.models])
+            strengths = stats.fit_bradley_terry(wins, anchor=0)
+            bt[s] = {
+                m: {"s": float(v), "p_beats_baseline": float(stats.sigmoid(v))}
+                for m, v in zip(results.models, strengths)
+            }
+        summary["bradley_terry"] = bt
+    return summary
+
+
+def _json_safe(x):
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, np.integer):
+        return int(x)
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
+
+
+def _rel(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(Path(path).resolve(), root.resolve())).as_posix()
+
+
+def write_scores_csv(results: EvalResults, path: Path, root: Path) -> None:
+    """One row per image: model, prompt_index, prompt, seed, category, image (relative to ``root``),
+    then one column per scorer."""
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "prompt_index", "prompt", "seed", "category", "image", *results.scorers])
+        for m in results.models:
+            for p, prompt in enumerate(results.prompts):
+                cat = results.categories[p] if results.categories is not None else ""
+                for k, seed in enumerate(results.seeds):
+                    row = [m, p, prompt, seed, cat, _rel(results.image_paths[m][p][k], root)]
+                    writer.writerow(row + [repr(float(results.scores[m][s][p][k])) for s in results.scorers])
+
+
+def _figure(width: float = 5.0, height: float = 3.2):
+    # Figure without pyplot: no global backend state, no display needed (the Agg canvas is used).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_difference_histogram(diff: np.ndarray, title: str, path: Path) -> None:
+    """Histogram of per-image score differences (model − baseline), with a line at 0."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.hist(np.ravel(diff), bins=min(40, max(5, np.size(diff) // 2)), color="#4477aa")
+    ax.axvline(0.0, color="black", linewidth=1)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("score difference vs baseline (same prompt and seed)")
+    ax.set_ylabel("images")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def plot_category_bars(per_category: dict, models: list[str], scorer: str, path: Path) -> None:
+    """Grouped bars per category: win rate vs baseline with its interval (or mean score, one model)."""
+    cats = list(per_category)
+    others = models[1:]
+    fig = _figure(max(5.0, 0.6 * len(cats) * max(1, len(others)) + 2), 3.5)
+    ax = fig.add_subplot()
+    x = np.arange(len(cats))
+    if others:
+        width = 0.8 / len(others)
+        for i, m in enumerate(others):
+            wr = [per_category[c]["win_rates"][m][scorer] for c in cats]
+            y = np.array([w["win_rate"] for w in wr])
+            err = np.array(
+                [[w["win_rate"] - w["ci_low"] for w in wr], [w["ci_high"] - w["win_rate"] for w in wr]]
+            )
+            ax.bar(x + i * width - 0.4 + width / 2, y, width, yerr=err, capsize=2, label=m)
+        ax.axhline(0.5, color="black", linewidth=1, linestyle="--")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"win rate vs {models[0]}")
+        ax.legend(fontsize=7)
+    else:
+        y = [per_category[c]["scores"][models[0]][scorer]["mean"] for c in cats]
+        ax.bar(x, y, 0.6)
+        ax.set_ylabel(f"mean {scorer}")
+    ax.set_xticks(x, cats, rotation=45, ha="right", fontsize=7)
+    ax.set_title(scorer, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def _fmt(x, digits: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x:.{digits}g}"
+
+
+def _img(path: Path, root: Path, caption: str) -> str:
+    src = html.escape(urllib.parse.quote(_rel(path, root)))
+    return (
+        f'<figure><a href="{src}"><img src="{src}" loading="lazy"></a>'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+_CSS = """
+body{font-family:sans-serif;margin:1.5em;max-width:1400px}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#eee}td.l,th.l{text-align:left}
+figure{display:inline-block;margin:2px;vertical-align:top;text-align:center}
+figure img{width:160px;height:160px;object-fit:contain;border:1px solid #ddd}
+figcaption{font-size:11px;max-width:160px}.prompt{font-size:13px;margin:.8em 0 .2em}
+img.plot{max-width:48%;border:1px solid #eee;margin:2px}
+"""
+
+
+def render_html(
+    results: EvalResults,
+    summary: dict,
+    root: Path,
+    plots: list[Path],
+    *,
+    top_k: int = 5,
+    max_grid_prompts: int = 16,
+) -> str:
+    """The HTML report (prompts escaped, image and plot paths relative to ``root``)."""
+    base, others, e = results.baseline, results.models[1:], html.escape
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation: {e(', '.join(results.models))}</title>"
+    ]
+    out.append(f"<style>{_CSS}</style></head><body><h1>Evaluation</h1>")
+    out.append(
+        f"<p>{len(results.prompts)} prompts × {len(results.seeds)} seeds (same seeds for every model). "
+        f"Baseline: <b>{e(base)}</b>. Win rates count ties as ½; intervals are 95% bootstrap percentile "
+        "intervals resampling prompts.</p>"
+    )
+    out.append("<h2>Settings</h2><table>")
+    for k, v in summary["settings"].items():
+        out.append(
+            f"<tr><th class='l'>{e(str(k))}</th><td class='l'>{e(json.dumps(_json_safe(v)))}</td></tr>"
+        )
+    out.append(
+        "</table><h2>Scores</h2><table><tr><th class='l'>model</th><th class='l'>scorer</th>"
+        "<th>mean ± sem</th><th>median</th><th>win rate vs baseline [95% CI]</th>"
+    )
+    bt = summary.get("bradley_terry")
+    if bt:
+        out.append("<th>Bradley–Terry s</th><th>P(beats baseline)</th>")
+    out.append("</tr>")
+    for m in results.models:
+        for s in results.scorers:
+            st = summary["scores"][m][s]
+            wr = summary["win_rates"].get(m, {}).get(s)
+            wr_txt = (
+                f"{wr['win_rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}] (n={wr['n']})"
+                if wr
+                else "baseline"
+            )
+            out.append(
+                f"<tr><td class='l'>{e(m)}</td><td class='l'>{e(s)}</td>"
+                f"<td>{_fmt(st['mean'])} ± {_fmt(st['sem'], 2)}</td><td>{_fmt(st['median'])}</td><td>{wr_txt}</td>"
+            )
+            if bt:
+                out.append(f"<td>{bt[s][m]['s']:.3f}</td><td>{bt[s][m]['p_beats_baseline']:.3f}</td>")
+            out.append("</tr>")
+    out.append("</table>")
+    if summary.get("implicit_accuracy"):
+        out.append(
+            "<h2>Implicit reward accuracy on held-out pairs</h2><table>"
+            "<tr><th class='l'>model</th><th>accuracy</th></tr>"
+        )
+        for m, acc in summary["implicit_accuracy"].items():
+            out.append(f"<tr><td class='l'>{e(m)}</td><td>{_fmt(acc)}</td></tr>")
+        out.append("</table>")
+    if summary.get("per_category"):
+        out.append(
+            "<h2>Per category</h2><table><tr><th class='l'>category</th><th>prompts</th>"
+            "<th class='l'>model</th><th class='l'>scorer</th><th>mean</th><th>win rate [95% CI]</th></tr>"
+        )
+        for c, block in summary["per_category"].items():
+            for m in results.models:
+                for s in results.scorers:
+                    wr = block["win_rates"].get(m, {}).get(s)
+                    wr_txt = (
+                        f"{wr['win_rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]"
+                        if wr
+                        else "baseline"
+                    )
+                    out.append(
+                        f"<tr><td class='l'>{e(c)}</td><td>{block['n_prompts']}</td><td class='l'>{e(m)}</td>"
+                        f"<td class='l'>{e(s)}</td><td>{_fmt(block['scores'][m][s]['mean'])}</td><td>{wr_txt}</td></tr>"
+                    )
+        out.append("</table>")
+    if plots:
+        out.append("<h2>Plots</h2>")
+        out += [f"<img class='plot' src='{e(urllib.parse.quote(_rel(p, root)))}'>" for p in plots]
+
+    def cell(m: str, p: int, k: int) -> str:
+        caption = f"{m}: " + ", ".join(f"{s} {results.scores[m][s][p][k]:.3g}" for s in results.scorers)
+        return _img(results.image_paths[m][p][k], root, caption)
+
+    for m in others:
+        for s in results.scorers:
+            diff = (np.asarray(results.scores[m][s]) - np.asarray(results.scores[base][s])).mean(
+                axis=1
+            )  # [P]
+            order = np.argsort(diff, kind="stable")
+            k = min(top_k, len(order))
+            out.append(f"<h2>{e(m)} vs {e(base)} by {e(s)}: largest gains and losses</h2>")
+            for label, idx in (("best", order[::-1][:k]), ("worst", order[:k])):
+                out.append(f"<h3>{label}</h3>")
+                for p in idx:
+                    out.append(
+                        f"<div class='prompt'>Δ {diff[p]:+.4g} (mean over seeds) — {e(results.prompts[p])}</div>"
+                    )
+                    out.append("".join(cell(x, int(p), 0) for x in (base, m)))
+    n_grid = min(max_grid_prompts, len(results.prompts))
+    out.append(f"<h2>Side by side (first {n_grid} prompts, every seed)</h2>")
+    for p in range(n_grid):
+        cat = f" [{e(results.categories[p])}]" if results.categories is not None else ""
+        out.append(f"<div class='prompt'><b>{p}</b>{cat}: {e(results.prompts[p])}</div>")
+        for k, seed in enumerate(results.seeds):
+            out.append(f"<div>seed {seed}: " + "".join(cell(m, p, k) for m in results.models) + "</div>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_report(
+    results: EvalResults,
+    summary: dict,
+    output_dir: str | Path,
+    *,
+    top_k: int = 5,
+    max_grid_prompts: int = 16,
+) -> dict[str, Path]:
+    """Write ``summary.json``, ``scores.csv``, ``plots/*.png`` and ``report.html`` into ``output_dir``.
+
+    Returns the paths written, by name (``summary``, ``csv``, ``html``, ``plots`` folder).
+    """
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    plot_dir = root / "plots"
+    plot_dir.mkdir(exist_ok=True)
+    plots: list[Path] = []
+    base = results.baseline
+    for m in results.models[1:]:
+        for s in results.scorers:
+            path = plot_dir / f"diff_{_safe_name(m)}_{_safe_name(s)}.png"
+            diff = np.asarray(results.scores[m][s]) - np.asarray(results.scores[base][s])
+            plot_difference_histogram(diff, f"{s}: {m} − {base}", path)
+            plots.append(path)
+    if summary.get("per_category"):
+        for s in results.scorers:
+            path = plot_dir / f"category_{_safe_name(s)}.png"
+            plot_category_bars(summary["per_category"], results.models, s, path)
+            plots.append(path)
+    paths = {"summary": root / "summary.json", "csv": root / "scores.csv", "html": root / "report.html"}
+    paths["summary"].write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
+    write_scores_csv(results, paths["csv"], root)
+    paths["html"].write_text(
+        render_html(results, summary, root, plots, top_k=top_k, max_grid_prompts=max_grid_prompts),
+        encoding="utf-8",
+    )
+    paths["plots"] = plot_dir
+    logger.info("wrote %s, %s, %s", *(paths[k] for k in ("summary", "csv", "html")))
+    return paths
