@@ -122,7 +122,7 @@ def _check_scorer_specs(specs: list[str]) -> None:
 
 
 def _implicit_accuracy(args, models) -> dict[str, float]:
-    from diffusion_dpo.diffusion import heldout_implicit_accuracy  # lead's code; imported only when asked
+    from diffusion_dpo.training.validation import heldout_implicit_accuracy
 
     base = models[0]
     reference = base.source if base.kind != "lora" else base.base

@@ -299,9 +299,6 @@ def test_bad_specs_are_clear_errors(evaluate, models, prompt_file, tmp_path, cap
 
 
 def test_implicit_accuracy_is_reported(evaluate, models, prompt_file, tmp_path):
-    diffusion = pytest.importorskip("diffusion_dpo.diffusion")
-    if not hasattr(diffusion, "heldout_implicit_accuracy"):
-        pytest.skip("diffusion_dpo.diffusion.heldout_implicit_accuracy is not available yet")
     from diffusion_dpo.data.synthetic import write_pair_dataset
 
     pairs = write_pair_dataset(tmp_path / "pairs.parquet", n_pairs=4, seed=0)

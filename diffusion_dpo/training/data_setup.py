@@ -1,4 +1,4 @@
-"""Build the training and validation data loaders from a :class:`TrainConfig`."""
+"""Build the training and validation data loaders."""
 
 from __future__ import annotations
 
@@ -11,54 +11,81 @@ from diffusion_dpo.training.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def _make_loader(cfg: TrainConfig, dataset_name: str, split: str, is_sdxl: bool, train: bool):
+def make_loader(
+    dataset_name: str,
+    *,
+    split: str = "train",
+    resolution: int,
+    batch_size: int,
+    sdxl: bool,
+    seed: int = 0,
+    train: bool = False,
+    kto: bool = False,
+    random_crop: bool = False,
+    hflip: bool = True,
+    proportion_empty_prompts: float = 0.0,
+    streaming: bool = False,
+    keep_ties: bool = False,
+    max_samples: int | None = None,
+    cache_dir: str | None = None,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of transformed pairs (or unpaired images with ``kto``).
+
+    ``train``: shuffled, random crops/flips/caption dropout as asked, incomplete last batch dropped.
+    Otherwise: dataset order, center crops, no flips, no caption dropout (held-out evaluation).
+    """
     from diffusion_dpo.data.pairs import load_pair_dataset
     from diffusion_dpo.data.transforms import PairTransform, collate_pairs, make_torch_dataset
 
-    kto = cfg.effective_objective == "kto"
-    common = dict(
-        resolution=cfg.resolution,
-        center_crop=not cfg.random_crop or not train,
-        random_flip=not cfg.no_hflip and train,
-        proportion_empty_prompts=cfg.proportion_empty_prompts if train else 0.0,
-        sdxl=is_sdxl,
-        seed=cfg.seed,
+    transform_args = dict(
+        resolution=resolution,
+        center_crop=not (random_crop and train),
+        random_flip=hflip and train,
+        proportion_empty_prompts=proportion_empty_prompts if train else 0.0,
+        sdxl=sdxl,
+        seed=seed,
     )
-    if kto and train:
+    load_args = dict(split=split, streaming=streaming, max_train_samples=max_samples, cache_dir=cache_dir)
+    if kto:
         from diffusion_dpo.data.unpaired import UnpairedTransform, collate_unpaired, load_unpaired_dataset
 
-        rows = load_unpaired_dataset(
-            dataset_name, split=split, streaming=cfg.streaming, max_train_samples=cfg.max_train_samples,
-            cache_dir=cfg.cache_dir,
-        )  # fmt: skip
-        dataset = make_torch_dataset(rows, UnpairedTransform(**common))
+        dataset = make_torch_dataset(
+            load_unpaired_dataset(dataset_name, **load_args), UnpairedTransform(**transform_args)
+        )
         collate = collate_unpaired
     else:
-        rows = load_pair_dataset(
-            dataset_name, split=split, streaming=cfg.streaming and train, keep_ties=cfg.keep_ties,
-            max_train_samples=cfg.max_train_samples if train else None, cache_dir=cfg.cache_dir,
-        )  # fmt: skip
-        dataset = make_torch_dataset(rows, PairTransform(**common))
+        rows = load_pair_dataset(dataset_name, keep_ties=keep_ties, **load_args)
+        dataset = make_torch_dataset(rows, PairTransform(**transform_args))
         collate = collate_pairs
     is_stream = isinstance(dataset, torch.utils.data.IterableDataset)
     return torch.utils.data.DataLoader(
         dataset,
-        batch_size=cfg.train_batch_size,
+        batch_size=batch_size,
         shuffle=train and not is_stream,
         collate_fn=collate,
-        num_workers=cfg.dataloader_num_workers,
+        num_workers=num_workers,
         drop_last=train,
         # Its own generator: creating a loader iterator (also when resuming) then never draws from the
         # global RNG, whose restored state must produce the same noise as the uninterrupted run.
-        generator=torch.Generator().manual_seed(cfg.seed),
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
-def build_train_dataloader(cfg: TrainConfig, is_sdxl: bool):
+def build_train_dataloader(cfg: TrainConfig, is_sdxl: bool) -> torch.utils.data.DataLoader:
     """Shuffled (map-style) or streamed training pairs — or unpaired images for ``objective: kto``."""
-    return _make_loader(cfg, cfg.dataset_name, cfg.dataset_split, is_sdxl, train=True)
+    return make_loader(
+        cfg.dataset_name, split=cfg.dataset_split, resolution=cfg.resolution, batch_size=cfg.train_batch_size,
+        sdxl=is_sdxl, seed=cfg.seed, train=True, kto=cfg.effective_objective == "kto",
+        random_crop=cfg.random_crop, hflip=not cfg.no_hflip, proportion_empty_prompts=cfg.proportion_empty_prompts,
+        streaming=cfg.streaming, keep_ties=cfg.keep_ties, max_samples=cfg.max_train_samples,
+        cache_dir=cfg.cache_dir, num_workers=cfg.dataloader_num_workers,
+    )  # fmt: skip
 
 
-def build_validation_dataloader(cfg: TrainConfig, is_sdxl: bool):
+def build_validation_dataloader(cfg: TrainConfig, is_sdxl: bool) -> torch.utils.data.DataLoader:
     """Held-out pairs in a fixed order, center-cropped, no flips, no caption dropout."""
-    return _make_loader(cfg, cfg.validation_dataset_name, cfg.validation_split, is_sdxl, train=False)
+    return make_loader(
+        cfg.validation_dataset_name, split=cfg.validation_split, resolution=cfg.resolution,
+        batch_size=cfg.train_batch_size, sdxl=is_sdxl, seed=cfg.seed, cache_dir=cfg.cache_dir,
+    )  # fmt: skip

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +18,6 @@ from tqdm.auto import tqdm
 
 from diffusion_dpo.diffusion import (
     denoising_errors,
-    implicit_reward_accuracy,
     logratios_from_errors,
     pair_denoising_errors,
     sample_noise_and_timesteps,
@@ -29,94 +27,16 @@ from diffusion_dpo.losses import kto_loss, pairwise_loss_from_logratios, prefere
 from diffusion_dpo.models.loading import (
     SDComponents,
     encode_images,
-    encode_prompts,
-    load_components,
-    sdxl_time_ids,
 )
 from diffusion_dpo.training import checkpoint as ckpt
 from diffusion_dpo.training.config import TrainConfig
+from diffusion_dpo.training.models import Models, conditioning, sdxl_cond, setup_models
+from diffusion_dpo.training.validation import encode_heldout_pairs, heldout_accuracy
 
 logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CONFIG_FILE = "training_config.yaml"
-
-
-@dataclass
-class Models:
-    components: SDComponents  # frozen VAE, text encoders, tokenizers, noise scheduler, and the unet
-    unet: torch.nn.Module  # the trained UNet (LoRA-wrapped or full)
-    ref_unet: torch.nn.Module | None  # frozen reference; None for LoRA (adapters disabled instead)
-    weight_dtype: torch.dtype
-
-
-def weight_dtype_for(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
-
-
-def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
-    """Load the base model; add LoRA adapters or make the frozen reference copy; move to device."""
-    components = load_components(
-        cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path
-    )
-    weight_dtype = weight_dtype_for(cfg.mixed_precision)
-    unet = components.unet
-    # Frozen parts run in the low-precision dtype; SDXL's original VAE overflows in fp16, keep it fp32.
-    vae_dtype = torch.float32 if (components.is_sdxl and not cfg.vae_model_name_or_path) else weight_dtype
-    components.vae.to(device, dtype=vae_dtype)
-    for encoder in components.text_encoders:
-        encoder.to(device, dtype=weight_dtype)
-
-    ref_unet = None
-    if cfg.use_lora:
-        from peft import LoraConfig
-
-        unet.requires_grad_(False)
-        unet.to(device, dtype=weight_dtype)
-        unet.add_adapter(
-            LoraConfig(
-                r=cfg.rank,
-                lora_alpha=cfg.lora_alpha or cfg.rank,
-                init_lora_weights="gaussian",
-                target_modules=LORA_TARGET_MODULES,
-            )
-        )
-        for p in unet.parameters():  # trainable adapters in fp32, as the diffusers LoRA scripts do
-            if p.requires_grad:
-                p.data = p.data.float()
-    else:
-        unet.to(device)
-        unet.requires_grad_(True)
-        if cfg.effective_objective != "sft":
-            from diffusers import UNet2DConditionModel
-
-            ref_unet = UNet2DConditionModel.from_pretrained(
-                cfg.pretrained_model_name_or_path,
-                subfolder="unet",
-                revision=cfg.revision,
-                variant=cfg.variant,
-            )
-            ref_unet.requires_grad_(False)
-            ref_unet.eval()
-            ref_unet.to(device, dtype=weight_dtype)
-    unet.train()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    if cfg.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-        if ref_unet is not None:
-            ref_unet.enable_xformers_memory_efficient_attention()
-    return Models(components=components, unet=unet, ref_unet=ref_unet, weight_dtype=weight_dtype)
-
-
-def _conditioning(models: Models, captions: list[str], device) -> tuple[Tensor, Tensor | None]:
-    hidden, pooled = encode_prompts(models.components, captions, device)
-    return hidden.to(models.weight_dtype), pooled
-
-
-def _sdxl_cond(pooled: Tensor, sizes: Tensor, crops: Tensor, resolution: int, dtype) -> dict[str, Tensor]:
-    return {"text_embeds": pooled.to(dtype), "time_ids": sdxl_time_ids(sizes, crops, resolution).to(dtype)}
 
 
 def compute_batch_loss(models: Models, batch: dict, cfg: TrainConfig) -> tuple[Tensor, dict[str, Tensor]]:
@@ -130,14 +50,14 @@ def compute_batch_loss(models: Models, batch: dict, cfg: TrainConfig) -> tuple[T
     device = next(models.unet.parameters()).device
     objective = cfg.effective_objective
     T = comps.noise_scheduler.config.num_train_timesteps
-    hidden, pooled = _conditioning(models, batch["captions"], device)
+    hidden, pooled = conditioning(models, batch["captions"], device)
 
     if objective == "kto":
         latents = encode_images(comps.vae, batch["pixel_values"].to(device)).to(models.weight_dtype)
         noise, timesteps = sample_noise_and_timesteps(latents, T)
         cond = None
         if comps.is_sdxl:
-            cond = _sdxl_cond(
+            cond = sdxl_cond(
                 pooled, batch["original_sizes"].to(device), batch["crop_top_lefts"].to(device),
                 cfg.resolution, models.weight_dtype,
             )  # fmt: skip
@@ -175,7 +95,7 @@ def compute_batch_loss(models: Models, batch: dict, cfg: TrainConfig) -> tuple[T
     if objective == "sft":
         cond = None
         if comps.is_sdxl:
-            cond = _sdxl_cond(
+            cond = sdxl_cond(
                 pooled, batch["original_sizes_w"].to(device), batch["crop_top_lefts_w"].to(device),
                 cfg.resolution, models.weight_dtype,
             )  # fmt: skip
@@ -187,7 +107,7 @@ def compute_batch_loss(models: Models, batch: dict, cfg: TrainConfig) -> tuple[T
         # per-image micro-conditioning: [2B, ...], winners first
         sizes = torch.cat([batch["original_sizes_w"], batch["original_sizes_l"]]).to(device)
         crops = torch.cat([batch["crop_top_lefts_w"], batch["crop_top_lefts_l"]]).to(device)
-        cond = _sdxl_cond(torch.cat([pooled, pooled]), sizes, crops, cfg.resolution, models.weight_dtype)
+        cond = sdxl_cond(torch.cat([pooled, pooled]), sizes, crops, cfg.resolution, models.weight_dtype)
     model_err, ref_err = pair_denoising_errors(
         models.unet,
         models.ref_unet,
@@ -219,73 +139,6 @@ def compute_batch_loss(models: Models, batch: dict, cfg: TrainConfig) -> tuple[T
 
 # ----------------------------------------------------------------------------------------------
 # validation and saving
-
-
-@dataclass
-class HeldOutPairs:
-    """Held-out pairs encoded once: latents and conditioning for the implicit-reward accuracy."""
-
-    latents_w: Tensor  # [N, 4, h, w]
-    latents_l: Tensor
-    hidden: Tensor  # [N, L, D]
-    cond: dict[str, Tensor] | None
-
-
-@torch.no_grad()
-def encode_heldout_pairs(models: Models, loader, max_pairs: int, resolution: int) -> HeldOutPairs:
-    """Encode up to ``max_pairs`` pairs once (VAE posterior mean, so every evaluation sees the same latents)."""
-    comps = models.components
-    device = next(models.unet.parameters()).device
-    parts: dict[str, list] = {"w": [], "l": [], "h": [], "p": [], "sizes": [], "crops": []}
-    n = 0
-    for batch in loader:
-        dtype = next(comps.vae.parameters()).dtype
-        for key, px in (("w", batch["pixel_values_w"]), ("l", batch["pixel_values_l"])):
-            dist = comps.vae.encode(px.to(device, dtype)).latent_dist
-            parts[key].append((dist.mean * comps.vae.config.scaling_factor).to(models.weight_dtype))
-        hidden, pooled = _conditioning(models, batch["captions"], device)
-        parts["h"].append(hidden)
-        if comps.is_sdxl:
-            parts["p"].append(pooled)
-            parts["sizes"].append(torch.cat([batch["original_sizes_w"], batch["original_sizes_l"]], dim=1))
-            parts["crops"].append(torch.cat([batch["crop_top_lefts_w"], batch["crop_top_lefts_l"]], dim=1))
-        n += len(batch["captions"])
-        if n >= max_pairs:
-            break
-    if n == 0:
-        raise ValueError("the validation dataset yielded no pairs")
-    cat = {k: torch.cat(v)[:max_pairs] if v else None for k, v in parts.items()}
-    cond = None
-    if comps.is_sdxl:
-        sizes = torch.cat([cat["sizes"][:, :2], cat["sizes"][:, 2:]]).to(device)  # [2N, 2], winners first
-        crops = torch.cat([cat["crops"][:, :2], cat["crops"][:, 2:]]).to(device)
-        cond = _sdxl_cond(torch.cat([cat["p"], cat["p"]]), sizes, crops, resolution, models.weight_dtype)
-    return HeldOutPairs(cat["w"], cat["l"], cat["h"], cond)
-
-
-def heldout_accuracy(models: Models, pairs: HeldOutPairs, cfg: TrainConfig, batch_size: int = 16) -> float:
-    """Implicit-reward accuracy of the current model on the encoded held-out pairs."""
-    was_training = models.unet.training
-    models.unet.eval()
-    total, count = 0.0, 0
-    n = pairs.latents_w.shape[0]
-    for i in range(0, n, batch_size):
-        sl = slice(i, i + batch_size)
-        cond = None
-        if pairs.cond is not None:  # conditioning is [2N]: winners then losers
-            idx = torch.cat([torch.arange(n)[sl], n + torch.arange(n)[sl]])
-            cond = {k: v[idx] for k, v in pairs.cond.items()}
-        with torch.autocast(pairs.latents_w.device.type, enabled=False):
-            acc = implicit_reward_accuracy(
-                models.unet, models.ref_unet, models.components.noise_scheduler,
-                pairs.latents_w[sl], pairs.latents_l[sl], pairs.hidden[sl],
-                timesteps=tuple(cfg.validation_timesteps), seed=cfg.seed, added_cond_kwargs=cond,
-            )  # fmt: skip
-        m = pairs.latents_w[sl].shape[0]
-        total += acc.item() * m
-        count += m
-    models.unet.train(was_training)
-    return total / count
 
 
 def _pipeline_class(components: SDComponents):
@@ -508,7 +361,9 @@ def train(cfg: TrainConfig) -> dict:
             if heldout is not None and (
                 global_step % cfg.validation_steps == 0 or global_step == cfg.max_train_steps
             ):
-                row["eval/implicit_acc"] = heldout_accuracy(models, heldout, cfg)
+                row["eval/implicit_acc"] = heldout_accuracy(
+                    models, heldout, cfg.validation_timesteps, cfg.seed
+                )
             if accelerator.is_main_process:
                 _append_metrics(out / "metrics.jsonl", row)
                 progress.set_postfix(
@@ -551,7 +406,12 @@ def train(cfg: TrainConfig) -> dict:
                 cfg.seed,
             )
     accelerator.end_training()
-    return {"global_step": global_step, "last_metrics": last_row, "seconds": time.time() - started, "models": models}
+    return {
+        "global_step": global_step,
+        "last_metrics": last_row,
+        "seconds": time.time() - started,
+        "models": models,
+    }
 
 
 def log_validation_images(cfg: TrainConfig, models: Models, accelerator, step: int) -> None:

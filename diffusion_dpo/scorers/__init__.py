@@ -1,0 +1,107 @@
+"""Image–text scorers of the evaluation suite: ``load_scorer("NAME")`` or ``load_scorer("NAME=PATH_OR_ID")``.
+
+Every scorer is called as ``scorer(images: list[PIL.Image], prompts: list[str]) -> [N] float32`` (CPU)
+and keeps its authors' preprocessing and scale, so numbers are comparable with published ones but
+never across scorers:
+
+==============  =====================================================  ===============================
+name            score                                                  default weights
+==============  =====================================================  ===============================
+pickscore       logit_scale.exp() · cos  (SD ≈ 20–23)                  yuvalkirstain/PickScore_v1
+hpsv2.0         100 · cos  (SD ≈ 25–30)                                xswu/HPSv2 HPS_v2_compressed.pt
+hpsv2.1         100 · cos                                              xswu/HPSv2 HPS_v2.1_compressed.pt
+clip_score      100 · max(cos, 0)  (torchmetrics CLIPScore)            openai/clip-vit-large-patch14
+aesthetic       LAION aesthetic predictor v2, 1–10 rating scale        sac+logos+ava1-l14-linearMSE.pth
+image_reward    ImageReward, standardised (mean 0, std 1)              THUDM/ImageReward ImageReward.pt
+shapes          programmatic faithfulness on the synthetic shapes      (no weights)
+==============  =====================================================  ===============================
+
+Heavy libraries (transformers, open_clip) are imported only when a scorer is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .base import MissingWeightsError, Scorer, parse_spec
+
+__all__ = ["SCORERS", "MissingWeightsError", "Scorer", "load_scorer", "parse_spec"]
+
+
+def _pickscore(source, **kw):
+    from .pickscore import load_pickscore
+
+    return load_pickscore(source, **kw)
+
+
+def _hps(version: str):
+    def load(source, **kw):
+        from .hps import load_hps
+
+        return load_hps(source, version=version, **kw)
+
+    return load
+
+
+def _clip_score(source, **kw):
+    from .clip_score import load_clip_score
+
+    return load_clip_score(source, **kw)
+
+
+def _aesthetic(source, **kw):
+    from .aesthetic import load_aesthetic
+
+    return load_aesthetic(source, **kw)
+
+
+def _image_reward(source, **kw):
+    from .image_reward import load_image_reward
+
+    return load_image_reward(source, **kw)
+
+
+def _shapes(source, **kw):
+    if source is not None:
+        raise ValueError(f"the 'shapes' scorer is programmatic and takes no weights; got 'shapes={source}'")
+    from .shapes import ShapesScorer
+
+    return ShapesScorer(**kw)
+
+
+#: scorer name -> loader ``(source: str | None, *, device, dtype, batch_size) -> Scorer``.
+SCORERS: dict[str, Callable[..., Scorer]] = {
+    "pickscore": _pickscore,
+    "hpsv2.0": _hps("hpsv2.0"),
+    "hpsv2.1": _hps("hpsv2.1"),
+    "clip_score": _clip_score,
+    "aesthetic": _aesthetic,
+    "image_reward": _image_reward,
+    "shapes": _shapes,
+}
+
+
+def load_scorer(
+    spec: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 16,
+) -> Scorer:
+    """Load a scorer from ``"NAME"`` (default weights) or ``"NAME=PATH_OR_ID"`` (local folder/file or hub id).
+
+    Args:
+        spec: e.g. ``"pickscore"``, ``"hpsv2.1=/models/hps"``, ``"clip_score=openai/clip-vit-base-patch32"``.
+        device: where the model runs; scores always come back on the CPU.
+        dtype: dtype of the backbone (small linear heads stay float32); scores are float32.
+        batch_size: pairs per forward pass.
+
+    Raises:
+        ValueError: unknown name (the message lists ``SCORERS``) or malformed spec.
+        MissingWeightsError: weights not found locally and not downloadable (says which file and how).
+    """
+    name, source = parse_spec(spec)
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r} in spec {spec!r}; available: {', '.join(SCORERS)}")
+    return SCORERS[name](source, device=device, dtype=dtype, batch_size=batch_size)

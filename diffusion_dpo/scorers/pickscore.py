@@ -1,0 +1,91 @@
+"""PickScore (Kirstain et al. 2023, "Pick-a-Pic", arXiv 2305.01569).
+
+A CLIP-H/14 fine-tuned on Pick-a-Pic preferences. Score of a pair, exactly as the authors' README
+computes it: ``logit_scale.exp() · cos(E_img, E_txt)`` with ``E`` the projected embeddings of the
+transformers ``CLIPModel`` ``yuvalkirstain/PickScore_v1`` (``logit_scale.exp()`` ≈ 100). SD1.5/SDXL
+images land around 20–23; differences of a fraction of a point are meaningful (``softmax`` of two
+scores is the predicted preference probability).
+
+Preprocessing is the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (PickScore_v1 ships
+none): shortest side to 224 with PIL bicubic (the transformers-4 processor the authors used; see
+``clip_score.load_clip_preprocessing``), centre crop 224, CLIP normalisation; prompts padded and
+truncated to 77 tokens (``min(77, max_position_embeddings)`` for smaller test models).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .base import Scorer, load_pretrained
+from .clip_score import clip_pair_cosine, load_clip_preprocessing, text_max_length
+
+DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+# A local folder "has a processor" when it holds both a tokenizer and an image-processor config.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+class PickScore(Scorer):
+    """``logit_scale.exp() · cos(image, prompt)`` of the PickScore CLIP model."""
+
+    name = "pickscore"
+
+    def __init__(
+        self, model, image_processor, tokenizer, *, device="cpu", dtype=torch.float32, batch_size: int = 16
+    ):
+        super().__init__(batch_size)
+        self.device, self.dtype = torch.device(device), dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.max_length = text_max_length(self.model)
+
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        cos = clip_pair_cosine(
+            self.model,
+            self.image_processor,
+            self.tokenizer,
+            images,
+            prompts,
+            device=self.device,
+            dtype=self.dtype,
+            max_length=self.max_length,
+        )
+        return self.model.logit_scale.float().exp() * cos
+
+
+def _has_processor(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in _TOKENIZER_FILES) and any(
+        (folder / f).is_file() for f in _IMAGE_PROCESSOR_FILES
+    )
+
+
+def load_pickscore(
+    source: str | None, *, device="cpu", dtype=torch.float32, batch_size: int = 16
+) -> PickScore:
+    """PickScore from ``source`` (default ``yuvalkirstain/PickScore_v1``).
+
+    ``source`` is a hub id or a folder with a transformers ``CLIPModel`` (config.json + weights). The
+    processor comes from the same folder when it holds one (tokenizer files and
+    ``preprocessor_config.json``/``processor_config.json``), otherwise from
+    ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` as in the authors' README.
+    """
+    from transformers import CLIPModel
+
+    model_source = source or DEFAULT_PICKSCORE_MODEL
+    processor_source = DEFAULT_PICKSCORE_PROCESSOR
+    if (
+        source is not None
+        and Path(source).expanduser().is_dir()
+        and _has_processor(Path(source).expanduser())
+    ):
+        processor_source = source
+    model = load_pretrained(CLIPModel, model_source, spec_name="pickscore", what="the PickScore CLIPModel")
+    image_processor, tokenizer = load_clip_preprocessing(
+        processor_source, spec_name="pickscore", what="the CLIP-H/14"
+    )
+    return PickScore(model, image_processor, tokenizer, device=device, dtype=dtype, batch_size=batch_size)

@@ -1,0 +1,91 @@
+"""Model set-up for training: the frozen parts, the trained UNet (full or LoRA) and its reference."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from diffusion_dpo.models.loading import SDComponents, encode_prompts, load_components, sdxl_time_ids
+from diffusion_dpo.training.config import TrainConfig
+
+Tensor = torch.Tensor
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+@dataclass
+class Models:
+    components: SDComponents  # frozen VAE, text encoders, tokenizers, noise scheduler, and the unet
+    unet: torch.nn.Module  # the trained UNet (LoRA-wrapped or full)
+    ref_unet: torch.nn.Module | None  # frozen reference; None for LoRA (adapters disabled instead)
+    weight_dtype: torch.dtype
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
+    """Load the base model; add LoRA adapters or make the frozen reference copy; move to device."""
+    components = load_components(
+        cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path
+    )
+    weight_dtype = weight_dtype_for(cfg.mixed_precision)
+    unet = components.unet
+    # Frozen parts run in the low-precision dtype; SDXL's original VAE overflows in fp16, keep it fp32.
+    vae_dtype = torch.float32 if (components.is_sdxl and not cfg.vae_model_name_or_path) else weight_dtype
+    components.vae.to(device, dtype=vae_dtype)
+    for encoder in components.text_encoders:
+        encoder.to(device, dtype=weight_dtype)
+
+    ref_unet = None
+    if cfg.use_lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.to(device, dtype=weight_dtype)
+        unet.add_adapter(
+            LoraConfig(
+                r=cfg.rank,
+                lora_alpha=cfg.lora_alpha or cfg.rank,
+                init_lora_weights="gaussian",
+                target_modules=LORA_TARGET_MODULES,
+            )
+        )
+        for p in unet.parameters():  # trainable adapters in fp32, as the diffusers LoRA scripts do
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        unet.to(device)
+        unet.requires_grad_(True)
+        if cfg.effective_objective != "sft":
+            from diffusers import UNet2DConditionModel
+
+            ref_unet = UNet2DConditionModel.from_pretrained(
+                cfg.pretrained_model_name_or_path,
+                subfolder="unet",
+                revision=cfg.revision,
+                variant=cfg.variant,
+            )
+            ref_unet.requires_grad_(False)
+            ref_unet.eval()
+            ref_unet.to(device, dtype=weight_dtype)
+    unet.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+        if ref_unet is not None:
+            ref_unet.enable_xformers_memory_efficient_attention()
+    return Models(components=components, unet=unet, ref_unet=ref_unet, weight_dtype=weight_dtype)
+
+
+def conditioning(models: Models, captions: list[str], device) -> tuple[Tensor, Tensor | None]:
+    """Captions → (encoder hidden states in the weight dtype, SDXL pooled embeddings or None)."""
+    hidden, pooled = encode_prompts(models.components, captions, device)
+    return hidden.to(models.weight_dtype), pooled
+
+
+def sdxl_cond(pooled: Tensor, sizes: Tensor, crops: Tensor, resolution: int, dtype) -> dict[str, Tensor]:
+    """SDXL's ``added_cond_kwargs`` from pooled text embeddings and per-image sizes/crops ``[N, 2]``."""
+    return {"text_embeds": pooled.to(dtype), "time_ids": sdxl_time_ids(sizes, crops, resolution).to(dtype)}
