@@ -157,6 +157,20 @@ def tiny_vae_config() -> dict:
     )
 
 
+@torch.no_grad()
+def _latent_std(vae, resolution: int) -> float:
+    import numpy as np
+
+    from diffusion_dpo.data import synthetic
+
+    rng = np.random.default_rng(0)
+    images = [synthetic.render(synthetic.sample_spec(rng), rng, resolution) for _ in range(32)]
+    pixels = torch.stack(
+        [torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images]
+    )
+    return float(vae.encode(pixels).latent_dist.mean.std())
+
+
 def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32):
     """Build a tiny SD1.5-shaped (or SDXL-shaped) diffusers pipeline with random weights, in memory."""
     import tempfile
@@ -170,6 +184,15 @@ def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32)
     vocab_size = len(tokenizer)
     unet = UNet2DConditionModel(**tiny_unet_config(sdxl, sample_size=resolution // 2))
     vae = AutoencoderKL(**tiny_vae_config())
+    with torch.no_grad():
+        # A random encoder predicts log-variances near 0, i.e. posterior samples that are mostly noise;
+        # a trained SD VAE is nearly deterministic. Give the random one that property: std ≈ 0.002.
+        latent = vae.config.latent_channels
+        vae.quant_conv.weight[latent:].zero_()
+        vae.quant_conv.bias[latent:].fill_(-12.0)
+    # As SD chose 0.18215: scale latents to unit variance on the images this model is for, so image
+    # content is not drowned by the unit-variance diffusion noise.
+    vae.register_to_config(scaling_factor=1.0 / _latent_std(vae, resolution))
     scheduler = DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,

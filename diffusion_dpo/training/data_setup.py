@@ -21,6 +21,7 @@ def make_loader(
     seed: int = 0,
     train: bool = False,
     kto: bool = False,
+    images_only: bool = False,
     random_crop: bool = False,
     hflip: bool = True,
     proportion_empty_prompts: float = 0.0,
@@ -32,6 +33,7 @@ def make_loader(
 ) -> torch.utils.data.DataLoader:
     """A DataLoader of transformed pairs (or unpaired images with ``kto``).
 
+    ``images_only``: a ``caption, image`` dataset (SFT / pretraining on plain captioned images).
     ``train``: shuffled, random crops/flips/caption dropout as asked, incomplete last batch dropped.
     Otherwise: dataset order, center crops, no flips, no caption dropout (held-out evaluation).
     """
@@ -47,12 +49,16 @@ def make_loader(
         seed=seed,
     )
     load_args = dict(split=split, streaming=streaming, max_train_samples=max_samples, cache_dir=cache_dir)
-    if kto:
-        from diffusion_dpo.data.unpaired import UnpairedTransform, collate_unpaired, load_unpaired_dataset
-
-        dataset = make_torch_dataset(
-            load_unpaired_dataset(dataset_name, **load_args), UnpairedTransform(**transform_args)
+    if kto or images_only:
+        from diffusion_dpo.data.unpaired import (
+            UnpairedTransform,
+            collate_unpaired,
+            load_caption_dataset,
+            load_unpaired_dataset,
         )
+
+        load = load_unpaired_dataset if kto else load_caption_dataset
+        dataset = make_torch_dataset(load(dataset_name, **load_args), UnpairedTransform(**transform_args))
         collate = collate_unpaired
     else:
         rows = load_pair_dataset(dataset_name, keep_ties=keep_ties, **load_args)
@@ -72,11 +78,23 @@ def make_loader(
     )
 
 
+def is_caption_image_dataset(dataset_name: str, split: str = "train", cache_dir: str | None = None) -> bool:
+    """True for a plain ``caption, image`` dataset (no pair columns, no KTO label)."""
+    from diffusion_dpo.data.pairs import column_names, load_rows
+
+    names = set(column_names(load_rows(dataset_name, split, streaming=True, cache_dir=cache_dir)))
+    return "image" in names and not names & {"jpg_0", "image_w", "label"}
+
+
 def build_train_dataloader(cfg: TrainConfig, is_sdxl: bool) -> torch.utils.data.DataLoader:
-    """Shuffled (map-style) or streamed training pairs — or unpaired images for ``objective: kto``."""
+    """Shuffled (map-style) or streamed training pairs; unpaired images for ``objective: kto``; for
+    ``sft`` also plain ``caption, image`` datasets (e.g. to pretrain a base model)."""
+    images_only = cfg.effective_objective == "sft" and is_caption_image_dataset(
+        cfg.dataset_name, cfg.dataset_split, cfg.cache_dir
+    )
     return make_loader(
         cfg.dataset_name, split=cfg.dataset_split, resolution=cfg.resolution, batch_size=cfg.train_batch_size,
-        sdxl=is_sdxl, seed=cfg.seed, train=True, kto=cfg.effective_objective == "kto",
+        sdxl=is_sdxl, seed=cfg.seed, train=True, kto=cfg.effective_objective == "kto", images_only=images_only,
         random_crop=cfg.random_crop, hflip=not cfg.no_hflip, proportion_empty_prompts=cfg.proportion_empty_prompts,
         streaming=cfg.streaming, keep_ties=cfg.keep_ties, max_samples=cfg.max_train_samples,
         cache_dir=cfg.cache_dir, num_workers=cfg.dataloader_num_workers,

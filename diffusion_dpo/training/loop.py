@@ -84,6 +84,20 @@ def compute_batch_loss(models: Models, batch: dict, cfg: TrainConfig) -> tuple[T
         }
         return losses.mean(), metrics
 
+    if objective == "sft":
+        # winners of pairs, or the images of a plain caption/image dataset
+        suffix = "" if "pixel_values" in batch else "_w"
+        latents = encode_images(comps.vae, batch[f"pixel_values{suffix}"].to(device)).to(models.weight_dtype)
+        noise, timesteps = sample_noise_and_timesteps(latents, T)
+        cond = None
+        if comps.is_sdxl:
+            cond = sdxl_cond(
+                pooled, batch[f"original_sizes{suffix}"].to(device), batch[f"crop_top_lefts{suffix}"].to(device),
+                cfg.resolution, models.weight_dtype,
+            )  # fmt: skip
+        losses = sft_losses(models.unet, comps.noise_scheduler, latents, hidden, noise, timesteps, cond)
+        return losses.mean(), {"loss": losses.mean().detach(), "mse/model_chosen": losses.detach().mean()}
+
     px_w = batch["pixel_values_w"].to(device)
     px_l = batch["pixel_values_l"].to(device)
     bsz = px_w.shape[0]
@@ -91,16 +105,6 @@ def compute_batch_loss(models: Models, batch: dict, cfg: TrainConfig) -> tuple[T
     latents = encode_images(comps.vae, torch.cat([px_w, px_l])).to(models.weight_dtype)
     latents_w, latents_l = latents[:bsz], latents[bsz:]
     noise, timesteps = sample_noise_and_timesteps(latents_w, T)  # shared by both images of a pair
-
-    if objective == "sft":
-        cond = None
-        if comps.is_sdxl:
-            cond = sdxl_cond(
-                pooled, batch["original_sizes_w"].to(device), batch["crop_top_lefts_w"].to(device),
-                cfg.resolution, models.weight_dtype,
-            )  # fmt: skip
-        losses = sft_losses(models.unet, comps.noise_scheduler, latents_w, hidden, noise, timesteps, cond)
-        return losses.mean(), {"loss": losses.mean().detach(), "mse/model_chosen": losses.detach().mean()}
 
     cond = None
     if comps.is_sdxl:
