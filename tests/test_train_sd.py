@@ -174,7 +174,7 @@ def test_training_raises_implicit_accuracy_on_its_pairs(tmp_path, tiny_sd_path):
     data = synthetic.write_pair_dataset(tmp_path / "few.parquet", 16, seed=3, tie_fraction=0.0)
     summary = _run(
         tiny_sd_path, data, tmp_path / "out", validation_dataset_name=data, num_validation_pairs=16,
-        validation_steps=100, max_train_steps=30, train_batch_size=8, learning_rate=2e-4,
+        validation_steps=1000, max_train_steps=50, train_batch_size=16, learning_rate=1e-4,
         proportion_empty_prompts=0.0, no_hflip=True,
     )  # fmt: skip
     final = summary["last_metrics"]["eval/implicit_acc"]

@@ -393,6 +393,11 @@ def train(cfg: TrainConfig) -> dict:
             if global_step >= cfg.max_train_steps:
                 break
         else:
+            if batches_done == 0:  # an empty epoch would loop forever
+                raise ValueError(
+                    f"{cfg.dataset_name} gave no complete batch of --train_batch_size {cfg.train_batch_size} "
+                    "(too few usable rows after dropping ties?)"
+                )
             epoch, batches_done = epoch + 1, 0
     progress.close()
 
