@@ -27,18 +27,20 @@ def ensure_tiny_assets(cfg: TrainConfig) -> None:
     if not model.exists():
         logger.info("building the tiny SD model at %s", model)
         save_tiny_pipeline(model, seed=cfg.seed, resolution=cfg.resolution)
-    datasets = [(cfg.dataset_name, TINY_TRAIN_PAIRS, False)]
-    if cfg.validation_dataset_name:
-        datasets.append((cfg.validation_dataset_name, TINY_HELDOUT_PAIRS, True))
-    for path, n_pairs, heldout in datasets:
-        if Path(path).exists():
-            continue
-        logger.info(
-            "writing %d synthetic %s pairs to %s", n_pairs, "held-out" if heldout else "training", path
-        )
-        if cfg.effective_objective == "kto" and not heldout:
-            synthetic.write_unpaired_dataset(path, n_pairs, seed=cfg.seed, resolution=cfg.resolution)
+    train_path = Path(cfg.dataset_name)
+    if not train_path.exists():
+        logger.info("writing %d synthetic training examples to %s", TINY_TRAIN_PAIRS, train_path)
+        if cfg.effective_objective == "kto":
+            synthetic.write_unpaired_dataset(
+                train_path, TINY_TRAIN_PAIRS, seed=cfg.seed, resolution=cfg.resolution
+            )
         else:
             synthetic.write_pair_dataset(
-                path, n_pairs, seed=cfg.seed + int(heldout), resolution=cfg.resolution, heldout=heldout
+                train_path, TINY_TRAIN_PAIRS, seed=cfg.seed, resolution=cfg.resolution
             )
+    if cfg.validation_dataset_name and not Path(cfg.validation_dataset_name).exists():
+        # held-out pairs: the training prompts' distribution, renders never trained on (another seed)
+        logger.info("writing %d held-out pairs to %s", TINY_HELDOUT_PAIRS, cfg.validation_dataset_name)
+        synthetic.write_pair_dataset(
+            cfg.validation_dataset_name, TINY_HELDOUT_PAIRS, seed=cfg.seed + 1, resolution=cfg.resolution
+        )
