@@ -249,3 +249,14 @@ def test_embedded_default_runs_from_a_fresh_directory(tmp_path):
     assert len(list((out / "samples").glob("*.png"))) == 3
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["global_step"] == 2 and "eval/implicit_acc" in summary["last_metrics"]
+
+
+def test_streaming_dataset_and_checkpoint_rotation(tmp_path, tiny_sd_path, pairs_path):
+    """--streaming reads the parquet as a stream; --checkpoints_total_limit keeps the newest N."""
+    out = tmp_path / "out"
+    summary = _run(
+        tiny_sd_path, pairs_path, out, streaming=True, max_train_steps=3, train_batch_size=2,
+        checkpointing_steps=1, checkpoints_total_limit=2,
+    )  # fmt: skip
+    assert summary["global_step"] == 3
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
