@@ -111,25 +111,21 @@ def encode_prompts(
     hidden states of both encoders concatenated on the feature axis, and the pooled (projected)
     output of the second encoder.
     """
-    if not components.is_sdxl:
-        tokenizer, encoder = components.tokenizers[0], components.text_encoders[0]
-        ids = tokenizer(
+
+    def token_ids(tokenizer):
+        return tokenizer(
             captions,
             padding="max_length",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(device)
-        return encoder(ids)[0], None
+
+    if not components.is_sdxl:
+        return components.text_encoders[0](token_ids(components.tokenizers[0]))[0], None
     hidden, pooled = [], None
     for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
-        ids = tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+        ids = token_ids(tokenizer)
         out = encoder(ids, output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the second encoder)

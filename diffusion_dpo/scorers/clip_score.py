@@ -96,8 +96,9 @@ class CLIPScore(Scorer):
         self.image_processor, self.tokenizer = image_processor, tokenizer
         self.max_length = text_max_length(self.model)
 
-    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        cos = clip_pair_cosine(
+    def cosine(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        """``[N]`` cosine similarity of each image with its prompt."""
+        return clip_pair_cosine(
             self.model,
             self.image_processor,
             self.tokenizer,
@@ -107,7 +108,9 @@ class CLIPScore(Scorer):
             dtype=self.dtype,
             max_length=self.max_length,
         )
-        return 100.0 * cos.clamp(min=0.0)
+
+    def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
+        return 100.0 * self.cosine(images, prompts).clamp(min=0.0)
 
 
 def load_clip_score(

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .base import Scorer, load_pretrained
-from .clip_score import clip_pair_cosine, load_clip_preprocessing, text_max_length
+from .base import load_pretrained
+from .clip_score import CLIPScore, load_clip_preprocessing
 
 DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -30,32 +30,13 @@ _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
 _IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
-class PickScore(Scorer):
+class PickScore(CLIPScore):
     """``logit_scale.exp() · cos(image, prompt)`` of the PickScore CLIP model."""
 
     name = "pickscore"
 
-    def __init__(
-        self, model, image_processor, tokenizer, *, device="cpu", dtype=torch.float32, batch_size: int = 16
-    ):
-        super().__init__(batch_size)
-        self.device, self.dtype = torch.device(device), dtype
-        self.model = model.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
-        self.image_processor, self.tokenizer = image_processor, tokenizer
-        self.max_length = text_max_length(self.model)
-
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
-        cos = clip_pair_cosine(
-            self.model,
-            self.image_processor,
-            self.tokenizer,
-            images,
-            prompts,
-            device=self.device,
-            dtype=self.dtype,
-            max_length=self.max_length,
-        )
-        return self.model.logit_scale.float().exp() * cos
+        return self.model.logit_scale.float().exp() * self.cosine(images, prompts)
 
 
 def _has_processor(folder: Path) -> bool:
