@@ -311,6 +311,14 @@ def train(cfg: TrainConfig) -> dict:
         )
         if accelerator.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", global_step)
+    elif accelerator.is_main_process:
+        # a fresh run: metrics of an earlier run in the same output_dir are not continued
+        _truncate_metrics(out / "metrics.jsonl", 0)
+        if ckpt.list_checkpoints(out):
+            logger.warning(
+                "%s already holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it",
+                out,
+            )
 
     total_batch = cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     logger.info(
