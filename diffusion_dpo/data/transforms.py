@@ -140,20 +140,15 @@ def transform_image(
 
 
 @dataclass
-class PairTransform:
-    """Turns a normalised pair row (``caption``, ``image_w``, ``image_l``) into training tensors.
-
-    Each image is resized, cropped and flipped independently, as in the Diffusion-DPO code's
-    ``train_transforms``; caption dropout is decided once per pair (Wallace et al. 2023, ``train.py``),
-    so both images of a pair always see the same (possibly empty) caption.
-    """
+class TransformOptions:
+    """What every row transform shares: size, crop, flip, caption dropout, SDXL fields, seed."""
 
     resolution: int = 512
     #: Center crop (True) or a random crop (False).
     center_crop: bool = False
     #: Flip each image horizontally with probability 0.5.
     random_flip: bool = True
-    #: Probability that a pair's caption is replaced by "" (classifier-free guidance dropout).
+    #: Probability that a row's caption is replaced by "" (classifier-free guidance dropout).
     proportion_empty_prompts: float = 0.0
     #: Also return each image's ``original_size`` and ``crop_top_left`` (SDXL micro-conditioning).
     sdxl: bool = False
@@ -167,6 +162,16 @@ class PairTransform:
             )
         if self.resolution <= 0:
             raise ValueError(f"resolution must be positive, got {self.resolution}")
+
+
+@dataclass
+class PairTransform(TransformOptions):
+    """Turns a normalised pair row (``caption``, ``image_w``, ``image_l``) into training tensors.
+
+    Each image is resized, cropped and flipped independently, as in the Diffusion-DPO code's
+    ``train_transforms``; caption dropout is decided once per pair (Wallace et al. 2023, ``train.py``),
+    so both images of a pair always see the same (possibly empty) caption.
+    """
 
     def __call__(self, row: dict, *, index: int, epoch: int = 0) -> dict:
         """Returns ``pixel_values_w``/``pixel_values_l`` [3, R, R] in [-1, 1], ``caption`` str,

@@ -26,6 +26,7 @@ import torch
 from diffusion_dpo.data.pairs import column_names, load_rows, resolve_image_path
 from diffusion_dpo.data.transforms import (
     BadRowError,
+    TransformOptions,
     _stack_pixels,
     check_caption,
     decode_image,
@@ -175,26 +176,11 @@ def load_caption_dataset(
 
 
 @dataclass
-class UnpairedTransform:
+class UnpairedTransform(TransformOptions):
     """Turns a row ``{"caption", "image"[, "desirable"]}`` into training tensors: resize (shorter
     side), center or random crop, random flip, [-1, 1]; caption dropout with probability
     ``proportion_empty_prompts``. Randomness from ``(seed, epoch, index)`` only (see
     :func:`~diffusion_dpo.data.transforms.row_rng`)."""
-
-    resolution: int = 512
-    center_crop: bool = False
-    random_flip: bool = True
-    proportion_empty_prompts: float = 0.0
-    sdxl: bool = False
-    seed: int = 0
-
-    def __post_init__(self):
-        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise ValueError(
-                f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}"
-            )
-        if self.resolution <= 0:
-            raise ValueError(f"resolution must be positive, got {self.resolution}")
 
     def __call__(self, row: dict, *, index: int, epoch: int = 0) -> dict:
         """Returns ``pixel_values`` [3, R, R], ``caption``, ``index``, ``desirable`` (if the row has
