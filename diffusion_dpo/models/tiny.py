@@ -166,7 +166,7 @@ def _latent_std(vae, resolution: int) -> float:
     rng = np.random.default_rng(0)
     images = [synthetic.render(synthetic.sample_spec(rng), rng, resolution) for _ in range(32)]
     pixels = torch.stack(
-        [torch.from_numpy(np.asarray(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images]
+        [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images]
     )
     return float(vae.encode(pixels).latent_dist.mean.std())
 
