@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,7 @@ _FG_LOW, _FG_HIGH = 0.25, 0.5
 _GRID, _GRID_RADIUS = 32, 1.2
 _SHAPE_SHARPNESS = 40.0
 _MIN_AREA = 0.03
+_MAX_REDRAWS = 1000
 
 
 @dataclass(frozen=True)
@@ -159,9 +160,22 @@ def parse_caption(text: str) -> Spec | None:
     return Spec(shape, color, background)
 
 
-def corrupt(spec: Spec, rng: np.random.Generator) -> Spec:
+def corrupt(spec: Spec, rng: np.random.Generator, within: Collection[Spec] | None = None) -> Spec:
     """A combination that does NOT follow ``spec``: a different shape colour, shape, background, or
-    both colour and shape (chosen uniformly), so a loser can be wrong in any attribute."""
+    both colour and shape (chosen uniformly), so a loser can be wrong in any attribute.
+
+    ``within``: draw again until the corruption is one of these combinations. The training writers pass
+    the training split, so held-out combinations never appear in training data, not even as losers
+    (a model that only ever saw them rejected would learn to avoid them, whatever the caption).
+    """
+    for _ in range(_MAX_REDRAWS):
+        bad = _corrupt_once(spec, rng)
+        if within is None or bad in within:
+            return bad
+    raise ValueError(f"no corruption of {spec} among the {len(within)} combinations of `within`")
+
+
+def _corrupt_once(spec: Spec, rng: np.random.Generator) -> Spec:
     mode = ("color", "shape", "background", "color+shape")[int(rng.integers(4))]
     shape, color, background = spec.shape, spec.color, spec.background
 
@@ -356,16 +370,18 @@ def generate_pairs(
 
     The preferred image follows the caption, the other shows :func:`corrupt` of it; the winner is put
     at position 0 or 1 at random. A ``tie_fraction`` of pairs are ties (two faithful renders,
-    ``label_0 = 0.5``) so that tie handling is exercised.
+    ``label_0 = 0.5``) so that tie handling is exercised. Training pairs (``heldout=False``) show
+    training combinations only, losers included.
     """
     rng = np.random.default_rng(seed)
     specs = specs_for(heldout)
+    within = set(specs) if heldout is False else None
     for _ in range(n_pairs):
         spec = sample_spec(rng, specs)
         if rng.random() < tie_fraction:
             first, second, label_0 = render(spec, rng, resolution), render(spec, rng, resolution), 0.5
         else:
-            winner, loser = render(spec, rng, resolution), render(corrupt(spec, rng), rng, resolution)
+            winner, loser = render(spec, rng, resolution), render(corrupt(spec, rng, within), rng, resolution)
             label_0 = float(rng.random() < 0.5)
             first, second = (winner, loser) if label_0 == 1.0 else (loser, winner)
         yield {
@@ -408,13 +424,15 @@ def generate_unpaired(
     heldout: bool | None = False,
 ) -> Iterator[dict]:
     """Diffusion-KTO rows ``caption, image, label``: desirable images follow the caption
-    (``label=True``), undesirable ones show :func:`corrupt` of it (``label=False``)."""
+    (``label=True``), undesirable ones show :func:`corrupt` of it (``label=False``); with
+    ``heldout=False`` a training combination, as in :func:`generate_pairs`."""
     rng = np.random.default_rng(seed)
     specs = specs_for(heldout)
+    within = set(specs) if heldout is False else None
     for _ in range(n_images):
         spec = sample_spec(rng, specs)
         desirable = bool(rng.random() < desirable_fraction)
-        image = render(spec if desirable else corrupt(spec, rng), rng, resolution)
+        image = render(spec if desirable else corrupt(spec, rng, within), rng, resolution)
         yield {"caption": caption(spec), "image": encode_png(image), "label": desirable}
 
 
