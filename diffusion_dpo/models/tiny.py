@@ -116,6 +116,22 @@ def _text_config(vocab_size: int, projection_dim: int | None = None):
     return CLIPTextConfig(**kwargs)
 
 
+def _separate_word_embeddings(text_encoder) -> None:
+    """Re-draw a random CLIP text encoder's token (std 1) and position (std 0.5) embeddings.
+
+    At the default init (std 0.02) the random layers' output swamps them: captions that differ in one
+    word get last hidden states with cosine similarity > 0.97, so a UNet can hardly tell "red" from
+    "green" and learns to ignore its captions. A trained CLIP encoder separates words; with unit-scale
+    embeddings the random one does too (every word and its position stay visible in the output).
+    """
+    with torch.no_grad():
+        for name, module in text_encoder.named_modules():
+            if name.endswith("token_embedding"):
+                module.weight.normal_(0.0, 1.0)
+            elif name.endswith("position_embedding"):
+                module.weight.normal_(0.0, 0.5)
+
+
 def tiny_unet_config(sdxl: bool = False, sample_size: int = 16) -> dict:
     """A two-level UNet2DConditionModel config (≈0.4M parameters; SDXL-shaped when ``sdxl``)."""
     config = dict(
@@ -206,6 +222,7 @@ def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32)
         from diffusers import StableDiffusionPipeline
 
         text_encoder = CLIPTextModel(_text_config(vocab_size))
+        _separate_word_embeddings(text_encoder)
         return StableDiffusionPipeline(
             vae=vae,
             text_encoder=text_encoder,
@@ -218,10 +235,16 @@ def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32)
         )
     from diffusers import StableDiffusionXLPipeline
 
+    text_encoders = (
+        CLIPTextModel(_text_config(vocab_size)),
+        CLIPTextModelWithProjection(_text_config(vocab_size, projection_dim=TEXT_HIDDEN)),
+    )
+    for encoder in text_encoders:
+        _separate_word_embeddings(encoder)
     return StableDiffusionXLPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(_text_config(vocab_size)),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab_size, projection_dim=TEXT_HIDDEN)),
+        text_encoder=text_encoders[0],
+        text_encoder_2=text_encoders[1],
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=unet,
