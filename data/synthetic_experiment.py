@@ -418,7 +418,8 @@ def run(args: argparse.Namespace) -> dict:
 
     stages.done.pop("report", None)  # always rewritten: cheap, and it reads the current evaluation
     table, figures = stages.run("report", "results.json, results.md and the figures", report)
-    total = round(time.time() - stages.started, 1)
+    # with --resume, the reused stages count with the time they took when they ran
+    total = round(time.time() - stages.started + sum(stages.seconds[n] for n in stages.reused), 1)
     record = {
         **{m: table[m] for m in METHODS},
         "base": table["base"],
