@@ -168,9 +168,6 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_sd_path, pairs_path):
     assert rows[3]["loss"] == pytest.approx(straight_rows[3]["loss"], rel=1e-4)
 
 
-# Slow (minutes): the default run checks the same signal on held-out pairs through the synthetic
-# experiment's --quick run (tests/test_synthetic_experiment.py).
-@pytest.mark.slow
 def test_training_raises_implicit_accuracy_on_its_pairs(tmp_path, tiny_sd_path):
     """A real learning signal: after training on a fixed set of pairs, the implicit reward prefers
     the winner on most of them (it is exactly 0.5 at the start, where policy = reference)."""
