@@ -253,13 +253,13 @@ def build_initial_pipeline(path: Path, scale: Scale, seed: int) -> None:
     n = min(128, len(specs))
     renders = tensor_to_images(pixels[:n])
     recons = tensor_to_images(reconstruct(vae, pixels[:n]))
+
+    def mean_faithfulness(images) -> float:
+        return round(float(np.mean([synthetic.faithfulness(i, s) for i, s in zip(images, specs)])), 4)
+
     check = {
-        "render_faithfulness": round(
-            float(np.mean([synthetic.faithfulness(i, s) for i, s in zip(renders, specs)])), 4
-        ),
-        "vae_reconstruction_faithfulness": round(
-            float(np.mean([synthetic.faithfulness(i, s) for i, s in zip(recons, specs)])), 4
-        ),
+        "render_faithfulness": mean_faithfulness(renders),
+        "vae_reconstruction_faithfulness": mean_faithfulness(recons),
         "vae_scaling_factor": round(float(vae.config.scaling_factor), 6),
     }
     print(

@@ -120,7 +120,7 @@ def _separate_word_embeddings(text_encoder) -> None:
     """Re-draw a random CLIP text encoder's token (std 1) and position (std 0.5) embeddings.
 
     At the default init (std 0.02) the random layers' output swamps them: captions that differ in one
-    word get last hidden states with cosine similarity > 0.97, so a UNet can hardly tell "red" from
+    word get states with cosine similarity 0.92-0.98 at that word, so a UNet can hardly tell "red" from
     "green" and learns to ignore its captions. A trained CLIP encoder separates words; with unit-scale
     embeddings the random one does too (every word and its position stay visible in the output).
     """
