@@ -251,44 +251,83 @@ def test_wrong_paths_give_clear_errors(tmp_path):
         load_pair_dataset(source, split="validation")
 
 
-def test_corrupt_image_raises_naming_the_row_or_is_skipped_and_counted(tmp_path):
+def test_corrupt_image_raises_naming_the_row_or_becomes_a_counted_placeholder(tmp_path, caplog):
     rows = pickapic_rows([1.0, 1.0, 1.0])
     rows[1]["jpg_0"] = b"\x89PNG this is not an image"
     path = write_parquet(tmp_path / "pairs.parquet", rows)
     ds = load_pair_dataset(path, cache_dir=str(tmp_path / "cache"))  # loading does not decode
     strict = make_torch_dataset(ds, PairTransform(resolution=8))
-    strict[0]
+    assert strict[0]["bad"] is None
     with pytest.raises(BadRowError, match="row 1, image_w: cannot decode image"):
         strict[1]
 
-    lenient = make_torch_dataset(ds, PairTransform(resolution=8), skip_bad_rows=True)
-    assert lenient[1] is None and lenient.num_skipped == 1
+    lenient = make_torch_dataset(ds, PairTransform(resolution=8), on_bad_example="skip")
+    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.data.transforms"):
+        placeholder = lenient[1]
+    assert "row 1, image_w: cannot decode image" in caplog.text
+    assert placeholder["bad"].startswith("row 1, image_w") and lenient.num_skipped == 1
+    # A placeholder keeps the batch's size and shapes; valid and bad_rows say which row it stands for.
     loader = torch.utils.data.DataLoader(lenient, batch_size=3, collate_fn=collate_pairs)
     batch = next(iter(loader))
-    assert batch["num_skipped"] == 1
-    assert batch["indices"].tolist() == [0, 2]
-    assert batch["pixel_values_w"].shape == (2, 3, 8, 8)
-    assert collate_pairs([None, None]) is None
+    assert batch["indices"].tolist() == [0, 1, 2]
+    assert batch["valid"].tolist() == [True, False, True] and batch["valid"].dtype == torch.bool
+    assert batch["num_skipped"] == 1 and [r["index"] for r in batch["bad_rows"]] == [1]
+    assert "cannot decode image" in batch["bad_rows"][0]["reason"]
+    assert batch["pixel_values_w"].shape == batch["pixel_values_l"].shape == (3, 3, 8, 8)
+    assert torch.all(batch["pixel_values_w"][1] == 0) and batch["captions"][1] == ""
+    with pytest.raises(ValueError, match="on_bad_example must be one of"):
+        make_torch_dataset(ds, PairTransform(resolution=8), on_bad_example="ignore")
 
 
-def test_empty_or_non_string_caption_raises_naming_the_row(tmp_path):
+def test_placeholders_have_the_keys_dtypes_and_shapes_of_real_examples():
+    row = {"caption": "c", "image_w": gradient_png(), "image_l": gradient_png()}
+    unpaired_row = {"caption": "c", "image": gradient_png(), "desirable": True}
+    for transform, good_row in (
+        (PairTransform(resolution=8), row),
+        (PairTransform(resolution=8, sdxl=True), row),
+        (UnpairedTransform(resolution=8, sdxl=True), {"caption": "c", "image": gradient_png()}),
+        (UnpairedTransform(resolution=8, labelled=True), unpaired_row),
+        (UnpairedTransform(resolution=8, labelled=True, sdxl=True), unpaired_row),
+    ):
+        good, bad = transform(good_row, index=3), transform.placeholder(5, "row 5: broken")
+        assert good.keys() == bad.keys(), transform
+        for key, value in good.items():
+            assert key == "bad" or type(bad[key]) is type(value), key
+            if isinstance(value, torch.Tensor):
+                assert bad[key].shape == value.shape and bad[key].dtype == value.dtype and not bad[key].any()
+        assert (good["bad"], bad["bad"], bad["index"], bad["caption"]) == (None, "row 5: broken", 5, "")
+        if transform.sdxl:
+            assert bad[[k for k in bad if k.startswith("original_size")][0]] == (8, 8)
+            assert bad[[k for k in bad if k.startswith("crop_top_left")][0]] == (0, 0)
+        if getattr(transform, "labelled", False):
+            assert bad["desirable"] is False
+    # A transform that disagrees with its rows about labels says so instead of dropping them.
+    with pytest.raises(ValueError, match="labelled=True"):
+        UnpairedTransform(resolution=8)(unpaired_row, index=0)
+
+
+def test_missing_caption_raises_naming_the_row_but_an_empty_one_trains_unconditionally(tmp_path):
     (tmp_path / "w.png").write_bytes(solid_png((255, 0, 0)))
     (tmp_path / "l.png").write_bytes(solid_png((0, 0, 255)))
     path = tmp_path / "pairs.csv"
-    path.write_text("caption,image_w,image_l\nfine,w.png,l.png\n,w.png,l.png\n")  # row 1: empty caption
+    path.write_text("caption,image_w,image_l\nfine,w.png,l.png\n,w.png,l.png\n")  # row 1: empty cell
     ds = make_torch_dataset(
         load_pair_dataset(path, cache_dir=str(tmp_path / "cache")), PairTransform(resolution=8)
     )
-    ds[0]
-    with pytest.raises(BadRowError, match="row 1: caption is"):
+    assert ds[0]["caption"] == "fine"
+    with pytest.raises(BadRowError, match="row 1: caption is missing"):  # CSV reads an empty cell as None
         ds[1]
     transform = PairTransform(resolution=8)
-    with pytest.raises(BadRowError, match="row 7: caption is empty"):
-        transform(
-            {"caption": "   ", "image_w": solid_png((1, 2, 3)), "image_l": solid_png((1, 2, 3))}, index=7
-        )
+    image = solid_png((1, 2, 3))
+    # Empty and blank captions are unconditional examples (as caption dropout makes), trained as "".
+    for caption in ("", "   ", "\n"):
+        assert transform({"caption": caption, "image_w": image, "image_l": image}, index=7)["caption"] == ""
+    with pytest.raises(BadRowError, match="row 7: caption is a float \\(nan\\), not a string"):
+        transform({"caption": float("nan"), "image_w": image, "image_l": image}, index=7)
+    with pytest.raises(BadRowError, match="row 7: caption is an? int"):
+        transform({"caption": 3, "image_w": image, "image_l": image}, index=7)
     with pytest.raises(BadRowError, match="row 3, image_l: image is missing"):
-        transform({"caption": "x", "image_w": solid_png((1, 2, 3)), "image_l": None}, index=3)
+        transform({"caption": "x", "image_w": image, "image_l": None}, index=3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,10 +413,10 @@ def test_random_crop_and_flip_follow_the_row_rng():
         top_draw, left_draw, flip_draw = rng.random(3)
         left = int(left_draw * 9)  # 16 - 8 + 1 possible offsets
         assert out["crop_top_left_w"] == (0, left)
-        expected = torch.from_numpy(np.asarray(resized.crop((left, 0, left + 8, 8)), dtype=np.float32))
+        # The flip comes first, the crop's corner is in the flipped image.
+        seen = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip_draw < 0.5 else resized
+        expected = torch.from_numpy(np.asarray(seen.crop((left, 0, left + 8, 8)), dtype=np.float32))
         expected = expected.permute(2, 0, 1) / 127.5 - 1
-        if flip_draw < 0.5:
-            expected = expected.flip(-1)
         flips.add(bool(flip_draw < 0.5))
         assert torch.allclose(out["pixel_values_w"], expected)
     assert flips == {True, False}
@@ -400,6 +439,7 @@ def test_collate_pairs_layout_with_sdxl_fields():
     assert torch.allclose(batch["pixel_values_l"][:, 2], torch.ones(3, 8, 8))
     assert batch["captions"] == ["c0", "c1", "c2"]
     assert batch["indices"].tolist() == [0, 1, 2] and batch["num_skipped"] == 0
+    assert batch["valid"].tolist() == [True] * 3 and batch["bad_rows"] == []
     assert batch["original_sizes_w"].tolist() == [[10, 20], [10, 21], [10, 22]]
     assert batch["original_sizes_l"].tolist() == [[30, 10]] * 3
     # winner: 20x10 -> 16x8, center left 4; 21x10 -> int(8*21/10)=16 wide; 22x10 -> 17 wide, left round(4.5)=4
@@ -433,7 +473,7 @@ def test_unpaired_labels_in_every_spelling_and_collate(tmp_path):
     ds = load_unpaired_dataset(path, stats=stats, cache_dir=str(tmp_path / "cache"))
     assert [r["desirable"] for r in ds] == [True, True, True, False, False, False]
     assert (stats.seen, stats.desirable, stats.undesirable) == (6, 3, 3)
-    torch_ds = make_torch_dataset(ds, UnpairedTransform(resolution=8, sdxl=True))
+    torch_ds = make_torch_dataset(ds, UnpairedTransform(resolution=8, sdxl=True, labelled=True))
     batch = collate_unpaired([torch_ds[i] for i in range(6)])
     assert batch["pixel_values"].shape == (6, 3, 8, 8)
     assert batch["desirable"].dtype == torch.bool and batch["desirable"].tolist() == [True] * 3 + [False] * 3
@@ -474,3 +514,27 @@ def test_pairs_to_unpaired_marks_images_that_won_at_least_once(tmp_path):
     assert len(out) == len(reloaded) == 8
     for row in reloaded:
         assert row["desirable"] == (mean_rgb(row["image"])[0] == WINNER_RED)
+
+
+def test_sdxl_crop_corner_is_recorded_in_the_flipped_image():
+    # Non-square in both directions so that top and left both vary; a random crop of a flipped image
+    # must be crop(flip(resized)) at the recorded (top, left), as SDXL's micro-conditioning expects.
+    for width, height in ((40, 12), (12, 30)):
+        row = {"caption": "c", "image_w": gradient_png(width, height), "image_l": gradient_png(width, height)}
+        transform = PairTransform(resolution=8, center_crop=False, random_flip=True, sdxl=True, seed=9)
+        resized = Image.open(io.BytesIO(row["image_w"])).resize(
+            (8 * width // min(width, height), 8 * height // min(width, height)), Image.Resampling.BILINEAR
+        )
+        flipped = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        seen_flips = set()
+        for index in range(16):
+            out = transform(row, index=index)
+            rng = row_rng(9, 0, index)
+            rng.random()  # caption dropout draw
+            flip = bool(rng.random(3)[2] < 0.5)
+            seen_flips.add(flip)
+            top, left = out["crop_top_left_w"]
+            expected = np.asarray((flipped if flip else resized).crop((left, top, left + 8, top + 8)))
+            expected = torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
+            assert torch.allclose(out["pixel_values_w"], expected), (width, height, index, flip)
+        assert seen_flips == {True, False}

@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -29,8 +30,10 @@ from diffusion_dpo.data.transforms import (
     TransformOptions,
     _stack_pixels,
     check_caption,
+    collate_common,
     decode_image,
     image_bytes,
+    raise_if_marked_bad,
     row_rng,
     transform_image,
 )
@@ -182,48 +185,57 @@ class UnpairedTransform(TransformOptions):
     ``proportion_empty_prompts``. Randomness from ``(seed, epoch, index)`` only (see
     :func:`~diffusion_dpo.data.transforms.row_rng`)."""
 
+    #: The rows carry a ``desirable`` label (KTO data from :func:`load_unpaired_dataset`), which
+    #: every example then has, placeholders included (``False``); plain captioned images have none.
+    labelled: bool = False
+
+    _image_suffixes: ClassVar[tuple[str, ...]] = ("",)
+
     def __call__(self, row: dict, *, index: int, epoch: int = 0) -> dict:
-        """Returns ``pixel_values`` [3, R, R], ``caption``, ``index``, ``desirable`` (if the row has
-        it) and, for SDXL, ``original_size`` (h, w) and ``crop_top_left`` (top, left)."""
+        """Returns ``pixel_values`` [3, R, R] float32 in [-1, 1], ``caption``, ``index``, ``bad``
+        None, ``desirable`` bool (if ``labelled``) and, for SDXL, ``original_size`` (h, w) and
+        ``crop_top_left`` (top, left). Raises :class:`BadRowError` naming the row for a bad caption
+        or image, or a row marked bad by loading."""
+        if ("desirable" in row) != self.labelled:
+            raise ValueError(
+                f"row {index} {'has' if 'desirable' in row else 'has no'} 'desirable' label but the "
+                f"transform has labelled={self.labelled}; use UnpairedTransform(labelled=True) for "
+                "load_unpaired_dataset rows and labelled=False for load_caption_dataset rows"
+            )
+        raise_if_marked_bad(row)
         caption = check_caption(row.get("caption"), where=f"row {index}")
         image = decode_image(row.get("image"), where=f"row {index}, image")
         rng = row_rng(self.seed, epoch, index)
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
-        pixels, original_size, crop_top_left = transform_image(
-            image, rng, self.resolution, self.center_crop, self.random_flip
-        )
-        out = {"pixel_values": pixels, "caption": caption, "index": index}
-        if "desirable" in row:
+        transformed = transform_image(image, rng, self.resolution, self.center_crop, self.random_flip)
+        out = {"caption": caption, "index": index, "bad": None, **self._image_fields("", *transformed)}
+        if self.labelled:
             out["desirable"] = bool(row["desirable"])
-        if self.sdxl:
-            out["original_size"] = original_size
-            out["crop_top_left"] = crop_top_left
+        return out
+
+    def placeholder(self, index: int, reason: str) -> dict:
+        out = super().placeholder(index, reason)
+        if self.labelled:
+            out["desirable"] = False
         return out
 
 
-def collate_unpaired(examples: list[dict | None]) -> dict | None:
-    """Batch :class:`UnpairedTransform` outputs; ``None`` entries (skipped bad rows) are dropped.
+def collate_unpaired(examples: list[dict]) -> dict:
+    """Batch :class:`UnpairedTransform` outputs, placeholders included, so every batch has B rows.
 
     Returns ``pixel_values`` [B, 3, R, R] float32 in [-1, 1], ``captions`` list[str], ``indices``
-    [B] long, ``num_skipped`` int, ``desirable`` [B] bool (for labelled rows) and, for SDXL,
-    ``original_sizes`` [B, 2] long (h, w) and ``crop_top_lefts`` [B, 2] long (top, left). ``None``
-    when every row of the batch was skipped.
+    [B] long, ``valid`` [B] bool (False for placeholders), ``bad_rows`` list of ``{"index",
+    "reason"}`` (one per placeholder), ``num_skipped`` int, ``desirable`` [B] bool (labelled rows;
+    False for placeholders) and, for SDXL, ``original_sizes`` [B, 2] long (h, w) and
+    ``crop_top_lefts`` [B, 2] long (top, left).
     """
-    kept = [e for e in examples if e is not None]
-    if not kept:
-        return None
-    batch = {
-        "pixel_values": _stack_pixels([e["pixel_values"] for e in kept]),
-        "captions": [e["caption"] for e in kept],
-        "indices": torch.tensor([e["index"] for e in kept], dtype=torch.long),
-        "num_skipped": len(examples) - len(kept),
-    }
-    if "desirable" in kept[0]:
-        batch["desirable"] = torch.tensor([e["desirable"] for e in kept], dtype=torch.bool)
-    if "original_size" in kept[0]:
-        batch["original_sizes"] = torch.tensor([e["original_size"] for e in kept], dtype=torch.long)
-        batch["crop_top_lefts"] = torch.tensor([e["crop_top_left"] for e in kept], dtype=torch.long)
+    batch = {"pixel_values": _stack_pixels([e["pixel_values"] for e in examples]), **collate_common(examples)}
+    if "desirable" in examples[0]:
+        batch["desirable"] = torch.tensor([e["desirable"] for e in examples], dtype=torch.bool)
+    if "original_size" in examples[0]:
+        batch["original_sizes"] = torch.tensor([e["original_size"] for e in examples], dtype=torch.long)
+        batch["crop_top_lefts"] = torch.tensor([e["crop_top_left"] for e in examples], dtype=torch.long)
     return batch
 
 
