@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from diffusion_dpo.models.tiny import write_tiny_clip_tokenizer
-from diffusion_dpo.scorers import SCORERS, MissingWeightsError, load_scorer
+from diffusion_dpo.scorers import (
+    REQUIRED_FILES,
+    SCORERS,
+    MissingWeightsError,
+    check_scorer,
+    load_scorer,
+    required_files,
+)
 from diffusion_dpo.scorers.base import CLIP_MEAN, CLIP_STD, pooled
 
 PROMPTS = ["a red circle", "a photo of a blue square", "green triangle on a white background", "a cat", "dog"]
@@ -514,34 +521,84 @@ def test_inputs_are_validated(specs):
     assert scorer([], []).shape == (0,)
 
 
-def test_missing_weights_name_the_file_and_the_local_path_option(monkeypatch, tmp_path):
-    import huggingface_hub
+@pytest.fixture
+def offline_empty_cache(monkeypatch, tmp_path):
+    """The firewall situation: no hub, an empty Hugging Face cache (the user's default weights missing)."""
+    import huggingface_hub.constants
 
+    cache = tmp_path / "empty_cache"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
 
-    with pytest.raises(MissingWeightsError) as err:
-        load_scorer("hpsv2.1")
-    message = str(err.value)
-    assert "xswu/HPSv2" in message and "HPS_v2.1_compressed.pt" in message and "hpsv2.1=" in message
 
-    with pytest.raises(MissingWeightsError) as err:
-        load_scorer("clip_score")
-    assert "openai/clip-vit-large-patch14" in str(err.value) and "clip_score=" in str(err.value)
+#: What the message for each scorer's default weights must name: hub repos and files.
+DEFAULT_WEIGHTS = {
+    "pickscore": ["yuvalkirstain/PickScore_v1", "config.json", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"],
+    "hpsv2.0": ["xswu/HPSv2", "HPS_v2_compressed.pt"],
+    "hpsv2.1": ["xswu/HPSv2", "HPS_v2.1_compressed.pt"],
+    "clip_score": ["openai/clip-vit-large-patch14", "config.json", "model.safetensors"],
+    "aesthetic": ["camenduru/improved-aesthetic-predictor", AESTHETIC_FILE, "openai/clip-vit-large-patch14"],
+    "image_reward": [
+        "THUDM/ImageReward",
+        "ImageReward.pt",
+        "med_config.json",
+        "google-bert/bert-base-uncased",
+        "vocab.txt",
+    ],
+}
 
-    with pytest.raises(MissingWeightsError) as err:
-        load_scorer("image_reward")
-    assert "THUDM/ImageReward" in str(err.value) and "ImageReward.pt" in str(err.value)
+
+@pytest.mark.parametrize("name", sorted(DEFAULT_WEIGHTS))
+def test_missing_default_weights_are_named_with_the_fix(offline_empty_cache, name):
+    # check_scorer (what eval/evaluate.py runs before generating) and load_scorer give the same line.
+    messages = []
+    for call in (check_scorer, load_scorer):
+        with pytest.raises(MissingWeightsError) as err:
+            call(name)
+        messages.append(str(err.value))
+    assert messages[0] == messages[1]
+    message = messages[0]
+    assert "\n" not in message  # the CLI prints it as one line
+    for needed in DEFAULT_WEIGHTS[name]:
+        assert needed in message, f"{needed!r} not named in: {message}"
+    assert f"--scorer {name}=/path/to/folder" in message
+    assert "HF_HOME" in message and "HF_HUB_OFFLINE" in message and str(offline_empty_cache) in message
+
+
+def test_missing_local_files_are_named(offline_empty_cache, clip_dir, tmp_path):
+    import shutil
+
+    # A folder without its weights: the check names the file before anything is loaded.
+    broken = tmp_path / "clip_without_weights"
+    shutil.copytree(clip_dir, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(
+        MissingWeightsError, match=r"model\.safetensors \(or pytorch_model\.bin\) in the folder"
+    ):
+        check_scorer(f"clip_score={broken}")
+    check_scorer(f"clip_score={clip_dir}")  # the complete folder passes
 
     # A head file alone still needs the default CLIP backbone, which is not cached here.
     head_only = tmp_path / AESTHETIC_FILE
     torch.save(_zero_head(768), head_only)
-    with pytest.raises(MissingWeightsError, match="openai/clip-vit-large-patch14"):
+    with pytest.raises(MissingWeightsError, match="openai/clip-vit-large-patch14") as err:
         load_scorer(f"aesthetic={head_only}")
+    assert AESTHETIC_FILE not in str(err.value)  # the head itself was found
 
     with pytest.raises(MissingWeightsError, match="does not exist"):
         load_scorer(f"pickscore={tmp_path / 'no' / 'such' / 'folder'}")
+
+
+def test_every_scorer_lists_its_files(specs):
+    # The tiny folders hold exactly what the loaders read, so the check passes on each of them.
+    assert set(REQUIRED_FILES) == set(SCORERS)
+    for spec in specs.values():
+        check_scorer(spec)
+    assert required_files("shapes") == []
+    with pytest.raises(ValueError, match="unknown scorer"):
+        check_scorer("hpsv2")
 
 
 def _zero_head(input_size: int) -> dict[str, torch.Tensor]:

@@ -17,6 +17,8 @@ shapes          programmatic faithfulness on the synthetic shapes      (no weigh
 ==============  =====================================================  ===============================
 
 Heavy libraries (transformers, open_clip) are imported only when a scorer is loaded.
+``check_scorer("NAME[=PATH]")`` checks that every file a scorer needs is local or downloadable without
+loading anything (``load_scorer`` runs it first), so a missing file is named before hours of work.
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ from collections.abc import Callable
 
 import torch
 
-from .base import MissingWeightsError, Scorer, parse_spec
+from .base import MissingWeightsError, Scorer, WeightFiles, check_weight_files, parse_spec
 
-__all__ = ["SCORERS", "MissingWeightsError", "Scorer", "load_scorer", "parse_spec"]
+__all__ = [
+    "REQUIRED_FILES",
+    "SCORERS",
+    "MissingWeightsError",
+    "Scorer",
+    "WeightFiles",
+    "check_scorer",
+    "load_scorer",
+    "parse_spec",
+    "required_files",
+]
 
 
 def _pickscore(source, **kw):
@@ -83,6 +95,63 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
 }
 
 
+def _files(name: str):
+    def files(source):
+        from importlib import import_module
+
+        module = import_module(f"{__name__}.{name}")
+        return module.required_files(source)
+
+    return files
+
+
+def _hps_files(version: str):
+    def files(source):
+        from .hps import required_files
+
+        return required_files(source, version=version)
+
+    return files
+
+
+#: scorer name -> ``(source: str | None) -> list[WeightFiles]``: what its loader reads.
+REQUIRED_FILES: dict[str, Callable[[str | None], list[WeightFiles]]] = {
+    "pickscore": _files("pickscore"),
+    "hpsv2.0": _hps_files("hpsv2.0"),
+    "hpsv2.1": _hps_files("hpsv2.1"),
+    "clip_score": _files("clip_score"),
+    "aesthetic": _files("aesthetic"),
+    "image_reward": _files("image_reward"),
+    "shapes": lambda source: [],
+}
+
+
+def _parse(spec: str) -> tuple[str, str | None]:
+    name, source = parse_spec(spec)
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r} in spec {spec!r}; available: {', '.join(SCORERS)}")
+    if name == "shapes" and source is not None:
+        raise ValueError(f"the 'shapes' scorer is programmatic and takes no weights; got 'shapes={source}'")
+    return name, source
+
+
+def required_files(spec: str) -> list[WeightFiles]:
+    """The files the scorer ``spec`` reads (see :class:`WeightFiles`), without reading them."""
+    name, source = _parse(spec)
+    return REQUIRED_FILES[name](source)
+
+
+def check_scorer(spec: str) -> None:
+    """Check that every file the scorer ``spec`` needs is local, cached or downloadable; load nothing.
+
+    Files found on the hub are downloaded into the cache now. Raises ``ValueError`` for an unknown name
+    or a malformed spec and one ``MissingWeightsError`` naming every missing file, the
+    ``NAME=/path/to/folder`` option and the Hugging Face cache and environment variables.
+    """
+    name, _ = _parse(spec)
+    check_weight_files(name, required_files(spec))
+
+
 def load_scorer(
     spec: str,
     device: str | torch.device = "cpu",
@@ -101,7 +170,6 @@ def load_scorer(
         ValueError: unknown name (the message lists ``SCORERS``) or malformed spec.
         MissingWeightsError: weights not found locally and not downloadable (says which file and how).
     """
-    name, source = parse_spec(spec)
-    if name not in SCORERS:
-        raise ValueError(f"unknown scorer {name!r} in spec {spec!r}; available: {', '.join(SCORERS)}")
+    check_scorer(spec)  # one message naming every missing file, before a partial load
+    name, source = _parse(spec)
     return SCORERS[name](source, device=device, dtype=dtype, batch_size=batch_size)

@@ -28,8 +28,10 @@ import torch
 from PIL import Image
 
 from .base import (
+    MODEL_WEIGHTS,
     PreferenceMLP,
     Scorer,
+    WeightFiles,
     clip_center_crop,
     load_pretrained,
     load_torch_file,
@@ -75,6 +77,22 @@ class AestheticPredictor(Scorer):
         return self.head(emb)  # [B]
 
 
+def _clip_source(source: str | None) -> str:
+    """The CLIP backbone: a transformers model saved in the ``source`` folder, else ViT-L/14 from the hub."""
+    folder = Path(source).expanduser() if source is not None else None
+    if folder is not None and folder.is_dir() and (folder / "config.json").is_file():
+        return str(folder)
+    return AESTHETIC_CLIP
+
+
+def required_files(source: str | None) -> list[WeightFiles]:
+    """What :func:`load_aesthetic` reads: the head file and the CLIP backbone."""
+    return [
+        WeightFiles(source or AESTHETIC_REPO, ((AESTHETIC_FILE,),)),
+        WeightFiles(_clip_source(source), (("config.json",), MODEL_WEIGHTS)),
+    ]
+
+
 def load_aesthetic(
     source: str | None, *, device="cpu", dtype=torch.float32, batch_size: int = 16
 ) -> AestheticPredictor:
@@ -96,10 +114,7 @@ def load_aesthetic(
     head = PreferenceMLP.from_state_dict(
         load_torch_file(head_file, spec_name="aesthetic"), source=str(head_file)
     )
-    clip_source = AESTHETIC_CLIP
-    folder = Path(source).expanduser() if source is not None else None
-    if folder is not None and folder.is_dir() and (folder / "config.json").is_file():
-        clip_source = str(folder)
+    clip_source = _clip_source(source)
     what = "the CLIP ViT-L/14 model"
     config = load_pretrained(AutoConfig, clip_source, spec_name="aesthetic", what=what)
     # A vision-only checkpoint loads as such; a full CLIPModel keeps its top-level projection_dim.

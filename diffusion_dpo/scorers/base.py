@@ -7,8 +7,11 @@ holds only what is common:
 - ``Scorer``: the base class. ``__call__(images, prompts) -> [N] float32 on CPU``, batched
   internally, run under ``torch.no_grad``; subclasses implement ``score_batch``.
 - ``parse_spec``: ``"NAME"`` or ``"NAME=PATH_OR_ID"``.
+- ``WeightFiles`` / ``check_weight_files``: the files a scorer reads, checked before anything is
+  loaded (so ``eval/evaluate.py`` can fail before hours of generation), with every missing one named
+  in a one-line ``MissingWeightsError`` that also says how to provide them.
 - ``resolve_weights_file`` / ``load_pretrained``: find weights in a local path or on the Hugging Face
-  hub and turn every way of not finding them (offline, missing file, bad id) into one
+  hub and turn every way of not finding them (offline, missing file, bad id) into a
   ``MissingWeightsError`` that says what is missing and how to provide it.
 - ``PreferenceMLP``: the 5-layer linear head (``D→1024→128→64→16→1``) that both the LAION aesthetic
   predictor and ImageReward put on top of their backbones.
@@ -18,6 +21,7 @@ holds only what is common:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,10 +95,134 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name, (source if sep else None)
 
 
+def _hub_cache_note(unreachable: bool = False) -> str:
+    """Where huggingface_hub looked, and the environment variables that change it."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        mode = "HF_HUB_OFFLINE=1, so the hub was not asked"
+    elif unreachable:
+        mode = "the hub did not answer; HF_HUB_OFFLINE=1 skips its ~25 s of retries"
+    else:
+        mode = "HF_HUB_OFFLINE unset"
+    return f"Hugging Face cache {constants.HF_HUB_CACHE} (set HF_HOME to use another; {mode})"
+
+
 def _how_to_fix(spec_name: str, what: str) -> str:
     return (
-        f"Download it while online (it is cached by huggingface_hub), or put {what} in a local folder and "
-        f"pass the scorer as '{spec_name}=/path/to/folder'."
+        f"Download {what} while online (huggingface_hub caches them; behind a firewall copy that cache and "
+        f"set HF_HOME and HF_HUB_OFFLINE=1), or put them in one local folder and pass the scorer as "
+        f"'{spec_name}=/path/to/folder' (--scorer {spec_name}=/path/to/folder)."
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    # Library messages span several lines; the CLI prints one. The full error stays chained.
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+#: transformers model weights: one of these must sit next to ``config.json``.
+MODEL_WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """Files a scorer reads from one place, as its loader will look for them.
+
+    ``source`` is a local file (used as is), a local folder or a hub repo id. ``files`` lists what the
+    folder or repo must hold; each entry is a tuple of alternatives, one of which is enough (e.g.
+    ``MODEL_WEIGHTS``).
+    """
+
+    source: str
+    files: tuple[tuple[str, ...], ...]
+
+    def local_files(self) -> list[Path]:
+        """The local files this names that exist (for cache keys that change when weights change)."""
+        path = Path(self.source).expanduser()
+        if path.is_file():
+            return [path]
+        if not path.is_dir():
+            return []
+        return [path / name for group in self.files for name in group if (path / name).is_file()]
+
+
+def _describe(group: tuple[str, ...]) -> str:
+    # Two spellings at most: the others are rarer ones (shard indexes) that would only add noise.
+    return group[0] + (f" (or {group[1]})" if len(group) > 1 else "")
+
+
+def _find_on_hub(repo: str, group: tuple[str, ...], offline: bool) -> tuple[bool, str | None]:
+    """Whether one of ``group`` is in the cache or downloadable; else why not ("cache", "hub" or a reason)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    why = None
+    for name in group:
+        try:
+            hf_hub_download(repo_id=repo, filename=name, local_files_only=offline)
+            return True, None
+        except LocalEntryNotFoundError:  # not cached, and the hub not asked or unreachable
+            why, offline = "cache", True  # no ~25 s of retries for the other spellings
+        except EntryNotFoundError:  # the repo exists but has no such file: try the next spelling
+            why = why or "hub"
+        except RepositoryNotFoundError:
+            return False, "no such repo on the hub (or it is gated or private: log in with `hf auth login`)"
+        except (OSError, ValueError) as err:  # bad repo id, server errors
+            return False, _one_line(err)
+    return False, why
+
+
+def check_weight_files(spec_name: str, needed: list[WeightFiles]) -> None:
+    """Raise one ``MissingWeightsError`` naming every file of ``needed`` that is neither local nor on the hub.
+
+    A hub file found online is downloaded now (the loader would fetch it anyway). Once the hub proves
+    unreachable, the remaining files are looked up in the cache only: each lookup would otherwise
+    retry for ~25 s.
+    """
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    by_source: dict[str, list[tuple[str, ...]]] = {}  # one entry per place, in order
+    for need in needed:
+        groups = by_source.setdefault(need.source, [])
+        groups += [g for g in need.files if g not in groups]
+    missing, hub_misses = [], False
+    for source, groups in by_source.items():
+        path = Path(source).expanduser()
+        if path.is_file():
+            continue
+        if path.is_dir():
+            absent = [g for g in groups if not any((path / name).is_file() for name in g)]
+            if absent:
+                missing.append(f"{', '.join(map(_describe, absent))} in the folder {path}")
+            continue
+        if _looks_like_local_path(source):
+            missing.append(f"{source} (does not exist)")
+            continue
+        absent = []
+        for group in groups:
+            found, why = _find_on_hub(source, group, offline)
+            if found:
+                continue
+            if why == "cache":
+                offline, hub_misses = True, True
+                why = None
+            elif why == "hub":
+                why = "not in the repo"
+            absent.append(_describe(group) + (f" ({why})" if why else ""))
+        if absent:
+            missing.append(f"{', '.join(absent)} from the hub repo '{source}'")
+    if not missing:
+        return
+    where = f" They are not in the {_hub_cache_note(unreachable=True)}." if hub_misses else ""
+    raise MissingWeightsError(
+        f"{spec_name}: weights not found: {'; '.join(missing)}.{where} " + _how_to_fix(spec_name, "them")
     )
 
 
@@ -137,8 +265,8 @@ def resolve_weights_file(source: str | None, filename: str, *, default_repo: str
         return Path(hf_hub_download(repo_id=repo, filename=filename))
     except (OSError, ValueError) as err:  # offline / not cached, no such repo or file, bad repo id
         raise MissingWeightsError(
-            f"{spec_name}: cannot get {filename!r} from the Hugging Face hub repo {repo!r} "
-            f"(offline, or not there): {type(err).__name__}: {err}\n" + _how_to_fix(spec_name, repr(filename))
+            f"{spec_name}: cannot get {filename!r} from the Hugging Face hub repo {repo!r} ({_one_line(err)}); "
+            f"looked in the {_hub_cache_note()}. " + _how_to_fix(spec_name, repr(filename))
         ) from err
 
 
@@ -153,7 +281,7 @@ def load_pretrained(cls, source: str, *, spec_name: str, what: str, **kwargs):
             return cls.from_pretrained(str(path), **kwargs)
         except OSError as err:  # a folder without the expected files
             raise MissingWeightsError(
-                f"{spec_name}: cannot load {what} from the local folder {path}: {err}\n"
+                f"{spec_name}: cannot load {what} from the local folder {path} ({_one_line(err)}). "
                 "The folder should hold the files that save_pretrained writes (config and weights; "
                 "tokenizer and image-processor files where the scorer needs them)."
             ) from err
@@ -163,8 +291,8 @@ def load_pretrained(cls, source: str, *, spec_name: str, what: str, **kwargs):
         return cls.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as err:  # offline and not cached, no such repo, bad repo id
         raise MissingWeightsError(
-            f"{spec_name}: cannot load {what} from the Hugging Face hub repo {source!r}: "
-            f"{type(err).__name__}: {err}\n"
+            f"{spec_name}: cannot load {what} from the Hugging Face hub repo {source!r} ({_one_line(err)}); "
+            f"looked in the {_hub_cache_note()}. "
             + _how_to_fix(spec_name, f"the files of {source!r} (as written by save_pretrained)")
         ) from err
 

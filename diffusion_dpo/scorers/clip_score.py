@@ -22,9 +22,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .base import Scorer, load_pretrained, pooled
+from .base import MODEL_WEIGHTS, Scorer, WeightFiles, load_pretrained, pooled
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+#: A saved CLIP processor: its image-processor config (transformers 5 writes processor_config.json)
+#: and its tokenizer (fast tokenizer.json or slow vocab.json), one of each.
+CLIP_IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+CLIP_TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
 
 
 def clip_pair_cosine(
@@ -111,6 +115,12 @@ class CLIPScore(Scorer):
 
     def score_batch(self, images: list[Image.Image], prompts: list[str]) -> torch.Tensor:
         return 100.0 * self.cosine(images, prompts).clamp(min=0.0)
+
+
+def required_files(source: str | None) -> list[WeightFiles]:
+    """What :func:`load_clip_score` reads: model and processor files, all from one folder or repo."""
+    groups = (("config.json",), MODEL_WEIGHTS, CLIP_IMAGE_PROCESSOR_FILES, CLIP_TOKENIZER_FILES)
+    return [WeightFiles(source or DEFAULT_CLIP_MODEL, groups)]
 
 
 def load_clip_score(

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .base import CLIP_MEAN, CLIP_STD, Scorer, load_torch_file, resolve_weights_file
+from .base import CLIP_MEAN, CLIP_STD, Scorer, WeightFiles, load_torch_file, resolve_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,11 @@ def build_hps_model(model_cfg: dict, state_dict: dict[str, torch.Tensor], *, sou
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model
+
+
+def required_files(source: str | None, *, version: str) -> list[WeightFiles]:
+    """What :func:`load_hps` reads: the version's checkpoint (the architecture is built in)."""
+    return [WeightFiles(source or HPS_REPO, ((HPS_FILES[version],),))]
 
 
 def load_hps(

@@ -34,6 +34,7 @@ from PIL import Image
 from .base import (
     PreferenceMLP,
     Scorer,
+    WeightFiles,
     clip_center_crop,
     load_pretrained,
     load_torch_file,
@@ -204,11 +205,37 @@ class ImageReward(Scorer):
         return (self.head(cls) - REWARD_MEAN) / REWARD_STD
 
 
-def _bert_tokenizer(folder: Path | None):
-    """BLIP's tokenizer: bert-base-uncased (from ``folder`` if it has ``vocab.txt``) + [DEC] and [ENC]."""
+def _sources(source: str | None) -> tuple[str | None, str]:
+    """(where ``med_config.json`` comes from, where the tokenizer comes from) for a scorer ``source``.
+
+    ``med_config.json`` and ``vocab.txt`` are taken from beside a checkpoint file or from the folder
+    when they are there; ``None`` means the default repo.
+    """
+    config_source, folder = source, None
+    local = Path(source).expanduser() if source is not None else None
+    if local is not None and local.is_file():
+        sibling = local.parent / MED_CONFIG_FILE
+        config_source = str(sibling) if sibling.is_file() else None
+    if local is not None and local.exists():
+        folder = local if local.is_dir() else local.parent
+    tokenizer = str(folder) if folder is not None and (folder / "vocab.txt").is_file() else BERT_TOKENIZER
+    return config_source, tokenizer
+
+
+def required_files(source: str | None) -> list[WeightFiles]:
+    """What :func:`load_image_reward` reads: the checkpoint, ``med_config.json`` and BERT's vocabulary."""
+    config_source, tokenizer_source = _sources(source)
+    return [
+        WeightFiles(source or IMAGE_REWARD_REPO, ((IMAGE_REWARD_FILE,),)),
+        WeightFiles(config_source or IMAGE_REWARD_REPO, ((MED_CONFIG_FILE,),)),
+        WeightFiles(tokenizer_source, (("vocab.txt",),)),
+    ]
+
+
+def _bert_tokenizer(source: str):
+    """BLIP's tokenizer: bert-base-uncased (a folder with ``vocab.txt`` or the hub) + [DEC] and [ENC]."""
     from transformers import BertTokenizer
 
-    source = str(folder) if folder is not None and (folder / "vocab.txt").is_file() else BERT_TOKENIZER
     tokenizer = load_pretrained(
         BertTokenizer, source, spec_name="image_reward", what="the bert-base-uncased tokenizer"
     )
@@ -234,10 +261,7 @@ def load_image_reward(
     weights = resolve_weights_file(
         source, IMAGE_REWARD_FILE, default_repo=IMAGE_REWARD_REPO, spec_name="image_reward"
     )
-    config_source = source
-    if source is not None and Path(source).expanduser().is_file():
-        sibling = Path(source).expanduser().parent / MED_CONFIG_FILE
-        config_source = str(sibling) if sibling.is_file() else None
+    config_source, tokenizer_source = _sources(source)
     med_file = resolve_weights_file(
         config_source, MED_CONFIG_FILE, default_repo=IMAGE_REWARD_REPO, spec_name="image_reward"
     )
@@ -255,11 +279,7 @@ def load_image_reward(
             raise ValueError(f"image_reward: the {part} weights in {weights} do not fit: {err}") from err
     head = PreferenceMLP.from_state_dict(head_sd, source=str(weights))
 
-    local = Path(source).expanduser() if source is not None else None
-    folder = None
-    if local is not None and local.exists():
-        folder = local if local.is_dir() else local.parent
-    tokenizer = _bert_tokenizer(folder)
+    tokenizer = _bert_tokenizer(tokenizer_source)
     return ImageReward(
         vision_model, text_model, head, tokenizer, device=device, dtype=dtype, batch_size=batch_size
     )

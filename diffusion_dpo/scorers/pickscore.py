@@ -19,8 +19,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .base import load_pretrained
-from .clip_score import CLIPScore, load_clip_preprocessing
+from .base import MODEL_WEIGHTS, WeightFiles, load_pretrained
+from .clip_score import (
+    CLIP_IMAGE_PROCESSOR_FILES,
+    CLIP_TOKENIZER_FILES,
+    CLIPScore,
+    load_clip_preprocessing,
+)
 
 DEFAULT_PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 DEFAULT_PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -45,6 +50,23 @@ def _has_processor(folder: Path) -> bool:
     )
 
 
+def _sources(source: str | None) -> tuple[str, str]:
+    """(model source, processor source): the processor comes from a local folder only if it has one."""
+    folder = Path(source).expanduser() if source is not None else None
+    if folder is not None and folder.is_dir() and _has_processor(folder):
+        return source, source
+    return source or DEFAULT_PICKSCORE_MODEL, DEFAULT_PICKSCORE_PROCESSOR
+
+
+def required_files(source: str | None) -> list[WeightFiles]:
+    """What :func:`load_pickscore` reads: the CLIPModel, and the processor (maybe from another repo)."""
+    model_source, processor_source = _sources(source)
+    return [
+        WeightFiles(model_source, (("config.json",), MODEL_WEIGHTS)),
+        WeightFiles(processor_source, (CLIP_IMAGE_PROCESSOR_FILES, CLIP_TOKENIZER_FILES)),
+    ]
+
+
 def load_pickscore(
     source: str | None, *, device="cpu", dtype=torch.float32, batch_size: int = 16
 ) -> PickScore:
@@ -57,14 +79,7 @@ def load_pickscore(
     """
     from transformers import CLIPModel
 
-    model_source = source or DEFAULT_PICKSCORE_MODEL
-    processor_source = DEFAULT_PICKSCORE_PROCESSOR
-    if (
-        source is not None
-        and Path(source).expanduser().is_dir()
-        and _has_processor(Path(source).expanduser())
-    ):
-        processor_source = source
+    model_source, processor_source = _sources(source)
     model = load_pretrained(CLIPModel, model_source, spec_name="pickscore", what="the PickScore CLIPModel")
     image_processor, tokenizer = load_clip_preprocessing(
         processor_source, spec_name="pickscore", what="the CLIP-H/14"
