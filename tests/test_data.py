@@ -22,6 +22,7 @@ from diffusion_dpo.data import (
     UnpairedTransform,
     collate_pairs,
     collate_unpaired,
+    load_caption_dataset,
     load_pair_dataset,
     load_unpaired_dataset,
     make_torch_dataset,
@@ -157,12 +158,37 @@ def test_keep_ties_keeps_them_in_stored_order(tmp_path):
     assert mean_rgb(ds[2]["image_w"]) == winner_rgb(2)  # a tie: jpg_0 stays first
 
 
-def test_max_train_samples_counts_pairs_after_tie_removal(tmp_path):
-    path = write_parquet(tmp_path / "pairs.parquet", pickapic_rows())
-    ds = load_pair_dataset(path, max_train_samples=3, cache_dir=str(tmp_path / "cache"))
-    assert [r["caption"] for r in ds] == ["pair 0", "pair 1", "pair 3"]
+def test_max_train_samples_is_a_seeded_random_subset_after_tie_removal(tmp_path):
+    labels = [0.5 if i % 4 == 0 else float(i % 2) for i in range(40)]  # 10 ties
+    path = write_parquet(tmp_path / "pairs.parquet", pickapic_rows(labels))
+    non_ties = [i for i, label in enumerate(labels) if label != 0.5]
+
+    def captions(**kwargs):
+        return [r["caption"] for r in load_pair_dataset(path, cache_dir=str(tmp_path / "cache"), **kwargs)]
+
+    # The paper's dataset.shuffle(seed).select(range(N)): N random non-tie rows, here in stored order.
+    expected = sorted(np.random.default_rng(7).permutation(len(non_ties))[:10])
+    assert captions(max_train_samples=10, seed=7) == [f"pair {non_ties[i]}" for i in expected]
+    assert captions(max_train_samples=10, seed=7) != [f"pair {i}" for i in non_ties[:10]]
+    assert captions(max_train_samples=10, seed=8) != captions(max_train_samples=10, seed=7)
+    assert set(captions(max_train_samples=5, seed=7)) < set(captions(max_train_samples=10, seed=7))
+    assert len(captions(max_train_samples=100)) == 30  # more than there are: all of them
+    # A stream keeps its first N rows (its subset is the streaming loader's business).
     stream = load_pair_dataset(path, streaming=True, max_train_samples=3)
-    assert [r["caption"] for r in stream] == ["pair 0", "pair 1", "pair 3"]
+    assert [r["caption"] for r in stream] == ["pair 1", "pair 2", "pair 3"]
+
+
+def test_unpaired_and_caption_max_train_samples_are_seeded_random_subsets(tmp_path):
+    rows = [{"caption": f"img {i}", "image": b"x", "label": i % 3 == 0} for i in range(30)]
+    path = write_parquet(tmp_path / "kto.parquet", rows)
+    expected = [f"img {i}" for i in sorted(np.random.default_rng(3).permutation(30)[:8])]
+    stats = UnpairedStats()
+    ds = load_unpaired_dataset(path, max_train_samples=8, seed=3, stats=stats, cache_dir=str(tmp_path / "c"))
+    assert [r["caption"] for r in ds] == expected
+    # The label counts are those of the rows kept (KTO's class weights depend on them).
+    assert (stats.seen, stats.desirable) == (8, sum(int(c[4:]) % 3 == 0 for c in expected))
+    captions = load_caption_dataset(path, max_train_samples=8, seed=3, cache_dir=str(tmp_path / "c"))
+    assert [r["caption"] for r in captions] == expected
 
 
 def test_streaming_yields_the_same_pairs_and_counts_ties_as_they_pass(tmp_path):
@@ -484,7 +510,7 @@ def test_unpaired_labels_in_every_spelling_and_collate(tmp_path):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"caption": "x", "image": "0.png", "label": "maybe"}) + "\n")
-    with pytest.raises(ValueError, match="row 0 .*label 'maybe'"):
+    with pytest.raises(ValueError, match="row 0: label 'maybe'"):
         load_unpaired_dataset(bad, cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match=r"missing columns \['label'\]"):
         load_unpaired_dataset(

@@ -2,6 +2,7 @@
 
 from diffusion_dpo.data.pairs import PairStats, load_pair_dataset, load_rows
 from diffusion_dpo.data.transforms import (
+    ON_BAD_EXAMPLE,
     BadRowError,
     PairTransform,
     TransformedDataset,
@@ -10,6 +11,7 @@ from diffusion_dpo.data.transforms import (
     decode_image,
     make_torch_dataset,
     row_rng,
+    to_rgb,
 )
 from diffusion_dpo.data.unpaired import (
     UnpairedStats,
@@ -21,6 +23,7 @@ from diffusion_dpo.data.unpaired import (
 )
 
 __all__ = [
+    "ON_BAD_EXAMPLE",
     "BadRowError",
     "PairStats",
     "PairTransform",
@@ -38,4 +41,5 @@ __all__ = [
     "make_torch_dataset",
     "pairs_to_unpaired",
     "row_rng",
+    "to_rgb",
 ]

@@ -10,21 +10,28 @@ parquet files, a folder written by ``datasets.save_to_disk``, or a JSONL / CSV f
 
 In JSONL / CSV files image cells are paths, relative to the file's folder (or absolute).
 
-Every source becomes rows ``{"caption": str, "image_w": ImageLike, "image_l": ImageLike}`` with
-the winner first: Pick-a-Pic pairs with ``label_0 == 0`` are swapped, and ties (``label_0 == 0.5``)
-carry no preference and are dropped by default (MATH.md §4; Wallace et al. 2023). Images stay
-encoded (bytes, a path, or a ``{"bytes", "path"}`` dict) until the transform decodes them, so
-loading never rewrites image data, even for Pick-a-Pic v2's ~335 GB.
+Every source becomes rows ``{"caption": str, "image_w": ImageLike, "image_l": ImageLike, "bad":
+str | None}`` with the winner first: Pick-a-Pic pairs with ``label_0 == 0`` are swapped, and ties
+(``label_0 == 0.5``) carry no preference and are dropped by default (MATH.md §4; Wallace et al.
+2023). Images stay encoded (bytes, a path, or a ``{"bytes", "path"}`` dict) until the transform
+decodes them, so loading never rewrites image data, even for Pick-a-Pic v2's ~335 GB.
+
+A ``label_0`` other than 0, 0.5 or 1 makes a bad row. Loaded whole, the labels are checked at load
+time (an error naming the rows, or the rows left out and counted in :class:`PairStats`); streamed,
+the row passes marked ``bad`` (why, naming the row) and the transform raises it as a
+:class:`~diffusion_dpo.data.transforms.BadRowError`, so the dataset's ``on_bad_example`` decides.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from diffusion_dpo.data.transforms import check_on_bad_example
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,53 @@ class PairStats:
     ties: int = 0
     #: Pairs whose second image won (``label_0 == 0``) and that were swapped to put it first.
     swapped: int = 0
+    #: Pairs whose ``label_0`` is not 0, 0.5 or 1 (left out, or placeholders when streaming).
+    bad_labels: int = 0
+    #: The first few of them: (row in the source, why).
+    bad_label_rows: list[tuple[int, str]] = field(default_factory=list)
+
+
+#: How many bad rows loading names, in its errors and in the stats.
+NAMED_BAD_ROWS = 5
+
+
+def label_problem(value) -> str | None:
+    """Why ``value`` is not a Pick-a-Pic ``label_0`` (0, 0.5 or 1, as an int, a float or a numpy
+    scalar), or ``None`` when it is one. NaN, None, strings and any other number are bad."""
+    if value is not None and not isinstance(value, str | bytes):
+        try:
+            if float(value) in (0.0, 0.5, 1.0):
+                return None
+        except (TypeError, ValueError):
+            pass
+    shown = value if isinstance(value, int | float) else repr(value)
+    return f"label_0 {shown} is not 0, 0.5 or 1"
+
+
+def sample_rows(num_rows: int, max_rows: int | None, seed: int) -> np.ndarray:
+    """Positions of ``max_rows`` of ``num_rows`` rows drawn at random with ``seed``, in increasing
+    order; all positions when ``max_rows`` is None or not smaller than ``num_rows``.
+
+    A random subset, as the paper code's ``dataset.shuffle(seed=seed).select(range(N))``: the first N
+    rows of a file sorted by prompt, date or source would not be representative. The subset is the
+    first ``max_rows`` of one seeded permutation, so a larger ``max_rows`` keeps every smaller one's
+    rows.
+    """
+    if max_rows is not None and max_rows < 0:
+        raise ValueError(f"max_train_samples must be >= 0, got {max_rows}")
+    if max_rows is None or max_rows >= num_rows:
+        return np.arange(num_rows)
+    return np.sort(np.random.default_rng(seed).permutation(num_rows)[:max_rows])
+
+
+def bad_label_error(problems: list[tuple[int, str]], what: str, description: str) -> ValueError:
+    """The load-time error for rows with bad labels: how many, the first few by row, the way out."""
+    named = "; ".join(f"row {i}: {reason}" for i, reason in problems[:NAMED_BAD_ROWS])
+    more = "; ..." if len(problems) > NAMED_BAD_ROWS else ""
+    return ValueError(
+        f"{len(problems)} {what} of {description} have a bad label ({named}{more}); fix them, or pass "
+        "on_bad_example='skip' to leave them out"
+    )
 
 
 @dataclass
@@ -197,27 +251,31 @@ class _PairNormalizer:
         self.base_dir = base_dir
 
     def row(self, row: dict) -> dict:
+        bad = row.get("bad")  # set by _PairCounter on a streamed row with a bad label
         if self.schema == "ordered":
             image_w, image_l = row["image_w"], row["image_l"]
         else:
             image_w, image_l = row["jpg_0"], row["jpg_1"]
-            if row["label_0"] is not None and row["label_0"] < 0.5:  # the second image won
+            if bad is None and float(row["label_0"]) == 0.0:  # the second image won
                 image_w, image_l = image_l, image_w
         return {
             "caption": row["caption"],
             "image_w": resolve_image_path(image_w, self.base_dir),
             "image_l": resolve_image_path(image_l, self.base_dir),
+            "bad": bad,
         }
 
     def __call__(self, batch: dict) -> dict:
         # datasets.Dataset.with_transform hands over a batch: column name -> list.
         n = len(batch["caption"])
         rows = [self.row({k: v[i] for k, v in batch.items()}) for i in range(n)]
-        return {key: [r[key] for r in rows] for key in ("caption", "image_w", "image_l")}
+        return {key: [r[key] for r in rows] for key in ("caption", "image_w", "image_l", "bad")}
 
 
 class _PairCounter:
-    """Streaming filter: counts pairs, ties and swaps as they pass; drops ties unless ``keep_ties``."""
+    """Streaming map: counts pairs, ties, swaps and bad labels as they pass, and marks each row
+    ``bad``: ``None``, or why its ``label_0`` is bad, naming its ``index`` in the stream (in this
+    worker's part of it, with DataLoader workers). Ties are dropped after it by :func:`_not_a_tie`."""
 
     def __init__(self, stats: PairStats, keep_ties: bool, description: str):
         self.stats = stats
@@ -225,14 +283,17 @@ class _PairCounter:
         self.description = description
         self._next_log = 1000
 
-    def __call__(self, row: dict) -> bool:
-        label = row["label_0"]
-        if label is None or not np.isfinite(float(label)):
-            raise ValueError(f"pair {self.stats.seen} of {self.description} has no label_0 ({label!r})")
+    def __call__(self, row: dict, index: int) -> dict:
         self.stats.seen += 1
-        tie = float(label) == 0.5
-        self.stats.ties += tie
-        self.stats.swapped += float(label) < 0.5
+        problem = label_problem(row["label_0"])
+        if problem is not None:
+            self.stats.bad_labels += 1
+            if len(self.stats.bad_label_rows) < NAMED_BAD_ROWS:
+                self.stats.bad_label_rows.append((index, problem))
+            return {"bad": f"row {index} of {self.description}: {problem}"}
+        label = float(row["label_0"])
+        self.stats.ties += label == 0.5
+        self.stats.swapped += label == 0.0
         if self.stats.seen >= self._next_log:
             self._next_log *= 10
             logger.info(
@@ -242,7 +303,12 @@ class _PairCounter:
                 self.stats.seen,
                 self.description,
             )
-        return self.keep_ties or not tie
+        return {"bad": None}
+
+
+def _not_a_tie(row: dict) -> bool:
+    # Rows marked bad pass, to become placeholders (or errors) in the transform.
+    return row["bad"] is not None or float(row["label_0"]) != 0.5
 
 
 def load_pair_dataset(
@@ -253,22 +319,31 @@ def load_pair_dataset(
     max_train_samples: int | None = None,
     cache_dir: str | None = None,
     stats: PairStats | None = None,
+    *,
+    seed: int = 0,
+    on_bad_example: str = "error",
     **load_kwargs,
 ):
-    """Load preference pairs from any supported source as rows ``caption, image_w, image_l``.
+    """Load preference pairs from any supported source as rows ``caption, image_w, image_l, bad``.
 
-    Returns a ``datasets.Dataset`` (rows normalised lazily on access by ``with_transform``, ties
-    removed through an index mapping, so no image data is copied) or, with ``streaming``, a
-    ``datasets.IterableDataset`` normalised as it is iterated.
+    Returns a ``datasets.Dataset`` (rows normalised lazily on access by ``with_transform``; ties, bad
+    labels and rows outside ``max_train_samples`` removed through an index mapping, so no image data
+    is copied) or, with ``streaming``, a ``datasets.IterableDataset`` normalised as it is iterated.
 
     ``keep_ties``: keep Pick-a-Pic ties (``label_0 == 0.5``), in their stored order; by default they
     are dropped and counted ("dropped N ties of M pairs" is logged; when streaming, counted as rows
-    pass). ``max_train_samples``: keep only the first N pairs (after tie removal). ``stats``: a
-    :class:`PairStats` to fill with the counts. ``load_kwargs``: see :func:`load_rows`.
+    pass). ``max_train_samples``: keep N pairs drawn at random with ``seed`` (after tie and bad-label
+    removal; see :func:`sample_rows`), in their stored order; when streaming, the first N.
+    ``on_bad_example``: what a ``label_0`` other than 0, 0.5 or 1 does when loaded whole:
+    ``"error"`` raises a ``ValueError`` naming the first such rows and their values, ``"skip"``
+    leaves them out (counted and named in ``stats``); a streamed row with a bad label is marked
+    ``bad`` for the transform instead. ``stats``: a :class:`PairStats` to fill with the counts.
+    ``load_kwargs``: see :func:`load_rows`.
 
     Raises ``FileNotFoundError`` for a path that does not exist and ``ValueError`` naming the missing
     columns, the columns found and the source when the schema does not fit.
     """
+    check_on_bad_example(on_bad_example)
     stats = stats if stats is not None else PairStats()
     source = load_rows(dataset_name, split, streaming=streaming, cache_dir=cache_dir, **load_kwargs)
     schema = _detect_pair_schema(column_names(source), source.description)
@@ -278,30 +353,42 @@ def load_pair_dataset(
 
     if streaming:
         if schema == "pickapic":
-            rows = rows.filter(_PairCounter(stats, keep_ties, source.description))
+            # with_indices: a row's position in this iteration of the stream, from 0 again each epoch.
+            rows = rows.map(_PairCounter(stats, keep_ties, source.description), with_indices=True)
+            if not keep_ties:
+                rows = rows.filter(_not_a_tie)
         rows = rows.map(normalizer.row, remove_columns=[c for c in needed if c != "caption"])
         if max_train_samples is not None:
             rows = rows.take(max_train_samples)
         return rows
 
     stats.seen = len(rows)
+    keep = np.ones(len(rows), dtype=bool)
     if schema == "pickapic":
-        try:
-            labels = np.asarray(
-                rows.select_columns(["label_0"]).with_format("numpy")[:]["label_0"], dtype=float
-            )
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"label_0 of {source.description} is not numeric: {error}") from error
-        bad = np.flatnonzero(~np.isfinite(labels))
-        if bad.size:
-            raise ValueError(
-                f"{bad.size} pairs of {source.description} have no label_0 (first: row {int(bad[0])})"
+        # Python values: a JSON column of mixed types is stored as JSON text and decoded only there.
+        values = rows.select_columns(["label_0"]).with_format(None)[:]["label_0"]
+        labels = np.full(len(values), np.nan)  # NaN where the label is bad
+        problems = []
+        for i, value in enumerate(values):
+            problem = label_problem(value)
+            if problem is None:
+                labels[i] = float(value)
+            else:
+                problems.append((i, problem))
+        if problems:
+            if on_bad_example == "error":
+                raise bad_label_error(problems, "pairs", source.description)
+            stats.bad_labels, stats.bad_label_rows = len(problems), problems[:NAMED_BAD_ROWS]
+            logger.warning(
+                "left out %d pairs of %s with a bad label_0 (first: row %d: %s)",
+                len(problems),
+                source.description,
+                *problems[0],
             )
         ties = labels == 0.5
         stats.ties = int(ties.sum())
-        stats.swapped = int((labels < 0.5).sum())
-        if not keep_ties and stats.ties:
-            rows = rows.select(np.flatnonzero(~ties))
+        stats.swapped = int((labels == 0.0).sum())
+        keep = ~np.isnan(labels) & (keep_ties | ~ties)
         logger.info(
             "%s %d ties of %d pairs of %s",
             "kept" if keep_ties else "dropped",
@@ -309,6 +396,8 @@ def load_pair_dataset(
             stats.seen,
             source.description,
         )
-    if max_train_samples is not None:
-        rows = rows.select(range(min(max_train_samples, len(rows))))
+    kept = np.flatnonzero(keep)
+    kept = kept[sample_rows(len(kept), max_train_samples, seed)]
+    if len(kept) < len(rows):
+        rows = rows.select(kept)
     return rows.with_transform(normalizer)

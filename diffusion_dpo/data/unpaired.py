@@ -4,7 +4,10 @@ Source rows ``caption, image, label``: ``label`` says whether the image is desir
 1 / 0, or the strings ``"desirable"`` / ``"undesirable"`` (also ``"true"``/``"false"``, ``"1"``/``"0"``,
 any case). Sources are those of :func:`~diffusion_dpo.data.pairs.load_rows` (hub id, parquet file or
 folder, ``save_to_disk`` folder, JSONL / CSV with image paths relative to the file's folder).
-Loaded rows are ``{"caption": str, "image": ImageLike, "desirable": bool}``.
+Loaded rows are ``{"caption": str, "image": ImageLike, "desirable": bool, "bad": str | None}``. A
+label that is none of these makes a bad row: checked at load time when loaded whole (an error naming
+the rows, or the rows left out and counted in :class:`UnpairedStats`), marked ``bad`` for the
+transform when streamed (as for pairs, see :mod:`diffusion_dpo.data.pairs`).
 
 :func:`pairs_to_unpaired` turns preference pairs into such rows as Diffusion-KTO does with
 Pick-a-Pic (Li et al. 2024, arXiv 2404.04465; MATH.md §5): an image preferred in at least one
@@ -18,18 +21,27 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
-from diffusion_dpo.data.pairs import column_names, load_rows, resolve_image_path
+from diffusion_dpo.data.pairs import (
+    NAMED_BAD_ROWS,
+    bad_label_error,
+    column_names,
+    load_rows,
+    resolve_image_path,
+    sample_rows,
+)
 from diffusion_dpo.data.transforms import (
     BadRowError,
     TransformOptions,
     _stack_pixels,
     check_caption,
+    check_on_bad_example,
     collate_common,
     decode_image,
     image_bytes,
@@ -48,16 +60,20 @@ _FALSE = {"undesirable", "false", "0", "no"}
 
 @dataclass
 class UnpairedStats:
-    """Label counts of a loaded unpaired dataset (for a stream: of the rows iterated so far). KTO
-    wants ``λD·n_desirable / (λU·n_undesirable)`` in [1, 4/3] (MATH.md §3)."""
+    """Label counts of a loaded unpaired dataset: of the rows kept (for a stream: of the rows iterated
+    so far). KTO wants ``λD·n_desirable / (λU·n_undesirable)`` in [1, 4/3] (MATH.md §3)."""
 
     seen: int = 0
     desirable: int = 0
     undesirable: int = 0
+    #: Rows whose label is neither desirable nor undesirable (left out, or placeholders when streaming).
+    bad_labels: int = 0
+    #: The first few of them: (row in the source, why).
+    bad_label_rows: list[tuple[int, str]] = field(default_factory=list)
 
 
-def parse_label(value, *, where: str = "label") -> bool:
-    """``True`` for a desirable label, ``False`` for an undesirable one; :class:`BadRowError` otherwise."""
+def _desirable(value) -> bool | None:
+    """``True`` / ``False`` for a desirable / undesirable label, ``None`` for anything else."""
     if isinstance(value, bool):
         return value
     if hasattr(value, "item") and not isinstance(value, str):  # numpy / torch scalars
@@ -66,45 +82,91 @@ def parse_label(value, *, where: str = "label") -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
         return value.strip().lower() in _TRUE
-    raise BadRowError(
-        f"{where}: label {value!r} is not desirable/undesirable (expected a bool, 1/0, or "
-        "'desirable'/'undesirable')"
+    return None
+
+
+def _label_problem(value) -> str:
+    return (
+        f"label {value!r} is not desirable/undesirable (expected a bool, 1/0, or 'desirable'/'undesirable')"
     )
 
 
+def parse_label(value, *, where: str = "label") -> bool:
+    """``True`` for a desirable label, ``False`` for an undesirable one; :class:`BadRowError` otherwise."""
+    desirable = _desirable(value)
+    if desirable is None:
+        raise BadRowError(f"{where}: {_label_problem(value)}")
+    return desirable
+
+
 class _UnpairedNormalizer:
-    def __init__(self, base_dir: str | None, labelled: bool):
+    """Row -> ``{"caption", "image"[, "desirable"], "bad"}``. A streamed row with a bad label is
+    marked ``bad`` (why, naming its ``index`` in the stream: in this worker's part of it, with
+    DataLoader workers) and its ``desirable`` is None; loaded whole, bad labels were removed at load
+    time."""
+
+    def __init__(self, base_dir: str | None, labelled: bool, description: str):
         self.base_dir = base_dir
         self.labelled = labelled
-        self._position = 0  # streaming rows have no index; name them by position
+        self.description = description
 
     def row(self, row: dict, index: int | None = None) -> dict:
-        out = {"caption": row["caption"], "image": resolve_image_path(row["image"], self.base_dir)}
+        out = {
+            "caption": row["caption"],
+            "image": resolve_image_path(row["image"], self.base_dir),
+            "bad": None,
+        }
         if self.labelled:
-            where = f"row {index if index is not None else self._position}"
-            out["desirable"] = parse_label(row["label"], where=where)
-        self._position += 1
+            out["desirable"] = _desirable(row["label"])
+            if out["desirable"] is None:
+                out["bad"] = f"row {index} of {self.description}: {_label_problem(row['label'])}"
         return out
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["caption"])
         rows = [self.row({k: v[i] for k, v in batch.items()}) for i in range(n)]
-        keys = ("caption", "image", "desirable") if self.labelled else ("caption", "image")
+        keys = ("caption", "image", "bad", "desirable") if self.labelled else ("caption", "image", "bad")
         return {key: [r[key] for r in rows] for key in keys}
 
 
 class _LabelCounter:
+    """Streaming filter that keeps every row and counts its label, bad ones included."""
+
     def __init__(self, stats: UnpairedStats):
         self.stats = stats
 
-    def __call__(self, row: dict) -> bool:
+    def __call__(self, row: dict, index: int) -> bool:
+        if row["bad"] is not None:
+            self.stats.bad_labels += 1
+            if len(self.stats.bad_label_rows) < NAMED_BAD_ROWS:
+                self.stats.bad_label_rows.append((index, row["bad"]))
+            return True
         self.stats.seen += 1
         self.stats.desirable += row["desirable"]
         self.stats.undesirable += not row["desirable"]
         return True
 
 
-def _load(dataset_name, split, streaming, max_train_samples, cache_dir, required, stats, load_kwargs):
+def _parse_labels(values: list) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """([N] int8: 1 desirable, 0 undesirable, -1 bad; [(row, why)] of the bad ones)."""
+    desirable = np.array([{True: 1, False: 0, None: -1}[_desirable(v)] for v in values], dtype=np.int8)
+    return desirable, [(int(i), _label_problem(values[i])) for i in np.flatnonzero(desirable < 0)]
+
+
+def _load(
+    dataset_name,
+    *,
+    required,
+    split,
+    streaming,
+    max_train_samples,
+    cache_dir,
+    stats,
+    seed,
+    on_bad_example,
+    load_kwargs,
+):
+    check_on_bad_example(on_bad_example)
     source = load_rows(dataset_name, split, streaming=streaming, cache_dir=cache_dir, **load_kwargs)
     names = column_names(source)
     missing = [c for c in required if c not in names]
@@ -115,29 +177,45 @@ def _load(dataset_name, split, streaming, max_train_samples, cache_dir, required
         )
     labelled = "label" in required
     rows = source.rows.select_columns(list(required))
-    normalizer = _UnpairedNormalizer(source.base_dir, labelled)
+    normalizer = _UnpairedNormalizer(source.base_dir, labelled, source.description)
     if streaming:
-        rows = rows.map(normalizer.row, remove_columns=[c for c in required if c != "caption"])
+        # with_indices: a row's position in this iteration of the stream, from 0 again each epoch.
+        rows = rows.map(
+            normalizer.row, with_indices=True, remove_columns=[c for c in required if c != "caption"]
+        )
         if labelled and stats is not None:
-            rows = rows.filter(_LabelCounter(stats))
+            rows = rows.filter(_LabelCounter(stats), with_indices=True)
         return rows.take(max_train_samples) if max_train_samples is not None else rows
-    if max_train_samples is not None:
-        rows = rows.select(range(min(max_train_samples, len(rows))))
+    kept = np.arange(len(rows))
     if labelled:
-        # Labels are small: check them all now, so a bad one fails at load time, naming its row.
-        labels = [
-            parse_label(v, where=f"row {i} of {source.description}") for i, v in enumerate(rows["label"])
-        ]
-        counts = UnpairedStats(len(labels), sum(labels), len(labels) - sum(labels))
-        if stats is not None:
-            stats.seen, stats.desirable, stats.undesirable = counts.seen, counts.desirable, counts.undesirable
+        # Labels are small: check them all now, so a bad one is found at load time, naming its row.
+        # Python values: a JSON column of mixed types is stored as JSON text and decoded only there.
+        desirable, problems = _parse_labels(rows.select_columns(["label"]).with_format(None)[:]["label"])
+        if problems and on_bad_example == "error":
+            raise bad_label_error(problems, "rows", source.description)
+        if problems:
+            logger.warning(
+                "left out %d rows of %s with a bad label (first: row %d: %s)",
+                len(problems),
+                source.description,
+                *problems[0],
+            )
+        kept = np.flatnonzero(desirable >= 0)
+    kept = kept[sample_rows(len(kept), max_train_samples, seed)]
+    if labelled:
+        stats = stats if stats is not None else UnpairedStats()
+        stats.seen, stats.desirable = len(kept), int(desirable[kept].sum())
+        stats.undesirable = stats.seen - stats.desirable
+        stats.bad_labels, stats.bad_label_rows = len(problems), problems[:NAMED_BAD_ROWS]
         logger.info(
             "%d images from %s: %d desirable, %d undesirable",
-            counts.seen,
+            stats.seen,
             source.description,
-            counts.desirable,
-            counts.undesirable,
+            stats.desirable,
+            stats.undesirable,
         )
+    if len(kept) < len(rows):
+        rows = rows.select(kept)
     return rows.with_transform(normalizer)
 
 
@@ -148,18 +226,26 @@ def load_unpaired_dataset(
     max_train_samples: int | None = None,
     cache_dir: str | None = None,
     stats: UnpairedStats | None = None,
+    *,
+    seed: int = 0,
+    on_bad_example: str = "error",
     **load_kwargs,
 ):
-    """Load ``caption, image, label`` rows as ``{"caption", "image", "desirable": bool}``.
+    """Load ``caption, image, label`` rows as ``{"caption", "image", "desirable": bool, "bad"}``.
 
-    A ``datasets.Dataset`` (normalised lazily on access; every label parsed at load time, so a bad
-    label raises a ``ValueError`` naming its row) or, with ``streaming``, a
-    ``datasets.IterableDataset``. ``stats`` gets the label counts. ``max_train_samples`` keeps the
-    first N rows.
+    A ``datasets.Dataset`` (normalised lazily on access; every label parsed at load time) or, with
+    ``streaming``, a ``datasets.IterableDataset``. ``on_bad_example``: what a bad label does when
+    loaded whole: ``"error"`` raises a ``ValueError`` naming the first such rows, ``"skip"`` leaves
+    them out (counted in ``stats``); streamed, the row is marked ``bad`` for the transform.
+    ``stats`` gets the label counts of the rows kept. ``max_train_samples`` keeps N rows drawn at
+    random with ``seed`` (after bad labels are left out), in their stored order; when streaming,
+    the first N.
     """
     return _load(
-        dataset_name, split, streaming, max_train_samples, cache_dir, UNPAIRED_COLUMNS, stats, load_kwargs
-    )
+        dataset_name, required=UNPAIRED_COLUMNS, split=split, streaming=streaming,
+        max_train_samples=max_train_samples, cache_dir=cache_dir, stats=stats, seed=seed,
+        on_bad_example=on_bad_example, load_kwargs=load_kwargs,
+    )  # fmt: skip
 
 
 def load_caption_dataset(
@@ -168,14 +254,21 @@ def load_caption_dataset(
     streaming: bool = False,
     max_train_samples: int | None = None,
     cache_dir: str | None = None,
+    *,
+    seed: int = 0,
+    on_bad_example: str = "error",
     **load_kwargs,
 ):
-    """Load ``caption, image`` rows (e.g. for pretraining or SFT) as ``{"caption", "image"}``; any
-    other column is ignored. Transform with :class:`UnpairedTransform`, batch with
-    :func:`collate_unpaired` (no ``desirable`` key then)."""
+    """Load ``caption, image`` rows (e.g. for pretraining or SFT) as ``{"caption", "image", "bad"}``;
+    any other column is ignored. Transform with :class:`UnpairedTransform` (``labelled=False``),
+    batch with :func:`collate_unpaired` (no ``desirable`` key then). ``max_train_samples`` and
+    ``seed`` as for :func:`load_unpaired_dataset`; ``on_bad_example`` is accepted (and checked) so
+    that every loader takes the same arguments, but there is no label to check at load time."""
     return _load(
-        dataset_name, split, streaming, max_train_samples, cache_dir, CAPTION_COLUMNS, None, load_kwargs
-    )
+        dataset_name, required=CAPTION_COLUMNS, split=split, streaming=streaming,
+        max_train_samples=max_train_samples, cache_dir=cache_dir, stats=None, seed=seed,
+        on_bad_example=on_bad_example, load_kwargs=load_kwargs,
+    )  # fmt: skip
 
 
 @dataclass
