@@ -36,6 +36,7 @@ from diffusion_dpo.data import (
     load_pair_dataset,
     load_unpaired_dataset,
     make_torch_dataset,
+    pairs_to_unpaired,
 )
 from diffusion_dpo.data.pairs import label_problem
 
@@ -297,6 +298,21 @@ def test_streamed_bad_pair_labels_pass_marked_and_become_placeholders():
     batch = next(iter(torch.utils.data.DataLoader(lenient, batch_size=5, collate_fn=collate_pairs)))
     assert batch["valid"].tolist() == [True, False, True, False, True] and batch["num_skipped"] == 2
     assert "label_0 'abc'" in batch["bad_rows"][1]["reason"] and batch["bad_rows"][1]["index"] == 3
+
+
+def test_pairs_to_unpaired_ignores_pairs_streamed_with_a_bad_label():
+    red, blue, green = (encode(Image.new("RGB", (4, 4), c)) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0)))
+    source = datasets.Dataset.from_list(
+        [
+            {"caption": "p0", "jpg_0": red, "jpg_1": blue, "label_0": 1.0},
+            {"caption": "p1", "jpg_0": green, "jpg_1": red, "label_0": 0.75},  # says nothing
+        ]
+    )
+    unpaired = pairs_to_unpaired(load_pair_dataset(source, streaming=True))
+    assert [(r["caption"], r["image"], r["label"]) for r in unpaired] == [
+        ("p0", red, True),
+        ("p0", blue, False),
+    ]
 
 
 def test_bad_kto_labels_at_load_and_when_streamed():

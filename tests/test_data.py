@@ -303,6 +303,8 @@ def test_corrupt_image_raises_naming_the_row_or_becomes_a_counted_placeholder(tm
     assert torch.all(batch["pixel_values_w"][1] == 0) and batch["captions"][1] == ""
     with pytest.raises(ValueError, match="on_bad_example must be one of"):
         make_torch_dataset(ds, PairTransform(resolution=8), on_bad_example="ignore")
+    with pytest.raises(TypeError, match="placeholder"):  # skipping needs something to skip to
+        make_torch_dataset(ds, lambda row, **kwargs: row, on_bad_example="skip")
 
 
 def test_placeholders_have_the_keys_dtypes_and_shapes_of_real_examples():

@@ -350,12 +350,19 @@ def iter_unpaired_from_pairs(pairs: Iterable[dict]) -> Iterator[dict]:
     An image is desirable if it won at least one comparison; each image (by a hash of its bytes)
     appears once, with the caption of its first pair. Iterates ``pairs`` twice (so it must be
     re-iterable): once for the winners, once to emit. Ties are dropped by the pair loader by default,
-    so an image seen only in ties does not appear.
+    so an image seen only in ties does not appear; nor does one seen only in pairs that a streaming
+    loader marked ``bad`` (a bad label says nothing about which image won).
     """
-    winners = {_digest(_read(row["image_w"], f"pair {i}, image_w")) for i, row in enumerate(pairs)}
+    winners = {
+        _digest(_read(row["image_w"], f"pair {i}, image_w"))
+        for i, row in enumerate(pairs)
+        if row.get("bad") is None
+    }
     emitted: set[bytes] = set()
     n_pairs = duplicates = 0
     for i, row in enumerate(pairs):
+        if row.get("bad") is not None:
+            continue
         n_pairs += 1
         for key in ("image_w", "image_l"):
             data = _read(row[key], f"pair {i}, {key}")
