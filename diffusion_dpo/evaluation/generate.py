@@ -5,7 +5,9 @@ the trainer (``pytorch_lora_weights.safetensors`` + ``training_config.yaml`` nam
 Every image is a pure function of (model weights, prompt, seed, generation settings), so it is cached
 under a hash of exactly those: a rerun, or a run that crashed half-way, only generates what is missing,
 and a pipeline is loaded only when one of its images is missing. Images are written atomically (a temp
-file, then ``os.replace``), so a crash never leaves a truncated PNG that looks cached.
+file, then ``os.replace``), so a crash never leaves a truncated PNG that looks cached. A cached file can
+still be bad (bit-rot, a disk that filled up, a file copied in by hand): every cache hit is decoded and
+checked (:func:`check_cached_image`), and a bad one is deleted, logged and generated again.
 
 Pairing: image ``(p, k)`` of every model starts from the noise of ``torch.Generator(device)
 .manual_seed(seeds[k])``, one generator per image, so scores of two models on the same (prompt, seed)
@@ -30,6 +32,10 @@ logger = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TRAINING_CONFIG = "training_config.yaml"
+
+
+class ModelLoadError(RuntimeError):
+    """A model to evaluate could not be loaded (a broken folder, an unreachable hub id, a bad LoRA)."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +195,47 @@ def save_image_atomic(image, path: Path) -> None:
         raise
 
 
+def check_cached_image(path: Path, size: tuple[int, int] | None = None) -> str | None:
+    """Why the cached image at ``path`` cannot be used, or None if it can.
+
+    ``verify()`` checks every PNG chunk's CRC (bit-rot, a file cut short) and ``load()`` decodes every
+    pixel (a corrupt compressed stream); then the mode must be RGB and the size ``(width, height)``
+    (when known). Both read a small file once more: milliseconds against seconds to generate it.
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()  # must come first, on a freshly opened file
+        with Image.open(path) as im:
+            im.load()
+            if im.format != "PNG":
+                return f"it is a {im.format} file, not a PNG"
+            if im.mode != "RGB":
+                return f"its mode is {im.mode}, not RGB"
+            if size is not None and im.size != tuple(size):
+                return f"its size is {im.size[0]}x{im.size[1]}, expected {size[0]}x{size[1]}"
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... on broken files
+        return f"it does not decode ({type(err).__name__}: {err})"
+    return None
+
+
+def default_image_size(spec: ModelSpec) -> tuple[int, int] | None:
+    """``(width, height)`` a local pipeline renders when no resolution is given, None if unknown.
+
+    As diffusers' SD/SDXL pipelines compute it: ``unet.sample_size * 2 ** (len(vae.block_out_channels)
+    - 1)``. Hub ids are not read (their configs may not be downloaded yet).
+    """
+    folder = Path(spec.base if spec.kind == "lora" else spec.source).expanduser()
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, KeyError, TypeError, ValueError):  # not local, or an unusual layout: skip the check
+        return None
+    return side, side
+
+
 def _dtype_kwargs(dtype: torch.dtype) -> dict:
     # diffusers >= 0.42 renamed torch_dtype to dtype (the old name warns); older versions only know
     # torch_dtype. The helper that resolves the two exists exactly in the versions that accept dtype.
@@ -204,12 +251,12 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "fp32"):
     source = spec.base if spec.kind == "lora" else spec.source
     try:
         pipe = DiffusionPipeline.from_pretrained(source, **_dtype_kwargs(DTYPES[dtype]))
+        if spec.kind == "lora":
+            pipe.load_lora_weights(spec.source)
     except Exception as err:  # hub and loading errors come in many types; name the model
-        raise RuntimeError(
-            f"could not load model {spec.name!r} from {source!r} ({type(err).__name__}: {err})"
-        ) from err
-    if spec.kind == "lora":
-        pipe.load_lora_weights(spec.source)
+        reason = " ".join(f"{type(err).__name__}: {err}".split())  # one line: library messages span several
+        where = repr(source) if spec.kind != "lora" else f"{spec.source!r} (a LoRA on {source!r})"
+        raise ModelLoadError(f"could not load model {spec.name!r} from {where} ({reason})") from err
     pipe.set_progress_bar_config(disable=True)
     logger.info("loaded model %s (%s) from %s", spec.name, spec.kind, spec.source)
     return pipe.to(device)
@@ -245,18 +292,40 @@ def generate_images(
         [cached_image_path(cache_dir, image_key(identity, prompt, seed, settings)) for seed in seeds]
         for prompt in prompts
     ]
+    size = (settings.resolution, settings.resolution) if settings.resolution else default_image_size(spec)
     missing: dict[Path, tuple[str, int]] = {}  # dict: a repeated prompt is generated once
+    n_bad = 0
     for prompt, row in zip(prompts, paths):
         for seed, path in zip(seeds, row):
-            if not path.exists():
-                missing[path] = (prompt, seed)
+            if path in missing:
+                continue
+            if path.exists():
+                problem = check_cached_image(path, size)
+                if problem is None:
+                    continue
+                logger.warning(
+                    "model %s: cached image %s is unusable (%s); generating it again",
+                    spec.name,
+                    path,
+                    problem,
+                )
+                path.unlink(missing_ok=True)
+                n_bad += 1
+            missing[path] = (prompt, seed)
     total = len(prompts) * len(seeds)
-    logger.info("model %s: %d of %d images cached", spec.name, total - len(missing), total)
+    logger.info(
+        "model %s: %d of %d images cached, %d to generate%s",
+        spec.name,
+        total - len(missing),
+        total,
+        len(missing),
+        f" ({n_bad} of them replace unusable cached files)" if n_bad else "",
+    )
     if not missing:
         return paths, 0
 
     pipe = load_pipeline(spec, device=device, dtype=settings.dtype)
-    size = {"height": settings.resolution, "width": settings.resolution} if settings.resolution else {}
+    size_kwargs = {"height": settings.resolution, "width": settings.resolution} if settings.resolution else {}
     jobs = list(missing.items())
     flagged = 0
     with tqdm(total=len(jobs), desc=f"generating {spec.name}", disable=not progress) as bar:
@@ -273,7 +342,7 @@ def generate_images(
                     num_inference_steps=settings.num_inference_steps,
                     guidance_scale=settings.guidance_scale,
                     output_type="pil",
-                    **size,
+                    **size_kwargs,
                 )
             flagged += sum(bool(x) for x in (getattr(out, "nsfw_content_detected", None) or []))
             for (path, _), image in zip(chunk, out.images, strict=True):
