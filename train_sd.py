@@ -13,6 +13,7 @@ import json
 import sys
 
 from diffusion_dpo.training.config import parse_config
+from diffusion_dpo.training.guards import RunStopped
 from diffusion_dpo.training.loop import train
 from diffusion_dpo.training.tiny_assets import ensure_tiny_assets
 
@@ -30,5 +31,8 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
+    except RunStopped as stop:  # stopped on purpose after a checkpoint: the message says what next
+        print(f"stopped: {stop}", file=sys.stderr)
+        sys.exit(stop.exit_code)
     except (ValueError, FileNotFoundError) as err:  # bad input: say what is wrong, no stack trace
         sys.exit(f"error: {err}")

@@ -9,6 +9,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from diffusion_dpo.diffusion import (
     denoising_errors,
+    heldout_noise,
     implicit_reward_accuracy,
     pair_logratios,
 )
@@ -116,11 +117,10 @@ def test_implicit_accuracy_counts_pairs_where_winner_is_preferred():
     policy, ref, sched = _unets()
     lw, ll, ehs, _, _ = _batch()
     acc = implicit_reward_accuracy(policy, ref, sched, lw, ll, ehs, timesteps=(200, 600), seed=3)
-    # independent recomputation with the same seeded noise
-    g = torch.Generator().manual_seed(3)
+    # independent recomputation with the same seeded noise: pair i at timestep t draws from (3, i, t)
     hits = []
     for t in (200, 600):
-        noise = torch.randn(lw.shape, generator=g)
+        noise = heldout_noise(3, [0, 1, 2], t, tuple(lw.shape[1:]))
         _, inside = _paper_loss(policy, ref, sched, lw, ll, ehs, noise, torch.full((3,), t), beta=1.0)
         hits.append((inside > 0).float())
     assert acc.item() == pytest.approx(torch.cat(hits).mean().item())

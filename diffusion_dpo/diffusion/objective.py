@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
+from diffusion_dpo.diffusion.draws import heldout_noise
+
 Tensor = torch.Tensor
 
 
@@ -189,15 +191,41 @@ def pair_logratios(
     return logratios[:batch], logratios[batch:]
 
 
-def sample_noise_and_timesteps(
-    latents: Tensor, num_train_timesteps: int, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
-    """``ε ~ N(0, I)`` shaped like ``latents`` ``[B, C, h, w]`` and ``t ~ U{0..T−1}`` ``[B]``."""
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(
-        0, num_train_timesteps, (latents.shape[0],), generator=generator, device=latents.device
-    )
-    return noise, timesteps
+@torch.no_grad()
+def implicit_reward_scores(
+    unet: torch.nn.Module,
+    ref_unet: torch.nn.Module | None,
+    noise_scheduler,
+    latents_w: Tensor,
+    latents_l: Tensor,
+    encoder_hidden_states: Tensor,
+    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900),
+    seed: int = 0,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
+    pair_indices: list[int] | None = None,
+) -> Tensor:
+    """Per pair, the share of the fixed ``timesteps`` at which the implicit reward prefers the winner.
+
+    A pair counts as right at a timestep when its chosen log-ratio exceeds the rejected one (a tie
+    counts 0.5). The noise of pair ``i`` at timestep ``t`` is drawn from ``(seed, pair_indices[i], t)``
+    (:func:`~diffusion_dpo.diffusion.draws.heldout_noise`), so every model, checkpoint and process
+    scores a pair on the same draws, however the pairs are batched or split. Returns ``[B]`` float32.
+    """
+    batch = latents_w.shape[0]
+    indices = list(range(batch)) if pair_indices is None else list(pair_indices)
+    if len(indices) != batch:
+        raise ValueError(f"pair_indices has {len(indices)} entries for {batch} pairs")
+    scores = torch.zeros(batch, device=latents_w.device)
+    for t in timesteps:
+        noise = heldout_noise(seed, indices, int(t), tuple(latents_w.shape[1:]))
+        noise = noise.to(latents_w.device, latents_w.dtype)
+        ts = torch.full((batch,), int(t), device=latents_w.device, dtype=torch.long)
+        rc, rr = pair_logratios(
+            unet, ref_unet, noise_scheduler, latents_w, latents_l, encoder_hidden_states, noise, ts,
+            added_cond_kwargs,
+        )  # fmt: skip
+        scores += (rc > rr).float() + 0.5 * (rc == rr).float()
+    return scores / len(timesteps)
 
 
 @torch.no_grad()
@@ -212,31 +240,13 @@ def implicit_reward_accuracy(
     seed: int = 0,
     added_cond_kwargs: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """Share of pairs whose implicit reward prefers the human winner (the paper's Table 2 metric).
-
-    For each fixed timestep the pairs are noised with seeded noise (the same for every model, so
-    checkpoints are compared on identical draws); a pair counts as right when its chosen log-ratio
-    exceeds the rejected one (ties as 0.5). Returns a 0-dim tensor: the mean over pairs and
-    timesteps.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    scores = []
-    for t in timesteps:
-        noise = torch.randn(latents_w.shape, generator=generator).to(latents_w.device, latents_w.dtype)
-        ts = torch.full((latents_w.shape[0],), int(t), device=latents_w.device, dtype=torch.long)
-        rc, rr = pair_logratios(
-            unet,
-            ref_unet,
-            noise_scheduler,
-            latents_w,
-            latents_l,
-            encoder_hidden_states,
-            noise,
-            ts,
-            added_cond_kwargs,
-        )
-        scores.append((rc > rr).float() + 0.5 * (rc == rr).float())
-    return torch.cat(scores).mean()
+    """Share of pairs whose implicit reward prefers the human winner (the paper's Table 2 metric),
+    averaged over pairs and the fixed ``timesteps``: the mean of :func:`implicit_reward_scores`.
+    Returns a 0-dim tensor."""
+    return implicit_reward_scores(
+        unet, ref_unet, noise_scheduler, latents_w, latents_l, encoder_hidden_states, timesteps, seed,
+        added_cond_kwargs,
+    ).mean()  # fmt: skip
 
 
 def sft_losses(

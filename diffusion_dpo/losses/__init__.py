@@ -1,7 +1,7 @@
 """The shared preference-loss core: pure functions, per-example outputs (see MATH.md)."""
 
 from diffusion_dpo.losses.kto import kto_loss
-from diffusion_dpo.losses.metrics import preference_metrics
+from diffusion_dpo.losses.metrics import masked_mean, preference_metrics
 from diffusion_dpo.losses.pairwise import (
     PAIRWISE_LOSSES,
     check_pairwise_args,
@@ -15,6 +15,7 @@ __all__ = [
     "check_pairwise_args",
     "dpo_loss",
     "kto_loss",
+    "masked_mean",
     "orpo_loss",
     "pairwise_loss_from_logratios",
     "preference_metrics",

@@ -140,9 +140,25 @@ def sdxl_time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, resolution: in
     return torch.cat([original_sizes, crop_top_lefts, target], dim=1).float()
 
 
+def latent_shape(vae: torch.nn.Module, height: int, width: int) -> tuple[int, int, int]:
+    """``(C, h, w)`` of the latents the VAE makes from a ``height × width`` image."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return (vae.config.latent_channels, height // factor, width // factor)
+
+
 @torch.no_grad()
-def encode_images(vae: torch.nn.Module, pixel_values: Tensor) -> Tensor:
-    """Images ``[N, 3, H, W]`` in [−1, 1] → scaled VAE latents ``[N, 4, H/f, W/f]`` (a posterior sample)."""
+def encode_images(
+    vae: torch.nn.Module, pixel_values: Tensor, posterior_noise: Tensor | None = None
+) -> Tensor:
+    """Images ``[N, 3, H, W]`` in [−1, 1] → scaled VAE latents ``[N, C, H/f, W/f]``, a posterior sample.
+
+    ``posterior_noise`` ``[N, C, H/f, W/f]``: the N(0, I) draw of the sample (``mean + std · noise``),
+    so that the caller decides where randomness comes from; None draws it from the global RNG.
+    """
     dtype = next(vae.parameters()).dtype
-    latents = vae.encode(pixel_values.to(dtype)).latent_dist.sample()
+    dist = vae.encode(pixel_values.to(dtype)).latent_dist
+    if posterior_noise is None:
+        latents = dist.sample()
+    else:
+        latents = dist.mean + dist.std * posterior_noise.to(dist.mean.device, dist.mean.dtype)
     return latents * vae.config.scaling_factor

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -44,11 +45,32 @@ def resolve_resume_path(resume_from_checkpoint: str | None, output_dir: str | Pa
     return path
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    # A killed process loses nothing that reached the page cache, but a lost machine (power, kernel)
+    # can: flush the files and their folder before the rename makes the checkpoint visible.
+    for path in [*folder.rglob("*"), folder]:
+        _fsync(path)
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict, limit: int | None) -> Path:
     """Save model/optimizer/scheduler/RNG state and our ``state`` dict to ``checkpoint-{step}``.
 
-    Written to ``checkpoint-{step}.tmp`` first and renamed when complete, so a crash mid-save never
-    leaves a checkpoint that ``latest`` would pick up. Older checkpoints beyond ``limit`` are removed.
+    Every process writes its part into ``checkpoint-{step}.tmp``; the main process then writes
+    ``training_state.json`` last, flushes everything to disk and renames the folder. ``latest``
+    only considers ``checkpoint-N`` folders holding ``training_state.json``, so a process killed at
+    any point of a save (even between removing an older ``checkpoint-{step}`` and the rename) leaves
+    the newest complete checkpoint as ``latest``. Older checkpoints beyond ``limit`` are removed
+    only after the new one is in place. Every process must call this (it synchronises them).
     """
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
@@ -57,11 +79,20 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict,
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process's part is written
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. after a resume): keep it until replaced
+            stale = root / f"checkpoint-{step}.old"
+            if stale.exists():
+                shutil.rmtree(stale)
+            final.rename(stale)
+            tmp.rename(final)
+            shutil.rmtree(stale)
+        else:
+            tmp.rename(final)
+        _fsync(root)  # the rename itself
         if limit is not None:
             for old in list_checkpoints(root)[:-limit]:
                 logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", old, limit)

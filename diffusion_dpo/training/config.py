@@ -43,7 +43,11 @@ class TrainConfig:
     dataset_split: str = _f("train", "Split of the dataset to train on.")
     streaming: bool = _f(False, "Stream the dataset instead of downloading it (for sets too large for disk).")
     keep_ties: bool = _f(False, "Keep tied pairs (label_0 = 0.5). By default they are dropped and counted.")
-    max_train_samples: int | None = _f(None, "Use only the first N pairs (debugging, small runs).")
+    max_train_samples: int | None = _f(
+        None,
+        "Use only N rows: a seeded random subset (the paper's shuffle(seed).select(range(N))); with "
+        "--streaming, N rows of a seeded choice of shards, the same rows every epoch.",
+    )
     cache_dir: str | None = _f(None, "Where `datasets` and the hub cache downloads.")
     resolution: int = _f(512, "Images are resized (shorter side) and cropped to this size. SDXL: 1024.")
     random_crop: bool = _f(False, "Random instead of center crops.")
@@ -52,6 +56,23 @@ class TrainConfig:
         0.2, "Probability that a pair's caption is replaced by '' (decided once per pair; paper: 0.2)."
     )
     dataloader_num_workers: int = _f(0, "DataLoader worker processes (0 = load in the main process).")
+    shuffle_buffer_size: int = _f(
+        1000,
+        "--streaming: rows per shuffled block of each reader (memory: one block of encoded rows per "
+        "DataLoader worker). Shards are also shuffled per epoch.",
+    )
+    on_bad_example: str = _f(
+        "skip",
+        "A corrupt/missing image, a missing caption or a label outside {0, 0.5, 1}: skip the row (it is "
+        "counted in metrics.jsonl as data/skipped_rows, with the first row ids) or stop with an error "
+        "naming it. Empty captions are trained on (as unconditional examples).",
+        choices=("skip", "error"),
+    )
+    max_bad_row_fraction: float = _f(
+        0.01,
+        "Stop (with a checkpoint and examples of bad rows) once the data shows, with 95% confidence, "
+        "that more than this share of rows is bad.",
+    )
     # --- objective ---
     objective: str = _f(
         "dpo",
@@ -86,6 +107,11 @@ class TrainConfig:
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
     adam_epsilon: float = _f(1e-8, "AdamW ε.")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    max_nonfinite_steps: int = _f(
+        10,
+        "A NaN/Inf loss or gradient skips its optimizer step (weights, optimizer and lr schedule "
+        "untouched; counted as train/skipped_steps); this many in a row stop the run with a checkpoint.",
+    )
     use_lora: bool = _f(False, "Train LoRA adapters; the reference is the same UNet with adapters disabled.")
     rank: int = _f(8, "LoRA rank.")
     lora_alpha: int | None = _f(None, "LoRA alpha (default: the rank).")
@@ -159,7 +185,13 @@ class TrainConfig:
             raise ValueError("--checkpointing_steps and --validation_steps must be > 0")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise ValueError(f"--checkpoints_total_limit must be >= 1, got {self.checkpoints_total_limit}")
-        for name in ("mixed_precision", "objective", "loss_type"):
+        if self.shuffle_buffer_size < 1 or self.max_nonfinite_steps < 1:
+            raise ValueError("--shuffle_buffer_size and --max_nonfinite_steps must be >= 1")
+        if not 0.0 <= self.max_bad_row_fraction <= 1.0:
+            raise ValueError(f"--max_bad_row_fraction must be in [0, 1], got {self.max_bad_row_fraction}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ValueError(f"--max_train_samples must be >= 1, got {self.max_train_samples}")
+        for name in ("mixed_precision", "objective", "loss_type", "on_bad_example"):
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
@@ -202,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind, inner = _base_type(hints[f.name])
-        kw: dict = {"help": f.metadata["help"], "default": argparse.SUPPRESS}
+        # argparse %-formats help strings: a literal % must be doubled
+        kw: dict = {"help": f.metadata["help"].replace("%", "%%"), "default": argparse.SUPPRESS}
         if kind is bool:
             # `--flag` sets True; `--flag false` is accepted too, so YAML values can be overridden.
             kw.update(nargs="?", const=True, type=_str2bool)

@@ -1,8 +1,9 @@
-"""Build the training and validation data loaders."""
+"""Build the training rows of this process (and the held-out loader), resumable at a saved position."""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -11,34 +12,28 @@ from diffusion_dpo.training.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
-def make_loader(
-    dataset_name: str,
+def _load_rows_and_transform(
+    dataset_name,
     *,
-    split: str = "train",
+    split: str,
     resolution: int,
-    batch_size: int,
     sdxl: bool,
-    seed: int = 0,
-    train: bool = False,
-    kto: bool = False,
-    images_only: bool = False,
-    random_crop: bool = False,
-    hflip: bool = True,
-    proportion_empty_prompts: float = 0.0,
-    streaming: bool = False,
-    keep_ties: bool = False,
-    max_samples: int | None = None,
-    cache_dir: str | None = None,
-    num_workers: int = 0,
-) -> torch.utils.data.DataLoader:
-    """A DataLoader of transformed pairs (or unpaired images with ``kto``).
-
-    ``images_only``: a ``caption, image`` dataset (SFT / pretraining on plain captioned images).
-    ``train``: shuffled, random crops/flips/caption dropout as asked, incomplete last batch dropped.
-    Otherwise: dataset order, center crops, no flips, no caption dropout (held-out evaluation).
-    """
-    from diffusion_dpo.data.pairs import load_pair_dataset
-    from diffusion_dpo.data.transforms import PairTransform, collate_pairs, make_torch_dataset
+    seed: int,
+    train: bool,
+    kto: bool,
+    images_only: bool,
+    random_crop: bool,
+    hflip: bool,
+    proportion_empty_prompts: float,
+    streaming: bool,
+    keep_ties: bool,
+    max_samples: int | None,
+    cache_dir: str | None,
+    on_bad_example: str,
+):
+    """(rows, transform, collate, load-time stats) of a pair, unpaired (KTO) or caption/image source."""
+    from diffusion_dpo.data.pairs import PairStats, load_pair_dataset
+    from diffusion_dpo.data.transforms import PairTransform, collate_pairs
 
     transform_args = dict(
         resolution=resolution,
@@ -48,33 +43,61 @@ def make_loader(
         sdxl=sdxl,
         seed=seed,
     )
-    load_args = dict(split=split, streaming=streaming, max_train_samples=max_samples, cache_dir=cache_dir)
+    # a stream's subset is chosen by the stream itself (ShuffledStream's max_rows)
+    load_args = dict(
+        split=split, streaming=streaming, max_train_samples=None if streaming else max_samples,
+        cache_dir=cache_dir, seed=seed, on_bad_example=on_bad_example,
+    )  # fmt: skip
     if kto or images_only:
         from diffusion_dpo.data.unpaired import (
+            UnpairedStats,
             UnpairedTransform,
             collate_unpaired,
             load_caption_dataset,
             load_unpaired_dataset,
         )
 
-        load = load_unpaired_dataset if kto else load_caption_dataset
-        dataset = make_torch_dataset(load(dataset_name, **load_args), UnpairedTransform(**transform_args))
-        collate = collate_unpaired
-    else:
-        rows = load_pair_dataset(dataset_name, keep_ties=keep_ties, **load_args)
-        dataset = make_torch_dataset(rows, PairTransform(**transform_args))
-        collate = collate_pairs
-    is_stream = isinstance(dataset, torch.utils.data.IterableDataset)
+        if kto:
+            stats = UnpairedStats()
+            rows = load_unpaired_dataset(dataset_name, stats=stats, **load_args)
+        else:
+            stats = None
+            rows = load_caption_dataset(dataset_name, **load_args)
+        return rows, UnpairedTransform(**transform_args, labelled=kto), collate_unpaired, stats
+    stats = PairStats()
+    rows = load_pair_dataset(dataset_name, keep_ties=keep_ties, stats=stats, **load_args)
+    return rows, PairTransform(**transform_args), collate_pairs, stats
+
+
+def make_loader(
+    dataset_name,
+    *,
+    split: str = "train",
+    resolution: int,
+    batch_size: int,
+    sdxl: bool,
+    seed: int = 0,
+    kto: bool = False,
+    images_only: bool = False,
+    keep_ties: bool = False,
+    max_samples: int | None = None,
+    cache_dir: str | None = None,
+    num_workers: int = 0,
+    on_bad_example: str = "error",
+) -> torch.utils.data.DataLoader:
+    """A DataLoader of held-out pairs (or unpaired images with ``kto``) in stored order: center crops, no
+    flips, no caption dropout, every complete and incomplete batch."""
+    from diffusion_dpo.data.transforms import make_torch_dataset
+
+    rows, transform, collate, _ = _load_rows_and_transform(
+        dataset_name, split=split, resolution=resolution, sdxl=sdxl, seed=seed, train=False, kto=kto,
+        images_only=images_only, random_crop=False, hflip=False, proportion_empty_prompts=0.0,
+        streaming=False, keep_ties=keep_ties, max_samples=max_samples, cache_dir=cache_dir,
+        on_bad_example=on_bad_example,
+    )  # fmt: skip
+    dataset = make_torch_dataset(rows, transform, on_bad_example=on_bad_example)
     return torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train and not is_stream,
-        collate_fn=collate,
-        num_workers=num_workers,
-        drop_last=train,
-        # Its own generator: creating a loader iterator (also when resuming) then never draws from the
-        # global RNG, whose restored state must produce the same noise as the uninterrupted run.
-        generator=torch.Generator().manual_seed(seed),
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate, num_workers=num_workers
     )
 
 
@@ -86,23 +109,120 @@ def is_caption_image_dataset(dataset_name: str, split: str = "train", cache_dir:
     return "image" in names and not names & {"jpg_0", "image_w", "label"}
 
 
-def build_train_dataloader(cfg: TrainConfig, is_sdxl: bool) -> torch.utils.data.DataLoader:
-    """Shuffled (map-style) or streamed training pairs; unpaired images for ``objective: kto``; for
-    ``sft`` also plain ``caption, image`` datasets (e.g. to pretrain a base model)."""
-    images_only = cfg.effective_objective == "sft" and is_caption_image_dataset(
+@dataclass
+class TrainData:
+    """The training rows of this process: its DataLoader, and how to start an epoch at a position.
+
+    A position (what a checkpoint saves) is ``{"rows_done": n}`` for a map-style dataset (rows of the
+    epoch's order consumed by all processes together) or, for a stream, ``{"readers": {reader id:
+    state}, "last_reader": [one per process], "num_processes": N, "num_workers": W}``.
+    """
+
+    loader: torch.utils.data.DataLoader
+    dataset: torch.utils.data.Dataset
+    sampler: object | None  # ShardedBatchSampler (map-style) or None (stream)
+    #: Load-time counts (PairStats / UnpairedStats: ties, bad labels), None for caption datasets.
+    stats: object | None
+    streaming: bool
+    num_processes: int
+    process_index: int
+    num_workers: int
+
+    def start_epoch(self, epoch: int, position: dict | None = None) -> str | None:
+        """Prepare ``epoch``'s iteration from ``position`` (None: its start); returns a log line
+        saying where a resumed epoch continues."""
+        self.dataset.set_epoch(epoch)
+        if not self.streaming:
+            self.sampler.set_epoch(epoch)
+            rows_done = position["rows_done"] if position else 0
+            self.sampler.set_start(rows_done)
+            if position:
+                return (
+                    f"resuming at row {rows_done} of epoch {epoch}'s shuffled order "
+                    "(the rows before it are skipped by index, never loaded)"
+                )
+            return None
+        if not position:
+            return None
+        from diffusion_dpo.data.stream import rotation_after
+
+        # 0 and 1 DataLoader workers both make one reader per process
+        saved = (position["num_processes"], max(1, position["num_workers"]))
+        if saved != (self.num_processes, max(1, self.num_workers)):
+            raise ValueError(
+                f"the checkpoint's stream position was saved by {saved[0]} processes × {saved[1]} "
+                f"DataLoader workers, and each reader's place in the stream depends on that layout; "
+                f"resume with --dataloader_num_workers {saved[1]} on {saved[0]} processes"
+            )
+        workers = max(1, self.num_workers)
+        mine = range(self.process_index * workers, (self.process_index + 1) * workers)
+        states = {int(r): s for r, s in position["readers"].items() if int(r) in mine}
+        last = position["last_reader"][self.process_index]
+        self.dataset.resume(epoch, states, rotation_after(last, self.process_index, workers))
+        where = ", ".join(
+            f"reader {r}: shard {s['shard']} block {s['block']} row {s['taken']}"
+            for r, s in sorted(states.items())
+        )
+        return (
+            f"resuming the stream of epoch {epoch} from its saved position ({where or 'start'}); the data "
+            "before each block is skipped by the datasets library, not read again"
+        )
+
+
+def build_train_data(
+    cfg: TrainConfig, is_sdxl: bool, num_processes: int = 1, process_index: int = 0
+) -> TrainData:
+    """This process's training rows: shuffled pairs (or unpaired images for ``objective: kto``; for
+    ``sft`` also plain ``caption, image`` datasets, e.g. to pretrain a base model), map-style or streamed."""
+    from diffusion_dpo.data.order import ShardedBatchSampler
+    from diffusion_dpo.data.stream import ShuffledStream, StreamCollate
+    from diffusion_dpo.data.transforms import make_torch_dataset
+
+    objective = cfg.effective_objective
+    images_only = objective == "sft" and is_caption_image_dataset(
         cfg.dataset_name, cfg.dataset_split, cfg.cache_dir
     )
-    return make_loader(
-        cfg.dataset_name, split=cfg.dataset_split, resolution=cfg.resolution, batch_size=cfg.train_batch_size,
-        sdxl=is_sdxl, seed=cfg.seed, train=True, kto=cfg.effective_objective == "kto", images_only=images_only,
-        random_crop=cfg.random_crop, hflip=not cfg.no_hflip, proportion_empty_prompts=cfg.proportion_empty_prompts,
+    rows, transform, collate, stats = _load_rows_and_transform(
+        cfg.dataset_name, split=cfg.dataset_split, resolution=cfg.resolution, sdxl=is_sdxl, seed=cfg.seed,
+        train=True, kto=objective == "kto", images_only=images_only, random_crop=cfg.random_crop,
+        hflip=not cfg.no_hflip, proportion_empty_prompts=cfg.proportion_empty_prompts,
         streaming=cfg.streaming, keep_ties=cfg.keep_ties, max_samples=cfg.max_train_samples,
-        cache_dir=cfg.cache_dir, num_workers=cfg.dataloader_num_workers,
+        cache_dir=cfg.cache_dir, on_bad_example=cfg.on_bad_example,
     )  # fmt: skip
+    common = dict(
+        stats=stats, streaming=cfg.streaming, num_processes=num_processes, process_index=process_index,
+        num_workers=cfg.dataloader_num_workers,
+    )  # fmt: skip
+    if cfg.streaming:
+        dataset = ShuffledStream(
+            rows, transform, seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size, num_processes=num_processes,
+            process_index=process_index, max_rows=cfg.max_train_samples, on_bad_example=cfg.on_bad_example,
+        )  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=cfg.train_batch_size, collate_fn=StreamCollate(collate),
+            num_workers=cfg.dataloader_num_workers, drop_last=True,
+        )  # fmt: skip
+        return TrainData(loader=loader, dataset=dataset, sampler=None, **common)
+    dataset = make_torch_dataset(rows, transform, on_bad_example=cfg.on_bad_example)
+    sampler = ShardedBatchSampler(
+        len(dataset), cfg.train_batch_size, num_processes=num_processes, process_index=process_index,
+        seed=cfg.seed,
+    )  # fmt: skip
+    if len(sampler) == 0:
+        raise ValueError(
+            f"{cfg.dataset_name} has {len(dataset)} usable rows, fewer than one batch of "
+            f"--train_batch_size {cfg.train_batch_size} × {num_processes} processes (too few rows after "
+            "dropping ties and bad rows?)"
+        )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers
+    )
+    return TrainData(loader=loader, dataset=dataset, sampler=sampler, **common)
 
 
 def build_validation_dataloader(cfg: TrainConfig, is_sdxl: bool) -> torch.utils.data.DataLoader:
-    """Held-out pairs in a fixed order, center-cropped, no flips, no caption dropout."""
+    """Held-out pairs in a fixed order, center-cropped, no flips, no caption dropout; a bad held-out
+    row is an error (held-out numbers must mean the same from run to run)."""
     return make_loader(
         cfg.validation_dataset_name, split=cfg.validation_split, resolution=cfg.resolution,
         batch_size=cfg.train_batch_size, sdxl=is_sdxl, seed=cfg.seed, cache_dir=cfg.cache_dir,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from diffusion_dpo.diffusion import implicit_reward_accuracy
+from diffusion_dpo.diffusion import implicit_reward_scores
 from diffusion_dpo.models.loading import SDComponents
 from diffusion_dpo.training.models import Models, conditioning, sdxl_cond
 
@@ -71,29 +71,42 @@ def heldout_accuracy(
     timesteps: tuple[int, ...] = DEFAULT_TIMESTEPS,
     seed: int = 0,
     batch_size: int = 16,
+    accelerator=None,
 ) -> float:
-    """Implicit-reward accuracy of the current model on the encoded held-out pairs."""
+    """Implicit-reward accuracy of the current model on the encoded held-out pairs.
+
+    With an ``accelerator`` the pairs are split across its processes and the counts summed, so each
+    pair is scored once; every process runs the same number of forward passes (the last slice is
+    padded and the padding not counted), as sharded engines (FSDP, ZeRO-3) require. A pair's noise
+    depends on its index only, so the result does not depend on the number of processes.
+    """
     was_training = models.unet.training
     models.unet.eval()
-    total, count = 0.0, 0
     n = pairs.latents_w.shape[0]
-    for i in range(0, n, batch_size):
-        sl = slice(i, i + batch_size)
+    processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    per_process = -(-n // processes)
+    mine = [min(i, n - 1) for i in range(rank * per_process, (rank + 1) * per_process)]  # padded
+    counted = torch.tensor([rank * per_process + k < n for k in range(per_process)])
+    device = pairs.latents_w.device
+    total = torch.zeros(2, device=device)  # [sum of scores, pairs]
+    for start in range(0, per_process, batch_size):
+        idx = mine[start : start + batch_size]
         cond = None
         if pairs.cond is not None:  # conditioning is [2N]: winners then losers
-            idx = torch.cat([torch.arange(n)[sl], n + torch.arange(n)[sl]])
-            cond = {k: v[idx] for k, v in pairs.cond.items()}
-        with torch.autocast(pairs.latents_w.device.type, enabled=False):
-            acc = implicit_reward_accuracy(
+            rows = torch.tensor(idx + [n + i for i in idx])
+            cond = {k: v[rows.to(v.device)] for k, v in pairs.cond.items()}
+        with torch.autocast(device.type, enabled=False):
+            scores = implicit_reward_scores(
                 models.unet, models.ref_unet, models.components.noise_scheduler,
-                pairs.latents_w[sl], pairs.latents_l[sl], pairs.hidden[sl],
-                timesteps=tuple(timesteps), seed=seed, added_cond_kwargs=cond,
+                pairs.latents_w[idx], pairs.latents_l[idx], pairs.hidden[idx],
+                timesteps=tuple(timesteps), seed=seed, added_cond_kwargs=cond, pair_indices=idx,
             )  # fmt: skip
-        m = pairs.latents_w[sl].shape[0]
-        total += acc.item() * m
-        count += m
+        keep = counted[start : start + batch_size].to(device)
+        total += torch.stack([torch.where(keep, scores, 0.0).sum(), keep.sum().float()])
+    if accelerator is not None and processes > 1:
+        total = accelerator.reduce(total, reduction="sum")
     models.unet.train(was_training)
-    return total / count
+    return (total[0] / total[1]).item()
 
 
 def _components_from_pipeline(pipe) -> SDComponents:
@@ -140,7 +153,7 @@ def heldout_implicit_accuracy(
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     from diffusion_dpo.training.data_setup import make_loader
-    from diffusion_dpo.training.loop import load_trained_pipeline
+    from diffusion_dpo.training.saving import load_trained_pipeline
 
     pipe = load_trained_pipeline(model)
     components = _components_from_pipeline(pipe)

@@ -1,0 +1,172 @@
+"""The trained model's outputs: the diffusers-format save, loading it back, and sampling images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import yaml
+
+from diffusion_dpo.models.loading import SDComponents
+from diffusion_dpo.training.config import TrainConfig
+from diffusion_dpo.training.models import Models
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "training_config.yaml"
+
+
+def pipeline_class(components: SDComponents):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
+
+
+def pipeline_parts(comps: SDComponents, unet: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
+    """The in-memory modules to hand to ``Pipeline.from_pretrained`` instead of loading them again."""
+
+    def cast(module):
+        if dtype is not None and next(module.parameters()).dtype != dtype:
+            module.to(dtype)
+        return module
+
+    parts = {"unet": unet, "vae": cast(comps.vae)}
+    for i, (tokenizer, encoder) in enumerate(zip(comps.tokenizers, comps.text_encoders, strict=True)):
+        suffix = "" if i == 0 else "_2"
+        parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tokenizer, cast(encoder)
+    return parts
+
+
+def save_final_model(cfg: TrainConfig, models: Models, unet: torch.nn.Module) -> Path:
+    """Write the result in diffusers format to ``output_dir``.
+
+    Full fine-tune: a whole pipeline folder (``from_pretrained(output_dir)``). LoRA:
+    ``pytorch_lora_weights.safetensors`` with the adapter's config (rank, alpha, targets) in its
+    metadata, so ``pipe.load_lora_weights(output_dir)`` applies it at scale alpha/rank, as trained.
+    Both get ``training_config.yaml``, which names the base model.
+    """
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline_cls = pipeline_class(models.components)
+    if cfg.use_lora:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        pipeline_cls.save_lora_weights(
+            out, unet_lora_layers=lora_state, safe_serialization=True,
+            # without it diffusers reloads the adapter at alpha = rank, i.e. scale 1, whatever was trained
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        )  # fmt: skip
+    else:
+        # the saved pipeline is fp32, whatever precision the frozen parts were run in
+        parts = pipeline_parts(models.components, unet.to(torch.float32), torch.float32)
+        pipe = pipeline_cls.from_pretrained(cfg.pretrained_model_name_or_path, revision=cfg.revision, **parts)
+        pipe.save_pretrained(out)
+    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    logger.info("saved the %s result to %s", "LoRA" if cfg.use_lora else "full", out)
+    return out
+
+
+def load_trained_pipeline(output_dir: str | Path, torch_dtype: torch.dtype = torch.float32):
+    """Load what :func:`save_final_model` wrote: a pipeline folder, or the base + LoRA weights."""
+    from diffusers import DiffusionPipeline
+
+    out = Path(output_dir)
+    # diffusers >= 0.36 prefers `dtype=`; pass a dtype only when it is not the default fp32
+    kw = {} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}
+    if (out / "model_index.json").is_file():
+        return DiffusionPipeline.from_pretrained(out, **kw)
+    if not (out / "pytorch_lora_weights.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{out} holds neither a pipeline (model_index.json) nor pytorch_lora_weights.safetensors"
+        )
+    base = yaml.safe_load((out / CONFIG_FILE).read_text())["pretrained_model_name_or_path"]
+    pipe = DiffusionPipeline.from_pretrained(base, **kw)
+    pipe.load_lora_weights(out)
+    return pipe
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list:
+    """Scaled latents → PIL images, decoded by the VAE in its own dtype (SDXL's original VAE is kept
+    in fp32: decoding it in fp16 overflows into black or NaN images)."""
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+        latents = latents * std / config.scaling_factor + mean
+    else:
+        latents = latents / config.scaling_factor
+    images = vae.decode(latents).sample
+    return pipe.image_processor.postprocess(images.float(), output_type="pil")
+
+
+@torch.no_grad()
+def sample_images(
+    pipe,
+    prompts,
+    out_dir: Path,
+    resolution: int,
+    steps: int,
+    seed: int,
+    autocast_dtype: torch.dtype | None = None,
+) -> list[Path]:
+    """One image per prompt from ``torch.Generator("cpu").manual_seed(seed + i)`` (the same noise on any
+    device), written as PNGs to ``out_dir``. ``autocast_dtype``: run the denoiser under autocast in the
+    run's precision (bf16 or fp16, never autocast's fp16 default in a bf16 run); the VAE always
+    decodes outside autocast, in its own dtype."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pipe.set_progress_bar_config(disable=True)
+    device_type = pipe.unet.device.type
+    paths = []
+    for i, prompt in enumerate(prompts):
+        gen = torch.Generator(device="cpu").manual_seed(seed + i)
+        with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            latents = pipe(
+                prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=gen,
+                output_type="latent",
+            ).images  # fmt: skip
+        path = out_dir / f"{i:02d}.png"
+        decode_latents(pipe, latents)[0].save(path)
+        paths.append(path)
+    return paths
+
+
+def validation_images(
+    cfg: TrainConfig, models: Models, unet: torch.nn.Module, step: int, device
+) -> list[Path]:
+    """Sample the validation prompts with the current weights (``unet`` unwrapped) into
+    ``output_dir/validation/step-N``, in the run's precision."""
+    comps = models.components
+    parts = pipeline_parts(comps, unet)
+    pipe = pipeline_class(comps).from_pretrained(
+        cfg.pretrained_model_name_or_path, revision=cfg.revision, **parts
+    )
+    was_training = unet.training
+    unet.eval()
+    try:
+        paths = sample_images(
+            pipe, cfg.validation_prompts, Path(cfg.output_dir) / "validation" / f"step-{step}",
+            cfg.resolution, cfg.num_inference_steps, cfg.seed,
+            autocast_dtype=models.weight_dtype if models.weight_dtype != torch.float32 else None,
+        )  # fmt: skip
+    finally:
+        unet.train(was_training)
+    logger.info("step %d: wrote %d validation images to %s", step, len(paths), paths[0].parent)
+    return paths
+
+
+def final_samples(cfg: TrainConfig, models: Models, device) -> list[Path]:
+    """Sample the validation prompts with the saved result, loaded back as users load it, on the
+    training device and in the run's precision, into ``output_dir/samples``."""
+    pipe = load_trained_pipeline(cfg.output_dir, torch_dtype=models.weight_dtype).to(device)
+    if models.components.is_sdxl and not cfg.vae_model_name_or_path:
+        pipe.vae.to(torch.float32)  # SDXL's own VAE overflows in fp16
+    return sample_images(
+        pipe, cfg.validation_prompts, Path(cfg.output_dir) / "samples", cfg.resolution,
+        cfg.num_inference_steps, cfg.seed,
+    )  # fmt: skip

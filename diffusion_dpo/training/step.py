@@ -1,0 +1,146 @@
+"""The forward pass and loss of one micro-batch: Diffusion-DPO (any pairwise loss), SFT, Diffusion-KTO.
+
+:func:`compute_batch_loss` is what the loop calls and what the tests call. Two rules make it right
+with many processes:
+
+- every random draw (timestep, noise, VAE posterior sample) belongs to a row, keyed by
+  ``(seed, epoch, row index)`` (:mod:`diffusion_dpo.diffusion.draws`);
+- the loss is the sum of the valid rows' losses divided by the nominal batch size B, so a row
+  skipped as bad (a placeholder, ``valid`` False) contributes nothing, shapes stay fixed, and N
+  processes averaging their gradients compute exactly what one process with N·B rows computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from diffusion_dpo.diffusion import (
+    denoising_errors,
+    draw_for_rows,
+    logratios_from_errors,
+    pair_denoising_errors,
+    sft_losses,
+)
+from diffusion_dpo.losses import kto_loss, masked_mean, pairwise_loss_from_logratios, preference_metrics
+from diffusion_dpo.models.loading import encode_images, latent_shape
+from diffusion_dpo.training.config import TrainConfig
+from diffusion_dpo.training.models import Models, conditioning, sdxl_cond
+
+Tensor = torch.Tensor
+
+
+def _summed_over_valid(losses: Tensor, valid: Tensor) -> Tensor:
+    # divided by the nominal batch size, not the valid count: see the module docstring
+    return torch.where(valid, losses, 0.0).sum() / losses.shape[0]
+
+
+def compute_batch_loss(
+    models: Models,
+    batch: dict,
+    cfg: TrainConfig,
+    *,
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward and loss of one micro-batch. Returns the scalar loss to backpropagate and detached
+    0-dim metrics averaged over the batch's valid rows.
+
+    Pair batches (dpo, sft): ``pixel_values_w``/``pixel_values_l`` ``[B, 3, H, W]``, ``captions``,
+    ``indices`` ``[B]``; SDXL adds ``original_sizes_w/_l`` and ``crop_top_lefts_w/_l`` ``[B, 2]``.
+    KTO batches: ``pixel_values`` ``[B, 3, H, W]``, ``captions``, ``indices``, ``desirable`` ``[B]``
+    bool (and SDXL sizes). Optional: ``valid`` ``[B]`` bool (False: a placeholder for a skipped bad
+    row) and ``epoch`` (keys the rows' draws with their indices; 0 if absent).
+
+    ``all_reduce_sum``: sums a tensor over processes (KTO's reference point is the mean over the
+    whole global batch, MATH.md §3 and §5); None in a single process.
+    """
+    comps = models.components
+    device = next(models.unet.parameters()).device
+    objective = cfg.effective_objective
+    T = comps.noise_scheduler.config.num_train_timesteps
+    n = len(batch["captions"])
+    valid = batch["valid"].to(device) if "valid" in batch else torch.ones(n, dtype=torch.bool, device=device)
+    hidden, pooled = conditioning(models, batch["captions"], device)
+
+    if objective == "dpo":
+        pixels = [batch["pixel_values_w"], batch["pixel_values_l"]]
+        suffixes = ["_w", "_l"]
+    else:
+        # KTO images; SFT: the winners of pairs, or the images of a plain caption/image dataset
+        suffix = "" if "pixel_values" in batch else "_w"
+        pixels, suffixes = [batch[f"pixel_values{suffix}"]], [suffix]
+    height, width = pixels[0].shape[-2:]
+    draws = draw_for_rows(
+        cfg.seed, batch.get("epoch", 0), batch["indices"], latent_shape(comps.vae, height, width), T,
+        images_per_row=len(pixels),
+    ).to(device, models.weight_dtype)  # fmt: skip
+    # One VAE pass for winners and losers: [K·B, 3, H, W] -> [K·B, C, h, w], winners first
+    latents = encode_images(comps.vae, torch.cat(pixels).to(device), draws.posterior.flatten(0, 1)).to(
+        models.weight_dtype
+    )
+    cond = None
+    if comps.is_sdxl:
+        sizes = torch.cat([batch[f"original_sizes{s}"] for s in suffixes]).to(device)  # [K·B, 2]
+        crops = torch.cat([batch[f"crop_top_lefts{s}"] for s in suffixes]).to(device)
+        cond = sdxl_cond(torch.cat([pooled] * len(pixels)), sizes, crops, cfg.resolution, models.weight_dtype)
+
+    if objective == "sft":
+        losses = sft_losses(
+            models.unet, comps.noise_scheduler, latents, hidden, draws.noise, draws.timesteps, cond
+        )
+        mean = masked_mean(losses.detach(), valid)
+        return _summed_over_valid(losses, valid), {"loss": mean, "mse/model_chosen": mean}
+
+    if objective == "kto":
+        model_err, ref_err = denoising_errors(
+            models.unet, models.ref_unet, comps.noise_scheduler, latents, hidden, draws.noise,
+            draws.timesteps, cond,
+        )  # fmt: skip
+        logratios = logratios_from_errors(model_err, ref_err)  # [B]
+        # MATH.md §5: the reference point is the mean log-ratio of the global batch, detached (kto_loss
+        # clamps it at 0); with β in this project's scale β_core = 2·β_DiffusionKTO.
+        total = torch.stack([torch.where(valid, logratios.detach(), 0.0).sum(), valid.sum().float()])
+        if all_reduce_sum is not None:
+            total = all_reduce_sum(total)
+        reference_point = total[0] / total[1].clamp(min=1)
+        desirable = batch["desirable"].to(device)
+        losses, rewards = kto_loss(
+            logratios, torch.zeros_like(logratios), desirable, reference_point,
+            beta=cfg.beta_dpo, desirable_weight=cfg.kto_desirable_weight,
+            undesirable_weight=cfg.kto_undesirable_weight,
+        )  # fmt: skip
+        metrics = {
+            "loss": masked_mean(losses.detach(), valid),
+            "kto/kl": reference_point.clamp(min=0),
+            "rewards/chosen": masked_mean(rewards, valid & desirable),
+            "rewards/rejected": masked_mean(rewards, valid & ~desirable),
+            "mse/model": masked_mean(model_err.detach(), valid),
+            "mse/ref": masked_mean(ref_err.detach(), valid),
+        }
+        return _summed_over_valid(losses, valid), metrics
+
+    latents_w, latents_l = latents[:n], latents[n:]
+    model_err, ref_err = pair_denoising_errors(
+        models.unet, models.ref_unet, comps.noise_scheduler, latents_w, latents_l, hidden, draws.noise,
+        draws.timesteps, cond,
+    )  # fmt: skip
+    logratios = logratios_from_errors(model_err, ref_err)  # [2B], winners first
+    losses, chosen_rewards, rejected_rewards = pairwise_loss_from_logratios(
+        logratios[:n], logratios[n:], beta=cfg.beta_dpo, loss_type=cfg.loss_type,
+        label_smoothing=cfg.label_smoothing,
+    )  # fmt: skip
+    metrics = {
+        "loss": masked_mean(losses.detach(), valid),
+        **preference_metrics(chosen_rewards, rejected_rewards, mask=valid),
+    }
+    model_err, ref_err = model_err.detach(), ref_err.detach()
+    metrics.update(
+        {
+            "mse/model_chosen": masked_mean(model_err[:n], valid),
+            "mse/model_rejected": masked_mean(model_err[n:], valid),
+            "mse/ref_chosen": masked_mean(ref_err[:n], valid),
+            "mse/ref_rejected": masked_mean(ref_err[n:], valid),
+        }
+    )
+    return _summed_over_valid(losses, valid), metrics
