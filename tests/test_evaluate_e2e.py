@@ -361,6 +361,19 @@ def test_prompt_errors(tmp_path):
         load_prompts(tmp_path / "p.csv", category_column="Cat")
     with pytest.raises(ValueError, match="does not exist"):
         load_prompts(tmp_path / "missing.txt")
+    # a library's error (encoding, JSON, parquet) becomes a ValueError that names the file
+    (tmp_path / "binary.txt").write_bytes(b"\x89\xff\xfe\x00")
+    with pytest.raises(ValueError, match=r"cannot read prompts from .*binary.txt: UnicodeDecodeError"):
+        load_prompts(tmp_path / "binary.txt")
+    (tmp_path / "broken.json").write_text('{"photo": ["a cat",')
+    with pytest.raises(ValueError, match=r"cannot read prompts from .*broken.json: JSONDecodeError"):
+        load_prompts(tmp_path / "broken.json")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"cannot read prompts from .*broken.parquet"):
+        load_prompts(tmp_path / "broken.parquet")
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(ValueError, match="no prompts"):
+        load_prompts(tmp_path / "empty.json")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -168,6 +168,30 @@ def _read_dataset(source: str, split: str, prompt_column, category_column, limit
     return _from_records(rows, f"{source} (split {split})", prompt_column, category_column)
 
 
+def _read_source(source: str, split: str, prompt_column, category_column, max_prompts) -> PromptSet:
+    path = Path(source).expanduser()
+    if source == "hpsv2" or source.startswith("hpsv2:"):
+        return _read_hpsv2(source.partition(":")[2])
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".txt":
+            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+            prompts = [ln for ln in lines if ln]
+            if not prompts:
+                raise ValueError(f"no prompts in {path}: the file has no non-blank lines")
+            return PromptSet(prompts, None, str(path))
+        if suffix == ".json":
+            return _read_json(path, prompt_column, category_column)
+        if suffix in _TABLE_SUFFIXES:
+            return _from_records(_read_table(path), str(path), prompt_column, category_column)
+        raise ValueError(f"unsupported prompt file {path}: use .txt, .json, .jsonl, .csv, .tsv or .parquet")
+    if path.is_dir():
+        return _read_dataset(str(path), split, prompt_column, category_column, max_prompts)
+    if source.startswith((".", "/", "~")) or source.endswith(tuple(_TABLE_SUFFIXES | {".txt", ".json"})):
+        raise ValueError(f"prompt file {source!r} does not exist")
+    return _read_dataset(source, split, prompt_column, category_column, max_prompts)
+
+
 def load_prompts(
     source: str | Path,
     *,
@@ -187,37 +211,21 @@ def load_prompts(
         max_prompts: keep only the first ``max_prompts`` prompts (in source order).
 
     Raises:
-        ValueError: an unreadable source, a missing column, an empty prompt (naming its row) or an
-            empty set.
+        ValueError: an unreadable source (a bad encoding, invalid JSON or parquet, an unreachable hub
+            dataset: always naming the source), a missing column, an empty prompt (naming its row) or
+            an empty set.
     """
     if max_prompts is not None and max_prompts < 1:
         raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
     source = str(source)
-    path = Path(source).expanduser()
-    if source == "hpsv2" or source.startswith("hpsv2:"):
-        result = _read_hpsv2(source.partition(":")[2])
-    elif path.is_file():
-        suffix = path.suffix.lower()
-        if suffix == ".txt":
-            lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-            prompts = [ln for ln in lines if ln]
-            if not prompts:
-                raise ValueError(f"no prompts in {path}: the file has no non-blank lines")
-            result = PromptSet(prompts, None, str(path))
-        elif suffix == ".json":
-            result = _read_json(path, prompt_column, category_column)
-        elif suffix in _TABLE_SUFFIXES:
-            result = _from_records(_read_table(path), str(path), prompt_column, category_column)
-        else:
-            raise ValueError(
-                f"unsupported prompt file {path}: use .txt, .json, .jsonl, .csv, .tsv or .parquet"
-            )
-    elif path.is_dir():
-        result = _read_dataset(str(path), split, prompt_column, category_column, max_prompts)
-    elif source.startswith((".", "/", "~")) or source.endswith(tuple(_TABLE_SUFFIXES | {".txt", ".json"})):
-        raise ValueError(f"prompt file {source!r} does not exist")
-    else:
-        result = _read_dataset(source, split, prompt_column, category_column, max_prompts)
+    try:
+        result = _read_source(source, split, prompt_column, category_column, max_prompts)
+    except (OSError, ValueError) as err:
+        if type(err) is ValueError:  # raised here: it already names the source and the problem
+            raise
+        # A library's error (bad encoding, invalid JSON or parquet, an unreachable hub) rarely names the file.
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise ValueError(f"cannot read prompts from {source}: {reason}") from err
     if max_prompts is not None and len(result) > max_prompts:
         cats = result.categories[:max_prompts] if result.categories is not None else None
         result = PromptSet(result.prompts[:max_prompts], cats, result.source)
