@@ -8,9 +8,11 @@
         --device cuda --dtype fp16
 
 The first ``--model`` is the baseline. Every model renders every (prompt, seed) from the same seeded
-noise; images are cached under ``--cache_dir`` (default ``OUTPUT_DIR/images``) so a rerun only adds
-what is missing. Writes ``summary.json``, ``scores.csv``, ``report.html`` and ``plots/`` to
-``--output_dir`` and prints a table of mean ± sem and win rate [95% CI] per model and scorer.
+noise. Images are cached under ``--cache_dir`` (default ``OUTPUT_DIR/images``) and per-image scores
+under ``CACHE_DIR/scores``, so a rerun, or a run resumed after a crash or a kill, only generates and
+scores what is missing (the log says how much was reused). Every scorer's weights are checked before
+the first image is generated. Writes ``summary.json``, ``scores.csv``, ``report.html`` and ``plots/``
+to ``--output_dir`` and prints a table of mean ± sem and win rate [95% CI] per model and scorer.
 """
 
 from __future__ import annotations
@@ -22,9 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_dpo.evaluation.generate import DTYPES, GenerationSettings, generate_images, parse_model_spec
+from diffusion_dpo.evaluation.generate import (
+    DTYPES,
+    GenerationSettings,
+    ModelLoadError,
+    generate_images,
+    parse_model_spec,
+)
 from diffusion_dpo.evaluation.prompts import load_prompts
 from diffusion_dpo.evaluation.report import EvalResults, summarize_results, write_report
+from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key
 
 logger = logging.getLogger("evaluate")
 
@@ -93,32 +102,85 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def score_image_files(scorer, paths, prompts, chunk_size: int = 64) -> np.ndarray:
-    """Score image files ``[N]`` with their prompts ``[N]``; images are opened ``chunk_size`` at a time."""
-    from PIL import Image
-
-    out = []
-    for start in range(0, len(paths), chunk_size):
-        images = []
-        for path in paths[start : start + chunk_size]:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        scores = scorer(images, list(prompts[start : start + chunk_size]))
-        out.append(np.asarray(scores.detach().float().cpu(), dtype=np.float64).reshape(-1))
-    scores = np.concatenate(out)
-    if scores.shape[0] != len(paths):
-        raise RuntimeError(f"scorer returned {scores.shape[0]} scores for {len(paths)} images")
-    return scores
+class EvaluationError(Exception):
+    """A fault that ends the run with one line on stderr and exit status 1 (no traceback)."""
 
 
-def _check_scorer_specs(specs: list[str]) -> None:
-    # Fail before hours of generation on a typo; loading happens after generation (GPU memory).
-    from diffusion_dpo.scorers import SCORERS, parse_spec
+def _check_scorers(specs: list[str]) -> None:
+    """Fail before hours of generation on a typo or missing weights (loading waits for GPU memory).
 
+    Raises ValueError for a malformed spec, EvaluationError naming every scorer whose files are missing.
+    """
+    from diffusion_dpo.scorers import MissingWeightsError, check_scorer
+
+    missing = []
     for spec in specs:
-        name, _ = parse_spec(spec)
-        if name not in SCORERS:
-            raise ValueError(f"--scorer {spec!r}: unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+        try:
+            check_scorer(spec)
+        except MissingWeightsError as err:
+            missing.append(str(err))
+        except ValueError as err:
+            raise ValueError(f"--scorer {spec!r}: {err}") from err
+    if missing:
+        raise EvaluationError("\n".join(missing))  # one line per scorer
+
+
+def _score_all(args, models, prompts, seeds, image_paths, cache_dir: Path):
+    """Scores ``{model: {scorer: [P, S]}}``, the scorer names and how many scores were reused.
+
+    A scorer is loaded only if one of its scores is not cached; a NaN or infinite score stops the run
+    (summaries of NaN are meaningless) after the finite ones are cached.
+    """
+    from diffusion_dpo.scorers import load_scorer, parse_spec
+
+    flat_prompts = [p for p in prompts for _ in seeds]  # [P*S], prompt-major like paths
+    flat_paths = {name: [path for row in rows for path in row] for name, rows in image_paths.items()}
+    # One read of every image file, shared by all scorers: the key hashes its bytes and prompt.
+    keys = {m: [score_key(p, q) for p, q in zip(paths, flat_prompts)] for m, paths in flat_paths.items()}
+    n_all = sum(len(ks) for ks in keys.values())
+    scores: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in models}
+    names: list[str] = []
+    reuse: dict[str, dict[str, dict[str, int]]] = {}
+    for spec in args.scorer:
+        name = parse_spec(spec)[0]
+        name = name if name not in names else f"{name}#{len(names)}"
+        names.append(name)
+        cache = ScoreCache.for_scorer(cache_dir / "scores", spec, args.scorer_dtype)
+        n_todo = len({k for ks in keys.values() for k in ks if k not in cache})
+        logger.info("scorer %s: %d of %d scores cached in %s", name, n_all - n_todo, n_all, cache.path)
+        scorer = None
+        if n_todo:
+            try:
+                scorer = load_scorer(
+                    spec,
+                    device=args.device,
+                    dtype=DTYPES[args.scorer_dtype],
+                    batch_size=args.scorer_batch_size,
+                )
+            except (ValueError, OSError) as err:  # incl. MissingWeightsError; e.g. a corrupt checkpoint
+                raise EvaluationError(f"--scorer {spec!r}: {' '.join(str(err).split())}") from err
+        reuse[name] = {}
+        for m in models:
+            values, n_new = score_files(
+                scorer,
+                flat_paths[m.name],
+                flat_prompts,
+                keys[m.name],
+                cache,
+                chunk_size=4 * args.scorer_batch_size,
+            )
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size:
+                raise EvaluationError(
+                    f"scorer {name} gave NaN or infinite scores for {bad.size} of {values.size} images of "
+                    f"model {m.name} (first: {flat_paths[m.name][bad[0]]}). With --scorer_dtype fp16/bf16 "
+                    "this is usually an overflow: try fp32. Finite scores are cached, NaN ones are scored "
+                    "again on a rerun."
+                )
+            scores[m.name][name] = values.reshape(len(prompts), len(seeds))  # [P, S]
+            reuse[name][m.name] = {"scored": n_new, "cached": values.size - n_new}
+        del scorer
+    return scores, names, reuse
 
 
 def _implicit_accuracy(args, models) -> dict[str, float]:
@@ -161,17 +223,29 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Run the evaluation; returns the summary dict (also written to ``OUTPUT_DIR/summary.json``)."""
+    """Run the evaluation; returns the summary dict (also written to ``OUTPUT_DIR/summary.json``).
+
+    Bad arguments exit with usage and status 2; a fault found later (missing scorer weights, a model
+    that does not load, a NaN score) exits with one ``error:`` line and status 1. Work done before
+    the fault stays cached for the rerun.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
+        return _run(parser, args)
+    except (EvaluationError, ModelLoadError) as err:
+        lines = str(err).splitlines()
+        parser.exit(1, "".join(f"{parser.prog}: error: {line}\n" for line in lines))
+
+
+def _run(parser: argparse.ArgumentParser, args) -> dict:
+    try:
         models = [parse_model_spec(spec) for spec in args.model]
         names = [m.name for m in models]
         if len(set(names)) != len(names):
             raise ValueError(f"--model names must be unique, got {names}")
-        _check_scorer_specs(args.scorer)
         if args.num_images_per_prompt < 1:
             raise ValueError(f"--num_images_per_prompt must be >= 1, got {args.num_images_per_prompt}")
         settings = GenerationSettings(
@@ -189,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
             split=args.prompt_split,
             max_prompts=args.max_prompts,
         )
+        _check_scorers(args.scorer)  # after the cheap checks: this may download weights
     except ValueError as err:
         parser.error(str(err))
 
@@ -214,27 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
         image_paths[m.name] = paths
         generation[m.name] = {"generated": n_new, "cached": len(prompts) * len(seeds) - n_new}
 
-    from diffusion_dpo.scorers import load_scorer
-
-    scores: dict[str, dict[str, np.ndarray]] = {m.name: {} for m in models}
-    scorer_names: list[str] = []
-    flat_prompts = [p for p in prompts for _ in seeds]  # [P*S], prompt-major like paths
-    for spec in args.scorer:
-        try:
-            scorer = load_scorer(
-                spec, device=args.device, dtype=DTYPES[args.scorer_dtype], batch_size=args.scorer_batch_size
-            )
-        except (ValueError, FileNotFoundError) as err:  # incl. MissingWeightsError
-            parser.error(f"--scorer {spec!r}: {err}")
-        name = scorer.name if scorer.name not in scorer_names else f"{scorer.name}#{len(scorer_names)}"
-        scorer_names.append(name)
-        for m in models:
-            flat_paths = [path for row in image_paths[m.name] for path in row]
-            values = score_image_files(
-                scorer, flat_paths, flat_prompts, chunk_size=4 * args.scorer_batch_size
-            )
-            scores[m.name][name] = values.reshape(len(prompts), len(seeds))  # [P, S]
-        del scorer
+    scores, scorer_names, scoring = _score_all(args, models, prompts, seeds, image_paths, cache_dir)
 
     implicit = _implicit_accuracy(args, models) if args.implicit_pairs and len(models) > 1 else None
 
@@ -271,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     summary = summarize_results(results, n_boot=args.n_bootstrap, seed=args.seed)
     summary["generation"] = generation
+    summary["scoring"] = scoring
     summary["elapsed_s"] = round(time.time() - t0, 2)
     paths = write_report(
         results, summary, output_dir, top_k=args.top_k, max_grid_prompts=args.max_grid_prompts

@@ -10,6 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -230,3 +236,250 @@ def test_default_image_size_is_the_pipelines(models, tmp_path):
     settings = GenerationSettings(num_inference_steps=1)  # no resolution: the pipeline's default
     paths, _ = generate_images(spec, PROMPTS[:1], [0], settings, tmp_path, progress=False)
     assert Image.open(paths[0][0]).size == default_image_size(spec) == (32, 32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. interrupted runs resume
+
+
+def test_interrupted_generation_resumes(evaluate, models, prompt_file, uninterrupted, monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    _count_generation(monkeypatch, fail_at_call=3)  # batches 1 and 2 of model base are saved
+    with pytest.raises(Interrupted):
+        evaluate.main(_argv(models, prompt_file, out))
+    assert len(list((out / "images").rglob("*.png"))) == 4
+    assert not (out / "summary.json").exists()
+
+    calls = _count_generation(monkeypatch)
+    summary = evaluate.main(_argv(models, prompt_file, out))
+    assert sum(calls) == N_IMAGES - 4
+    assert summary["generation"] == {
+        "base": {"generated": 2, "cached": 4},
+        "other": {"generated": 6, "cached": 0},
+    }
+    assert _comparable(out) == _comparable(uninterrupted)
+
+
+def test_interrupted_scoring_resumes(
+    evaluate, models, prompt_file, uninterrupted, monkeypatch, tmp_path, caplog
+):
+    out = tmp_path / "out"
+    _count_scoring(monkeypatch, fail_at_call=3)  # chunks 1 and 2 (4 + 2 images of model base) are cached
+    with pytest.raises(Interrupted):
+        evaluate.main(_argv(models, prompt_file, out))
+
+    gen_calls = _count_generation(monkeypatch)
+    score_calls = _count_scoring(monkeypatch)
+    with caplog.at_level("INFO"):
+        summary = evaluate.main(_argv(models, prompt_file, out))
+    assert gen_calls == []  # every image was cached
+    assert sum(score_calls) == N_IMAGES - 6
+    assert summary["scoring"] == {
+        "shapes": {"base": {"scored": 0, "cached": 6}, "other": {"scored": 6, "cached": 0}}
+    }
+    assert "scorer shapes: 6 of 12 scores cached" in caplog.text
+    assert _comparable(out) == _comparable(uninterrupted)
+
+    # a third run reuses everything: no pipeline, no scorer loaded
+    calls = _count_scoring(monkeypatch)
+    summary = evaluate.main(_argv(models, prompt_file, out))
+    assert calls == [] and summary["scoring"]["shapes"]["other"] == {"scored": 0, "cached": 6}
+
+
+_KILLABLE = """
+import importlib.util, os, sys, time
+import diffusion_dpo.scorers as scorers
+
+real_load = scorers.load_scorer
+
+def load(spec, **kwargs):
+    scorer, calls = real_load(spec, **kwargs), []
+    def score(images, prompts):
+        calls.append(len(images))
+        if len(calls) == 3:  # two chunks are cached: say so, then wait to be killed
+            open(os.environ["MARKER"], "w").close()
+            time.sleep(600)
+        return scorer(images, prompts)
+    return score
+
+scorers.load_scorer = load
+spec = importlib.util.spec_from_file_location("evaluate", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.main(sys.argv[2:])
+"""
+
+
+def test_sigkill_while_scoring_then_rerun(
+    evaluate, models, prompt_file, uninterrupted, monkeypatch, tmp_path
+):
+    from diffusion_dpo.evaluation.score_cache import ScoreCache
+
+    out, marker = tmp_path / "out", tmp_path / "scoring-started"
+    script = tmp_path / "killable.py"
+    script.write_text(_KILLABLE)
+    env = {**os.environ, "MARKER": str(marker), "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, str(script), str(REPO / "eval" / "evaluate.py"), *_argv(models, prompt_file, out)]
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the run never reached its third scorer call"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    [cache_file] = (out / "images" / "scores").glob("shapes-*.jsonl")
+    assert len(ScoreCache(cache_file)) == 6  # chunks of 4 + 2 images
+
+    calls = _count_scoring(monkeypatch)
+    evaluate.main(_argv(models, prompt_file, out))
+    assert sum(calls) == N_IMAGES - 6
+    assert _comparable(out) == _comparable(uninterrupted)
+
+
+def test_score_cache_never_reads_back_a_torn_record(tmp_path, caplog):
+    from diffusion_dpo.evaluation.score_cache import ScoreCache
+
+    path = tmp_path / "scores.jsonl"
+    cache = ScoreCache(path)
+    cache.add({"a": 1.5, "b": -0.25, "nan": float("nan")})  # non-finite scores are not cached
+    assert ScoreCache(path).scores == {"a": 1.5, "b": -0.25}
+    with path.open("a") as f:  # a kill in the middle of the next append
+        f.write('{"key": "c", "score": 0.12')
+    with caplog.at_level("WARNING"):
+        torn = ScoreCache(path)
+    assert torn.scores == {"a": 1.5, "b": -0.25} and "ignored 1 unreadable" in caplog.text
+    torn.add({"d": 3.0})  # starts on a fresh line: the torn one cannot swallow it
+    assert ScoreCache(path).scores == {"a": 1.5, "b": -0.25, "d": 3.0}
+    lines = path.read_text().splitlines()
+    assert lines[2] == '{"key": "c", "score": 0.12' and json.loads(lines[3]) == {"key": "d", "score": 3.0}
+
+
+def test_score_keys_follow_image_bytes_and_prompt(tmp_path):
+    from diffusion_dpo.evaluation.score_cache import ScoreCache, score_key
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"same bytes")
+    b.write_bytes(b"same bytes")
+    assert score_key(a, "p") == score_key(b, "p")  # the same image (e.g. safety-blanked) ...
+    assert score_key(a, "p") != score_key(a, "q")  # ... under another prompt scores anew
+    b.write_bytes(b"other bytes")
+    assert score_key(a, "p") != score_key(b, "p")
+    # scorer identity: spec and dtype pick the file
+    folder = tmp_path / "scores"
+    assert (
+        ScoreCache.for_scorer(folder, "shapes", "fp32").path
+        == ScoreCache.for_scorer(folder, "shapes", "fp32").path
+    )
+    assert (
+        ScoreCache.for_scorer(folder, "shapes", "fp32").path
+        != ScoreCache.for_scorer(folder, "shapes", "fp16").path
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. missing scorer weights fail before any image
+
+
+def test_missing_weights_fail_before_generation(evaluate, models, prompt_file, monkeypatch, tmp_path, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    import diffusion_dpo.evaluation.generate as generate
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded although a scorer's weights are missing")
+
+    monkeypatch.setattr(generate, "load_pipeline", no_loading)
+    argv = _argv(models, prompt_file, tmp_path / "out", "--scorer", "hpsv2.1")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert exit_info.value.code == 1
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert "hpsv2.1: weights not found" in line and "HPS_v2.1_compressed.pt" in line
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_missing_weights_cli_prints_one_line(models, prompt_file, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home")}
+    argv = [sys.executable, str(REPO / "eval" / "evaluate.py"), *_argv(models, prompt_file, tmp_path / "out")]
+    argv += ["--scorer", "pickscore"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert line.startswith("evaluate.py: error: pickscore: weights not found")
+    for part in (
+        "yuvalkirstain/PickScore_v1",
+        "--scorer pickscore=/path/to/folder",
+        "HF_HOME",
+        "HF_HUB_OFFLINE",
+    ):
+        assert part in line
+    assert str(tmp_path / "hf_home") in line  # where it looked
+    assert not (tmp_path / "out" / "images").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# other faults: bad inputs, a model that does not load, NaN scores
+
+
+def test_bad_prompt_files_are_clear_errors(evaluate, models, tmp_path, capsys):
+    cases = {
+        "binary.txt": (
+            b"\x89\xff\xfe\x00 not text",
+            "cannot read prompts from .*binary.txt: UnicodeDecodeError",
+        ),
+        "blank.txt": (b"\n  \n", "no prompts in .*blank.txt"),
+        "header_only.csv": (b"prompt,category\n", "no prompts in .*header_only.csv"),
+        "broken.json": (b'{"photo": ["a cat",', "cannot read prompts from .*broken.json: JSONDecodeError"),
+        "empty.json": (b"[]", "no prompts in .*empty.json"),
+        "broken.parquet": (b"PAR1 not really", "cannot read prompts from .*broken.parquet"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(_argv(models, tmp_path / name, tmp_path / "out"))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert re.search(message, err), (name, err)
+    assert not (tmp_path / "out" / "images").exists()
+
+
+def test_a_model_that_does_not_load_is_one_line(evaluate, models, prompt_file, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(models["other"], broken)
+    shutil.rmtree(broken / "unet")  # model_index.json still names a unet
+    out = tmp_path / "out"
+    argv = _argv(models, prompt_file, out)
+    argv[argv.index(f"other={models['other']}")] = f"other={broken}"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(argv)
+    assert exit_info.value.code == 1
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert "could not load model 'other'" in line and str(broken) in line
+    assert len(list((out / "images").rglob("*.png"))) == 6  # the baseline's images are kept
+
+
+def test_nan_score_stops_with_a_clear_error(evaluate, models, prompt_file, monkeypatch, tmp_path, capsys):
+    out = tmp_path / "out"
+    _count_scoring(monkeypatch, nan_image=1)  # the second image of model base
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(_argv(models, prompt_file, out))
+    assert exit_info.value.code == 1
+    [line] = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert "scorer shapes gave NaN or infinite scores for 1 of 6 images of model base" in line
+    assert not (out / "summary.json").exists()
+
+    calls = _count_scoring(monkeypatch)  # a healthy rerun scores only the NaN image and model other
+    summary = evaluate.main(_argv(models, prompt_file, out))
+    assert calls == [1, 4, 2]
+    assert summary["scores"]["base"]["shapes"]["n"] == 6

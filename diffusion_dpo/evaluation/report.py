@@ -3,7 +3,8 @@
 :func:`summarize_results` turns paired scores (:class:`EvalResults`) into one JSON-able dict with
 :mod:`diffusion_dpo.evaluation.stats`; :func:`write_report` writes it and the human-readable files.
 The HTML page is self-contained apart from the images, which it references by paths relative to the
-output folder, so the folder can be copied or served as a whole.
+output folder, so the folder can be copied or served as a whole. Each file is written atomically and
+``summary.json`` last, so a run killed while writing never leaves a truncated summary.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import math
 import os
 import re
+import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,10 +142,24 @@ def _rel(path: Path, root: Path) -> str:
     return Path(os.path.relpath(Path(path).resolve(), root.resolve())).as_posix()
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` via a temp file in the same folder and ``os.replace``: all of it or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_scores_csv(results: EvalResults, path: Path, root: Path) -> None:
     """One row per image: model, prompt_index, prompt, seed, category, image (relative to ``root``),
     then one column per scorer."""
-    with path.open("w", newline="", encoding="utf-8") as f:
+    import io
+
+    with io.StringIO(newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["model", "prompt_index", "prompt", "seed", "category", "image", *results.scorers])
         for m in results.models:
@@ -152,6 +168,7 @@ def write_scores_csv(results: EvalResults, path: Path, root: Path) -> None:
                 for k, seed in enumerate(results.seeds):
                     row = [m, p, prompt, seed, cat, _rel(results.image_paths[m][p][k], root)]
                     writer.writerow(row + [repr(float(results.scores[m][s][p][k])) for s in results.scorers])
+        write_text_atomic(path, f.getvalue())
 
 
 def _figure(width: float = 5.0, height: float = 3.2):
@@ -373,12 +390,11 @@ def write_report(
             plot_category_bars(summary["per_category"], results.models, s, path)
             plots.append(path)
     paths = {"summary": root / "summary.json", "csv": root / "scores.csv", "html": root / "report.html"}
-    paths["summary"].write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False))
     write_scores_csv(results, paths["csv"], root)
-    paths["html"].write_text(
-        render_html(results, summary, root, plots, top_k=top_k, max_grid_prompts=max_grid_prompts),
-        encoding="utf-8",
-    )
+    html_text = render_html(results, summary, root, plots, top_k=top_k, max_grid_prompts=max_grid_prompts)
+    write_text_atomic(paths["html"], html_text)
+    # Last: a summary.json newer than the run's start means every other file is complete.
+    write_text_atomic(paths["summary"], json.dumps(_json_safe(summary), indent=2, allow_nan=False))
     paths["plots"] = plot_dir
     logger.info("wrote %s, %s, %s", *(paths[k] for k in ("summary", "csv", "html")))
     return paths
