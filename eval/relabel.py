@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -193,8 +194,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     out = out.add_column("label_0", new_0.tolist()).add_column("label_1", new_1.tolist())
     out = out.add_column("score_0", s0.tolist()).add_column("score_1", s1.tolist())
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    out.to_parquet(args.output)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # Via a temp file and a rename: a run killed while writing leaves no truncated dataset to train on.
+    tmp = output.with_name(f".tmp-{output.name}")
+    out.to_parquet(str(tmp))
+    os.replace(tmp, output)
 
     ties = int(np.sum(new_0 == 0.5))
     print(

@@ -445,6 +445,7 @@ def test_relabel_with_the_shapes_scorer(tmp_path):
     assert got["original_label_0"] == [1.0, 0.0, 0.5]
     assert got["ranking_id"] == [10, 11, 12] and got["jpg_0"] == table["jpg_0"].to_pylist()
     assert all(s0 > s1 for s0, s1 in zip(got["score_0"], got["score_1"]))
+    assert not list(tmp_path.glob(".tmp-*")), "the atomic write left its temp file"
 
     # a margin wider than every score gap makes every pair a tie; --max_rows keeps the first rows
     result = relabel.main(
