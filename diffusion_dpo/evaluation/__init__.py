@@ -1,8 +1,10 @@
-"""Evaluation: prompt sets, cached paired generation, statistics and reports (``eval/evaluate.py``)."""
+"""Evaluation: prompt sets, cached generation and scores, statistics, reports (``eval/evaluate.py``)."""
 
 from diffusion_dpo.evaluation.generate import (
     GenerationSettings,
+    ModelLoadError,
     ModelSpec,
+    check_cached_image,
     generate_images,
     load_pipeline,
     model_identity,
@@ -11,6 +13,7 @@ from diffusion_dpo.evaluation.generate import (
 )
 from diffusion_dpo.evaluation.prompts import PromptSet, load_prompts
 from diffusion_dpo.evaluation.report import EvalResults, summarize_results, write_report
+from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key
 from diffusion_dpo.evaluation.stats import (
     WinRate,
     fit_bradley_terry,
@@ -23,9 +26,12 @@ from diffusion_dpo.evaluation.stats import (
 __all__ = [
     "EvalResults",
     "GenerationSettings",
+    "ModelLoadError",
     "ModelSpec",
     "PromptSet",
+    "ScoreCache",
     "WinRate",
+    "check_cached_image",
     "fit_bradley_terry",
     "generate_images",
     "load_pipeline",
@@ -34,6 +40,8 @@ __all__ = [
     "pairwise_wins",
     "parse_model_spec",
     "resolve_model",
+    "score_files",
+    "score_key",
     "summarize",
     "summarize_results",
     "win_rate",
