@@ -320,17 +320,19 @@ def test_sigkill_while_scoring_then_rerun(
     script.write_text(_KILLABLE)
     env = {**os.environ, "MARKER": str(marker), "HF_HUB_OFFLINE": "1"}
     argv = [sys.executable, str(script), str(REPO / "eval" / "evaluate.py"), *_argv(models, prompt_file, out)]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.monotonic() < deadline, "the run never reached its third scorer call"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
+    log = tmp_path / "stderr.txt"  # a file, not a pipe: a full pipe would block the child
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 120
+            while not marker.exists():
+                assert proc.poll() is None, log.read_text()[-2000:]
+                assert time.monotonic() < deadline, "the run never reached its third scorer call"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == -signal.SIGKILL
     [cache_file] = (out / "images" / "scores").glob("shapes-*.jsonl")
     assert len(ScoreCache(cache_file)) == 6  # chunks of 4 + 2 images
