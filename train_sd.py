@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.create_tiny_assets:
         ensure_tiny_assets(cfg)
     summary = train(cfg)
-    shown = {k: v for k, v in summary.items() if k != "models"}
-    print(json.dumps({"output_dir": cfg.output_dir, **shown}, indent=2))
+    if summary["is_main_process"]:
+        shown = {k: v for k, v in summary.items() if k not in ("models", "is_main_process")}
+        print(json.dumps({"output_dir": cfg.output_dir, **shown}, indent=2))
     return summary
 
 

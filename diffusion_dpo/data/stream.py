@@ -117,6 +117,7 @@ class ShuffledStream(torch.utils.data.IterableDataset):
         return order, num_readers, reader
 
     def _quota(self, reader: int, num_readers: int) -> int | None:
+        """Rows this reader reads per epoch (its share of ``max_rows``), or None for all."""
         if self.max_rows is None:
             return None
         return self.max_rows // num_readers + (reader < self.max_rows % num_readers)
@@ -137,11 +138,11 @@ class ShuffledStream(torch.utils.data.IterableDataset):
         state = self.resume_states.get(reader)
         quota = self._quota(reader, num_readers)
         yielded = state["yielded"] if state else 0
+        read = state["read"] if state else 0  # kept rows read before the current block
         for k in range(state["shard"] if state else 0, len(shards)):
             resuming = state is not None and k == state["shard"]
-            for block_no, block_state, position, rows in self._blocks(
-                shards[k], stride, offset, state if resuming else None
-            ):
+            blocks = self._blocks(shards[k], stride, offset, state if resuming else None, quota, read)
+            for block_no, block_state, position, read_before, rows in blocks:
                 order = np.random.default_rng(
                     np.random.SeedSequence(
                         [self.seed, self.epoch, reader, shards[k], block_no, _PURPOSE_BLOCK]
@@ -149,8 +150,6 @@ class ShuffledStream(torch.utils.data.IterableDataset):
                 ).permutation(len(rows))
                 taken = state["taken"] if resuming and block_no == state["block"] else 0
                 for j in range(taken, len(rows)):
-                    if quota is not None and yielded >= quota:
-                        return
                     index = yielded * num_readers + reader
                     yielded += 1
                     example = self._transform(rows[order[j]], index)
@@ -158,24 +157,36 @@ class ShuffledStream(torch.utils.data.IterableDataset):
                         "reader": reader,
                         "state": {
                             "epoch": self.epoch, "shard": k, "source": block_state, "position": position,
-                            "block": block_no, "taken": j + 1, "yielded": yielded,
+                            "read": read_before, "block": block_no, "taken": j + 1, "yielded": yielded,
                         },
                     }  # fmt: skip
                     yield example
+                read = read_before + len(rows)
+            if quota is not None and read >= quota:
+                return
 
-    def _blocks(self, shard_id: int, stride: int, offset: int, state: dict | None):
+    def _blocks(
+        self, shard_id: int, stride: int, offset: int, state: dict | None, quota: int | None, read: int
+    ):
         """Blocks of up to ``buffer_size`` kept rows of one shard: ``(block number, datasets state at the
-        block's start, kept-row position at the block's start, rows)``; from ``state``'s block if given."""
+        block's start, row position at the block's start, kept rows read before it, rows)``; from
+        ``state``'s block if given. With a ``quota``, stops once ``quota`` kept rows were read."""
         shard = self.source.shard(num_shards=self.source.num_shards, index=shard_id)
         block_no, position, block_state = 0, 0, None
         if state is not None:
-            block_no, position, block_state = state["block"], state["position"], state["source"]
+            block_no, position, block_state, read = (
+                state["block"],
+                state["position"],
+                state["source"],
+                state["read"],
+            )
             if block_state is not None:
                 shard.load_state_dict(block_state)
         # iter(batch_size=1) reads the shard in this process, not split again across DataLoader workers
         rows_iter = shard.iter(batch_size=1)
         try:
-            while True:
+            while quota is None or read < quota:
+                size = self.buffer_size if quota is None else min(self.buffer_size, quota - read)
                 rows, start_position = [], position
                 for batch in rows_iter:
                     self.rows_read += 1
@@ -183,11 +194,12 @@ class ShuffledStream(torch.utils.data.IterableDataset):
                     position += 1
                     if keep:
                         rows.append({key: values[0] for key, values in batch.items()})
-                        if len(rows) == self.buffer_size:
+                        if len(rows) == size:
                             break
                 if not rows:
                     return
-                yield block_no, block_state, start_position, rows
+                yield block_no, block_state, start_position, read, rows
+                read += len(rows)
                 # the next block starts where this one ended: the shard's state now
                 block_no, block_state = block_no + 1, shard.state_dict()
         finally:

@@ -17,6 +17,7 @@ import gc
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -169,6 +170,13 @@ def train(cfg: TrainConfig) -> dict:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # each process would train alone on the same data
+        raise ValueError(
+            f"{launched} processes were launched but accelerate set up {accelerator.num_processes}: without a "
+            "GPU, multi-process runs need ACCELERATE_USE_CPU=1 (gloo backend), e.g. "
+            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_sd.py ...`"
+        )
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     # Seeds model initialisation (LoRA adapters) alike on every process. The training draws do not use
@@ -413,5 +421,6 @@ def train(cfg: TrainConfig) -> dict:
         "train/skipped_steps": nonfinite.skipped,
         **bad.summary(),
         "seconds": time.time() - started,
+        "is_main_process": accelerator.is_main_process,
         "models": models,
     }

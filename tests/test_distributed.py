@@ -1,0 +1,152 @@
+"""Many processes: 2 CPU processes (gloo) launched by `accelerate launch` train the weights that one
+process trains on the same global batch, and write metrics, checkpoints and the model once.
+
+Why this can fail: processes that draw the same noise (a `set_seed(seed)` on every rank), a KTO
+reference point taken per process, a held-out accuracy counted per process, data sharded so that
+the global batch differs, or a process left waiting when its micro-batch holds only skipped rows.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffusion_dpo.data import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+UNET = "unet/diffusion_pytorch_model.safetensors"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _args(**values) -> list[str]:
+    argv = []
+    for k, v in values.items():
+        argv += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return argv
+
+
+def _train(processes: int, **values) -> subprocess.CompletedProcess:
+    """`train_sd.py` in 1 process, or in N CPU processes through `accelerate launch` (gloo)."""
+    script = [str(ROOT / "train_sd.py"), *_args(**values)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        cmd = [sys.executable, *script]
+    else:
+        # without a GPU accelerate needs ACCELERATE_USE_CPU=1 to set up gloo (the README says so)
+        env["ACCELERATE_USE_CPU"] = "1"
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), *script,
+        ]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_training(base_unet: Path, one: Path, two: Path) -> None:
+    base, a, b = (load_file(p) for p in (base_unet, one / UNET, two / UNET))
+    update = max((a[k] - base[k]).abs().max().item() for k in a)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert update > 1e-5, "training did not move the weights"
+    # float summation order only: the two runs differ by orders of magnitude less than they moved
+    assert diff < 1e-3 * update, (diff, update)
+    rows_one, rows_two = _rows(one), _rows(two)
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]  # logged once, not per process
+    for r1, r2 in zip(rows_one, rows_two, strict=True):
+        for key in ("loss", "rewards/accuracies", "kto/kl", "data/skipped_rows", "eval/implicit_acc"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-3, abs=1e-4), (r1["step"], key)
+
+
+@pytest.fixture(scope="module")
+def pairs_with_bad_rows(tmp_path_factory):
+    """24 pairs, 3 with an undecodable image: with one row per process, some micro-steps give one
+    process nothing but a placeholder, which must neither hang it nor change the result."""
+    folder = tmp_path_factory.mktemp("dist_data")
+    path = synthetic.write_pair_dataset(folder / "pairs.parquet", 24, seed=0, tie_fraction=0.0)
+    table = pq.read_table(path).to_pylist()
+    for i in (2, 9, 17):
+        table[i]["jpg_0"] = b"not an image"
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist(table, schema=pq.read_schema(path)), path)
+    heldout = synthetic.write_pair_dataset(folder / "heldout.parquet", 8, seed=1, tie_fraction=0.0)
+    return path, heldout
+
+
+def test_two_processes_train_what_one_process_trains_dpo(tmp_path, tiny_sd_path, pairs_with_bad_rows):
+    data, heldout = pairs_with_bad_rows
+    # Adam's first steps move each weight by ±lr whatever its gradient's size, so gradients that differ
+    # in the 7th digit (float summation order) can flip tiny updates; a large ε makes the update
+    # proportional to the gradient, and the comparison then measures the training, not the rounding.
+    common = dict(
+        pretrained_model_name_or_path=tiny_sd_path, dataset_name=data, resolution=32, max_train_steps=4,
+        gradient_accumulation_steps=2, learning_rate=1e-2, adam_epsilon=1.0, lr_warmup_steps=0,
+        checkpointing_steps=2, seed=0, max_bad_row_fraction=0.5, validation_dataset_name=heldout,
+        num_validation_pairs=7, validation_steps=2,
+    )  # fmt: skip
+    _train(1, output_dir=tmp_path / "one", train_batch_size=2, **common)
+    _train(2, output_dir=tmp_path / "two", train_batch_size=1, **common)
+    _assert_same_training(Path(tiny_sd_path) / UNET, tmp_path / "one", tmp_path / "two")
+    rows = _rows(tmp_path / "two")
+    assert rows[-1]["data/skipped_rows"] >= 1  # some placeholders were met
+    assert "eval/implicit_acc" in rows[1] and "eval/implicit_acc" in rows[3]
+    two = tmp_path / "two"
+    assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((two / "checkpoint-4" / "training_state.json").read_text())
+    assert state["position"] == {"rows_done": 16}  # 4 steps × 2 micro-batches × 2 processes × 1 row
+    assert {p.name for p in (two / "checkpoint-4").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    }
+    assert (two / "model_index.json").is_file()
+
+
+def test_two_processes_train_what_one_process_trains_kto(tmp_path, tiny_sd_path):
+    """KTO's reference point is the mean log-ratio of the global batch: averaged over processes."""
+    data = synthetic.write_unpaired_dataset(tmp_path / "kto.parquet", 24, seed=0)
+    common = dict(
+        pretrained_model_name_or_path=tiny_sd_path, dataset_name=data, objective="kto", resolution=32,
+        max_train_steps=3, learning_rate=1e-2, adam_epsilon=1.0, lr_warmup_steps=0, beta_dpo=500,
+        checkpointing_steps=100, seed=0,
+    )  # fmt: skip
+    _train(1, output_dir=tmp_path / "one", train_batch_size=4, **common)
+    _train(2, output_dir=tmp_path / "two", train_batch_size=2, **common)
+    _assert_same_training(Path(tiny_sd_path) / UNET, tmp_path / "one", tmp_path / "two")
+    # from step 2 on the policy differs from the reference: the reference point is not trivially 0
+    assert any(r["kto/kl"] > 0 for r in _rows(tmp_path / "two")[1:])
+
+
+def test_each_row_draws_its_own_noise_whatever_the_batching():
+    """The training draws are a function of (seed, epoch, row): distinct across the rows of different
+    processes, identical for a row wherever it lands."""
+    from diffusion_dpo.diffusion import draw_for_rows
+
+    whole = draw_for_rows(0, 0, [0, 1, 2, 3], (4, 4, 4), 1000, images_per_row=2)
+    halves = [draw_for_rows(0, 0, rows, (4, 4, 4), 1000, images_per_row=2) for rows in ([0, 1], [2, 3])]
+    torch.testing.assert_close(whole.noise, torch.cat([h.noise for h in halves]), rtol=0, atol=0)
+    torch.testing.assert_close(whole.timesteps, torch.cat([h.timesteps for h in halves]), rtol=0, atol=0)
+    torch.testing.assert_close(
+        whole.posterior, torch.cat([h.posterior for h in halves], dim=1), rtol=0, atol=0
+    )
+    assert not torch.equal(whole.noise[0], whole.noise[2])  # what rank 0 and rank 1 draw differs
+    assert not torch.equal(whole.posterior[0], whole.posterior[1])  # winner and loser posteriors differ
+    other_epoch = draw_for_rows(0, 1, [0], (4, 4, 4), 1000, images_per_row=2)
+    assert not torch.equal(other_epoch.noise[0], whole.noise[0])
