@@ -361,8 +361,8 @@ def test_score_cache_never_reads_back_a_torn_record(tmp_path, caplog):
     assert lines[2] == '{"key": "c", "score": 0.12' and json.loads(lines[3]) == {"key": "d", "score": 3.0}
 
 
-def test_score_keys_follow_image_bytes_and_prompt(tmp_path):
-    from diffusion_dpo.evaluation.score_cache import ScoreCache, score_key
+def test_score_cache_keys_and_files(tmp_path):
+    from diffusion_dpo.evaluation.score_cache import ScoreCache, score_key, scorer_identity
 
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     a.write_bytes(b"same bytes")
@@ -371,16 +371,22 @@ def test_score_keys_follow_image_bytes_and_prompt(tmp_path):
     assert score_key(a, "p") != score_key(a, "q")  # ... under another prompt scores anew
     b.write_bytes(b"other bytes")
     assert score_key(a, "p") != score_key(b, "p")
-    # scorer identity: spec and dtype pick the file
+    # the scorer's identity picks the file: spec, dtype, local weights, code (and library versions)
     folder = tmp_path / "scores"
-    assert (
-        ScoreCache.for_scorer(folder, "shapes", "fp32").path
-        == ScoreCache.for_scorer(folder, "shapes", "fp32").path
-    )
-    assert (
-        ScoreCache.for_scorer(folder, "shapes", "fp32").path
-        != ScoreCache.for_scorer(folder, "shapes", "fp16").path
-    )
+
+    def cache_file(spec, dtype="fp32"):
+        return ScoreCache.for_scorer(folder, spec, dtype).path
+
+    assert cache_file("shapes") == cache_file("shapes") != cache_file("shapes", "fp16")
+    weights = tmp_path / "HPS_v2.1_compressed.pt"
+    weights.write_bytes(b"v1")
+    before = cache_file(f"hpsv2.1={weights}")
+    assert cache_file(f"hpsv2.1={tmp_path}") != before  # another spec, though the same file
+    weights.write_bytes(b"v2, retrained")  # new size and mtime
+    assert cache_file(f"hpsv2.1={weights}") != before
+    identity = scorer_identity("shapes", "fp32")
+    assert identity["code"] != scorer_identity("pickscore", "fp32")["code"]  # shapes also hashes its world
+    assert identity["libraries"]["torch"]
 
 
 # ----------------------------------------------------------------------------------------------------

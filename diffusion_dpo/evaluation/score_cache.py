@@ -1,9 +1,11 @@
 """Per-image scores cached on disk, so an interrupted evaluation never scores an image twice.
 
 Scoring thousands of images with PickScore or HPS is not free, and a run killed half-way keeps every
-score it computed. There is one append-only JSONL file per scorer *identity*
-(:func:`scorer_identity`: its spec, dtype, the sizes and modification times of its local weight files
-and ``SCORE_CACHE_VERSION``), with one line per image: ``{"key": KEY, "score": 21.53}``. ``KEY``
+score it computed. There is one append-only JSONL file per scorer *identity* (:func:`scorer_identity`:
+its spec, dtype, the sizes and modification times of its local weight files, and the code that
+computes the score: a hash of the scorer sources and the versions of the libraries they call, so a fix
+or an upgrade never mixes old and new scores in one comparison), with one line per image:
+``{"key": KEY, "score": 21.53}``. ``KEY``
 (:func:`score_key`) hashes the image file's bytes and its prompt, so a regenerated image, or the same
 image under another prompt (the safety checker's black images), gets a new key.
 
@@ -15,18 +17,41 @@ Non-finite scores are never cached: they are reported, and scored again on a rer
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import math
 import os
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-#: Bump when a scorer's computation changes (preprocessing, scale): old records then stop matching.
-SCORE_CACHE_VERSION = 1
+#: Libraries whose version can change a score (model code, preprocessing, resizing).
+SCORING_LIBRARIES = ("torch", "torchvision", "transformers", "open_clip_torch", "pillow")
+#: Modules outside ``diffusion_dpo.scorers`` that compute a scorer's score.
+_EXTRA_CODE = {"shapes": ("diffusion_dpo.data.synthetic",)}
+
+
+def _code_hash(name: str) -> str:
+    # Every scorer module (they share base.py and clip_score.py), and what a scorer calls elsewhere.
+    import diffusion_dpo.scorers as package
+
+    files = sorted(Path(package.__file__).parent.glob("*.py"))
+    files += [Path(importlib.import_module(module).__file__) for module in _EXTRA_CODE.get(name, ())]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def scorer_identity(spec: str, dtype: str) -> dict:
@@ -36,11 +61,17 @@ def scorer_identity(spec: str, dtype: str) -> dict:
     scores of the same image in batches of different sizes. Hub weights are identified by name only,
     as models are (see ``generate.model_identity``).
     """
-    from diffusion_dpo.scorers import required_files
+    from diffusion_dpo.scorers import parse_spec, required_files
 
     files = [path for need in required_files(spec) for path in need.local_files()]
     stamps = [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
-    return {"spec": spec, "dtype": dtype, "version": SCORE_CACHE_VERSION, "files": stamps}
+    return {
+        "spec": spec,
+        "dtype": dtype,
+        "files": stamps,
+        "code": _code_hash(parse_spec(spec)[0]),
+        "libraries": {name: _version(name) for name in SCORING_LIBRARIES},
+    }
 
 
 def score_key(image_path: str | Path, prompt: str) -> str:
