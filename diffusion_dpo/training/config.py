@@ -70,8 +70,8 @@ class TrainConfig:
     )
     max_bad_row_fraction: float = _f(
         0.01,
-        "Stop (with a checkpoint and examples of bad rows) once the data shows, with 95% confidence, "
-        "that more than this share of rows is bad.",
+        "Stop (with a checkpoint and examples of bad rows) once the rows read are strong evidence that "
+        "more than this share of rows is bad, or a whole epoch's share exceeds it.",
     )
     # --- objective ---
     objective: str = _f(

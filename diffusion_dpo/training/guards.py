@@ -90,14 +90,19 @@ class NonFiniteSteps:
         return "; ".join(tips)
 
 
-def wilson_lower_bound(bad: int, total: int, z: float = 1.96) -> float:
-    """The lower end of the 95% Wilson score interval of a share ``bad / total``."""
-    if total == 0:
-        return 0.0
-    p = bad / total
-    centre = p + z * z / (2 * total)
-    spread = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    return max(0.0, (centre - spread) / (1 + z * z / total))
+def share_clearly_exceeds(bad: int, rows: int, max_fraction: float, alpha: float = 1e-6) -> bool:
+    """True when ``bad`` of ``rows`` is strong evidence that the true share of bad rows exceeds
+    ``max_fraction``: the Chernoff bound ``exp(−n·KL(bad/n ‖ max_fraction))`` on the chance of seeing
+    that many bad rows if the share were only ``max_fraction`` is below ``alpha``. The run checks
+    after every step, so ``alpha`` is tiny: a run whose data is within the limit is not stopped by a
+    bad streak, while a mostly broken data set stops within a few batches."""
+    if rows == 0 or bad / rows <= max_fraction:
+        return False
+    if max_fraction <= 0:
+        return True
+    q, p = bad / rows, max_fraction
+    kl = q * math.log(q / p) + ((1 - q) * math.log((1 - q) / (1 - p)) if q < 1 else -math.log(1 - p))
+    return rows * kl > math.log(1 / alpha)
 
 
 @dataclass
@@ -105,9 +110,10 @@ class BadRows:
     """Rows skipped as bad (``--on_bad_example skip``): counts and the first few, across processes.
 
     ``rows`` counts every row training read (skipped ones included). The share is judged by
-    :meth:`too_many`: a run stops once the data shows, with 95% confidence, more bad rows than
-    ``max_fraction`` (so a few bad rows among the first hundred do not stop a 335 GB run, while a data
-    set that is mostly broken stops early), or when a whole epoch's share exceeds it. Rows dropped
+    :meth:`too_many`: a run stops once the rows read are strong evidence of more bad rows than
+    ``max_fraction`` (:func:`share_clearly_exceeds`: a few bad rows among the first hundred do not stop
+    a 335 GB run, while a data set that is mostly broken stops early), or when a whole epoch's share
+    exceeds it. Rows dropped
     when the dataset is loaded (labels outside {0, 0.5, 1}) are counted apart: the load sees them all.
     """
 
@@ -142,7 +148,7 @@ class BadRows:
             return True
         if epoch_done and self.rows and self.skipped / self.rows > self.max_fraction:
             return True
-        return wilson_lower_bound(self.skipped, self.rows) > self.max_fraction
+        return share_clearly_exceeds(self.skipped, self.rows, self.max_fraction)
 
     def message(self) -> str:
         shown = "; ".join(f"row {e['index']}: {e['reason']}" for e in self.first_examples()[:5])

@@ -44,8 +44,10 @@ __all__ = ["compute_batch_loss", "setup_models", "train"]
 
 
 def _append_metrics(path: Path, row: dict) -> None:
+    # NaN/Inf are not JSON: a non-finite value is written as null (the log says which step it was)
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(json.dumps(clean) + "\n")
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -354,7 +356,10 @@ def train(cfg: TrainConfig) -> dict:
                         loss=f"{row['loss']:.4f}" if row.get("loss") is not None else "n/a",
                         acc=f"{row.get('rewards/accuracies') or float('nan'):.2f}",
                     )
-                accelerator.log(row, step=global_step)
+                # trackers take numbers only (not the lists of bad rows, not a missing value)
+                accelerator.log(
+                    {k: v for k, v in row.items() if isinstance(v, int | float)}, step=global_step
+                )
                 last_row = row
 
                 # ---- stop early, checkpoint, sample --------------------------------------------
