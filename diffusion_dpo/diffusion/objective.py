@@ -70,8 +70,10 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def _reference_prediction(unet, ref_unet, noisy, timesteps, hidden, cond) -> Tensor:
     with torch.no_grad():
         if ref_unet is None:
-            with adapters_disabled(unet) as base:
-                return base(noisy, timesteps, hidden, added_cond_kwargs=cond).sample
+            # adapters are switched on the inner module, the call goes through the wrapper: a sharded
+            # engine (FSDP) can only run the module through it
+            with adapters_disabled(unet):
+                return unet(noisy, timesteps, hidden, added_cond_kwargs=cond).sample
         # The frozen reference may be kept in the low-precision weight dtype to save memory.
         dtype = next(ref_unet.parameters()).dtype
         ref_cond = None if cond is None else {k: v.to(dtype) for k, v in cond.items()}

@@ -17,7 +17,6 @@ import gc
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion_dpo.training import checkpoint as ckpt
+from diffusion_dpo.training import distributed as dist
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.guards import BadRows, NonFiniteSteps, PreemptionSignals, RunStopped
 from diffusion_dpo.training.models import setup_models
@@ -170,15 +170,10 @@ def train(cfg: TrainConfig) -> dict:
         mixed_precision=cfg.mixed_precision,
         log_with=None if cfg.report_to == "none" else cfg.report_to,
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
+        kwargs_handlers=dist.process_group_kwargs(),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:  # each process would train alone on the same data
-        raise ValueError(
-            f"{launched} processes were launched but accelerate set up {accelerator.num_processes}: without a "
-            "GPU, multi-process runs need ACCELERATE_USE_CPU=1 (gloo backend), e.g. "
-            "`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_sd.py ...`"
-        )
+    dist.check_launch(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     # Seeds model initialisation (LoRA adapters) alike on every process. The training draws do not use
@@ -187,16 +182,16 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    models = setup_models(cfg, accelerator.device)
+    with dist.frozen_parts_loading(accelerator):
+        models = setup_models(cfg, accelerator.device)
     data = build_train_data(
         cfg, models.components.is_sdxl, accelerator.num_processes, accelerator.process_index
     )
-    params = [p for p in models.unet.parameters() if p.requires_grad]
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     optimizer = torch.optim.AdamW(
-        params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        [p for p in models.unet.parameters() if p.requires_grad], lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
         weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
     )  # fmt: skip
     lr_scheduler = get_scheduler(
@@ -206,8 +201,19 @@ def train(cfg: TrainConfig) -> dict:
         num_training_steps=cfg.max_train_steps * accelerator.num_processes,
     )  # fmt: skip
     # The data loader is not prepared: its order and sharding are ours (data.order, data.stream).
+    dist.configure_engine(accelerator, cfg)
     unet, optimizer, lr_scheduler = accelerator.prepare(models.unet, optimizer, lr_scheduler)
     models.unet = unet
+    models.ref_unet = dist.prepare_reference(accelerator, models.ref_unet)
+    # after prepare: sharding engines replace the parameters, and clip the ones the model holds now
+    params = list(unet.parameters())
+    owns_step = dist.engine(accelerator) == "deepspeed"  # DeepSpeed steps inside accelerator.backward
+    if cfg.validation_prompts and dist.params_sharded(accelerator):
+        logger.warning(
+            "%s shards the UNet, so validation images are not sampled during training (one process cannot "
+            "run it alone); the final samples are made from the saved model",
+            dist.engine(accelerator),
+        )
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers("diffusion-dpo", config=cfg.to_dict())
 
@@ -288,6 +294,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     with PreemptionSignals() as signals:
         while global_step < cfg.max_train_steps:
+            resumed_mid_epoch = position is not None
             note = data.start_epoch(epoch, position)
             if note:
                 logger.info(note)
@@ -317,13 +324,18 @@ def train(cfg: TrainConfig) -> dict:
                 # ---- one optimizer step: agree on it, then step (or skip) -------------------------
                 totals = window.reduce(accelerator, stop=signals.received is not None)
                 norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                grad_norm = float(norm) if norm is not None else None  # None: the engine clips (DeepSpeed)
-                finite = not totals["nonfinite"] and (grad_norm is None or math.isfinite(grad_norm))
-                if finite:
-                    optimizer.step()
-                    lr_scheduler.step()
-                elif accelerator.scaler is not None:
-                    optimizer.step()  # fp16: the GradScaler sees the overflow, skips the update, lowers its scale
+                grad_norm = float(norm) if norm is not None else float("nan")
+                if owns_step:  # DeepSpeed already stepped, or skipped a non-finite step itself
+                    finite = not accelerator.optimizer_step_was_skipped
+                    if finite:
+                        lr_scheduler.step()
+                else:
+                    finite = not totals["nonfinite"] and math.isfinite(grad_norm)
+                    if finite:
+                        optimizer.step()
+                        lr_scheduler.step()
+                    elif accelerator.scaler is not None:
+                        optimizer.step()  # fp16: the GradScaler sees the overflow, skips, lowers its scale
                 optimizer.zero_grad(set_to_none=True)
                 global_step += 1
                 progress.update(1)
@@ -386,7 +398,8 @@ def train(cfg: TrainConfig) -> dict:
                     )  # fmt: skip
                 if global_step % cfg.checkpointing_steps == 0 or global_step == cfg.max_train_steps:
                     save({"global_step": global_step, "epoch": epoch})
-                if cfg.validation_prompts and global_step % cfg.validation_steps == 0:
+                sample_now = cfg.validation_prompts and global_step % cfg.validation_steps == 0
+                if sample_now and not dist.params_sharded(accelerator):
                     if accelerator.is_main_process:
                         validation_images(
                             cfg, models, accelerator.unwrap_model(unet), global_step, accelerator.device
@@ -395,7 +408,8 @@ def train(cfg: TrainConfig) -> dict:
                 if global_step >= cfg.max_train_steps:
                     break
             else:
-                if batches == 0:  # an empty epoch would loop forever
+                # an empty epoch would loop forever; a resumed one may just have had nothing left
+                if batches == 0 and not resumed_mid_epoch:
                     raise ValueError(
                         f"{cfg.dataset_name} gave no complete batch of --train_batch_size {cfg.train_batch_size} "
                         "(too few usable rows after dropping ties and bad rows?)"
@@ -407,6 +421,7 @@ def train(cfg: TrainConfig) -> dict:
     progress.close()
 
     accelerator.wait_for_everyone()
+    full_state = dist.final_state_dict(accelerator, unet, out / f"checkpoint-{global_step}")
     trained_unet = accelerator.unwrap_model(unet)
     # the optimizer state (2× the trained weights for AdamW) is not needed to save and sample
     optimizer.zero_grad(set_to_none=True)
@@ -414,7 +429,7 @@ def train(cfg: TrainConfig) -> dict:
     del optimizer, lr_scheduler
     gc.collect()
     if accelerator.is_main_process:
-        save_final_model(cfg, models, trained_unet)
+        save_final_model(cfg, models, trained_unet, full_state)
         if cfg.validation_prompts:
             final_samples(cfg, models, accelerator.device)
     accelerator.wait_for_everyone()

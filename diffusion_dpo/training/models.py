@@ -25,6 +25,20 @@ def weight_dtype_for(mixed_precision: str) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
+def reference_runs_in_train_mode(ref_unet: torch.nn.Module) -> bool:
+    """Whether the frozen reference should run in train mode, as the policy does.
+
+    diffusers' UNet blocks take slightly different code paths in train and eval mode (ResnetBlock2D
+    makes its shortcut input contiguous only when training, so convolutions see another memory
+    layout). With β = 5000 the last-bit differences this makes show up as a policy/reference gap
+    at step one: in bf16 a step-one loss of 0.62 instead of ln 2, a spurious preference signal of the
+    size of the real one. Without dropout (Stable Diffusion's UNets have none) both modes compute the
+    same function, so the reference runs in the policy's mode; with active dropout it must not be
+    random, and stays in eval mode.
+    """
+    return not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in ref_unet.modules())
+
+
 def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
     """Load the base model; add LoRA adapters or make the frozen reference copy; move to device."""
     components = load_components(
@@ -68,7 +82,7 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
                 variant=cfg.variant,
             )
             ref_unet.requires_grad_(False)
-            ref_unet.eval()
+            ref_unet.train(reference_runs_in_train_mode(ref_unet))
             ref_unet.to(device, dtype=weight_dtype)
     unet.train()
     if cfg.gradient_checkpointing:

@@ -38,22 +38,31 @@ def pipeline_parts(comps: SDComponents, unet: torch.nn.Module, dtype: torch.dtyp
     return parts
 
 
-def save_final_model(cfg: TrainConfig, models: Models, unet: torch.nn.Module) -> Path:
+def save_final_model(
+    cfg: TrainConfig, models: Models, unet: torch.nn.Module, state_dict: dict | None = None
+) -> Path:
     """Write the result in diffusers format to ``output_dir``.
 
     Full fine-tune: a whole pipeline folder (``from_pretrained(output_dir)``). LoRA:
     ``pytorch_lora_weights.safetensors`` with the adapter's config (rank, alpha, targets) in its
     metadata, so ``pipe.load_lora_weights(output_dir)`` applies it at scale alpha/rank, as trained.
-    Both get ``training_config.yaml``, which names the base model.
+    Both get ``training_config.yaml``, which names the base model. ``unet`` is the unwrapped trained
+    UNet; ``state_dict``, when given, holds its full fp32 weights (gathered from a sharding engine).
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipeline_cls = pipeline_class(models.components)
+    if state_dict is not None and not cfg.use_lora:
+        from diffusers import UNet2DConditionModel
+
+        whole = UNet2DConditionModel.from_config(unet.config)
+        whole.load_state_dict(state_dict, strict=True)
+        unet = whole
     if cfg.use_lora:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
         pipeline_cls.save_lora_weights(
             out, unet_lora_layers=lora_state, safe_serialization=True,
             # without it diffusers reloads the adapter at alpha = rank, i.e. scale 1, whatever was trained

@@ -80,8 +80,10 @@ def heldout_accuracy(
     padded and the padding not counted), as sharded engines (FSDP, ZeRO-3) require. A pair's noise
     depends on its index only, so the result does not depend on the number of processes.
     """
-    was_training = models.unet.training
-    models.unet.eval()
+    # policy and reference in the same (eval) mode, so that a model equal to its reference scores 0.5
+    modes = [(m, m.training) for m in (models.unet, models.ref_unet) if m is not None]
+    for module, _ in modes:
+        module.eval()
     n = pairs.latents_w.shape[0]
     processes, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
     per_process = -(-n // processes)
@@ -105,7 +107,8 @@ def heldout_accuracy(
         total += torch.stack([torch.where(keep, scores, 0.0).sum(), keep.sum().float()])
     if accelerator is not None and processes > 1:
         total = accelerator.reduce(total, reduction="sum")
-    models.unet.train(was_training)
+    for module, training in modes:
+        module.train(training)
     return (total[0] / total[1]).item()
 
 
