@@ -37,19 +37,24 @@ def _args(**values) -> list[str]:
     return argv
 
 
-def _train(processes: int, **values) -> subprocess.CompletedProcess:
-    """`train_sd.py` in 1 process, or in N CPU processes through `accelerate launch` (gloo)."""
+def _train(processes: int, config_file: str | None = None, **values) -> subprocess.CompletedProcess:
+    """`train_sd.py` in 1 process, or in N CPU processes through `accelerate launch` (gloo), with
+    the flags of the multi-GPU launcher or with one of `configs/accelerate/`."""
     script = [str(ROOT / "train_sd.py"), *_args(**values)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    launch += ["--main_process_port", str(_free_port())]
     if processes == 1:
         cmd = [sys.executable, *script]
+    elif config_file is not None:
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator
+        cmd = [*launch, "--config_file", str(ROOT / "configs" / "accelerate" / config_file), *script]
     else:
         # without a GPU accelerate needs ACCELERATE_USE_CPU=1 to set up gloo (the README says so)
         env["ACCELERATE_USE_CPU"] = "1"
         cmd = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(_free_port()), *script,
+            *launch, "--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            *script,
         ]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -150,3 +155,36 @@ def test_each_row_draws_its_own_noise_whatever_the_batching():
     assert not torch.equal(whole.posterior[0], whole.posterior[1])  # winner and loser posteriors differ
     other_epoch = draw_for_rows(0, 1, [0], (4, 4, 4), 1000, images_per_row=2)
     assert not torch.equal(other_epoch.noise[0], whole.noise[0])
+
+
+def _has_deepspeed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_deepspeed(), reason="DeepSpeed is not installed (pip install deepspeed)")
+def test_deepspeed_zero3_shards_the_reference_and_resumes_exactly(tmp_path, tiny_sd_path):
+    """ZeRO-3 on 2 CPU processes (DeepSpeed's CPU accelerator, gloo): the trained UNet and the frozen
+    reference are both sharded; step one is exactly policy = reference (loss ln 2); 2 steps + resume +
+    2 steps equal 4 straight steps; the saved model holds the fp32 master weights."""
+    data = synthetic.write_pair_dataset(tmp_path / "pairs.parquet", 24, seed=0, tie_fraction=0.0)
+    common = dict(
+        pretrained_model_name_or_path=tiny_sd_path, dataset_name=data, resolution=32, train_batch_size=2,
+        learning_rate=1e-2, adam_epsilon=1.0, lr_warmup_steps=0, checkpointing_steps=2, seed=0,
+        mixed_precision="bf16",
+    )  # fmt: skip
+    _train(2, "deepspeed_zero3.yaml", output_dir=tmp_path / "straight", max_train_steps=4, **common)
+    _train(2, "deepspeed_zero3.yaml", output_dir=tmp_path / "resumed", max_train_steps=2, **common)
+    _train(
+        2, "deepspeed_zero3.yaml", output_dir=tmp_path / "resumed", max_train_steps=4,
+        resume_from_checkpoint="latest", **common,
+    )  # fmt: skip
+    straight, resumed = load_file(tmp_path / "straight" / UNET), load_file(tmp_path / "resumed" / UNET)
+    assert max((straight[k] - resumed[k]).abs().max().item() for k in straight) == 0
+    assert next(iter(straight.values())).dtype == torch.float32
+    base = load_file(Path(tiny_sd_path) / UNET)
+    assert max((straight[k] - base[k]).abs().max().item() for k in straight) > 1e-5
+    rows = _rows(tmp_path / "straight")
+    assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-6)
