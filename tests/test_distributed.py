@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_runs import flags
 
 from diffusion_dpo.data import synthetic
 
@@ -30,17 +31,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _args(**values) -> list[str]:
-    argv = []
-    for k, v in values.items():
-        argv += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    return argv
-
-
 def _train(processes: int, config_file: str | None = None, **values) -> subprocess.CompletedProcess:
     """`train_sd.py` in 1 process, or in N CPU processes through `accelerate launch` (gloo), with
     the flags of the multi-GPU launcher or with one of `configs/accelerate/`."""
-    script = [str(ROOT / "train_sd.py"), *_args(**values)]
+    script = [str(ROOT / "train_sd.py"), *flags(values)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
     launch += ["--main_process_port", str(_free_port())]
@@ -188,3 +182,24 @@ def test_deepspeed_zero3_shards_the_reference_and_resumes_exactly(tmp_path, tiny
     assert max((straight[k] - base[k]).abs().max().item() for k in straight) > 1e-5
     rows = _rows(tmp_path / "straight")
     assert rows[0]["loss"] == pytest.approx(0.693147, abs=1e-6)
+
+
+def test_two_processes_stream_uneven_shards_without_waiting_for_each_other(tmp_path, tiny_sd_path):
+    """A stream's readers run dry at different times (3 shards of 10, 5 and 9 rows over 2 processes):
+    the epoch ends for both when one has no batch, nobody hangs in a collective, and training goes on
+    into the next epochs; the checkpoint holds both processes' reader states."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for i, n in enumerate((10, 5, 9)):
+        synthetic.write_pair_dataset(folder / f"train-{i:05d}.parquet", n, seed=i, tie_fraction=0.0)
+    out = tmp_path / "out"
+    _train(
+        2, pretrained_model_name_or_path=tiny_sd_path, dataset_name=folder, streaming=True, resolution=32,
+        train_batch_size=2, max_train_steps=8, learning_rate=1e-4, lr_warmup_steps=0, shuffle_buffer_size=4,
+        checkpointing_steps=8, output_dir=out,
+    )  # fmt: skip
+    rows = _rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    state = json.loads((out / "checkpoint-8" / "training_state.json").read_text())
+    assert state["epoch"] >= 1  # 2-3 steps per epoch: several epochs went by
+    assert state["position"]["num_processes"] == 2 and len(state["position"]["last_reader"]) == 2

@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from safetensors.torch import load_file
+from trainer_runs import flags, reset_accelerate
 
 from diffusion_dpo.data import synthetic
 from diffusion_dpo.training import checkpoint as ckpt
@@ -26,18 +26,6 @@ from diffusion_dpo.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = "unet/diffusion_pytorch_model.safetensors"
-
-
-def _reset_accelerate():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    _reset_accelerate()
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +40,11 @@ def _argv(model, data, out, **overrides):
         checkpointing_steps=100, seed=0,
     )  # fmt: skip
     values.update(overrides)
-    argv = []
-    for k, v in values.items():
-        argv += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    return argv
+    return flags(values)
 
 
 def _run(*args, **overrides):
-    _reset_accelerate()
+    reset_accelerate()
     return train(parse_config(_argv(*args, **overrides)))
 
 
@@ -275,13 +260,13 @@ def test_streaming_resume_continues_from_the_saved_position_without_rereading(
     straight = _run(tiny_sd_path, stream_folder, tmp_path / "straight", **common)["models"].unet.state_dict()
     _run(tiny_sd_path, stream_folder, tmp_path / "resumed", **{**common, "max_train_steps": 3})
 
-    decoded, real_transform = [], ShuffledStream._transform
+    decoded, real_example = [], ShuffledStream._example
 
     def recording(self, row, index):
         decoded.append(index)
-        return real_transform(self, row, index)
+        return real_example(self, row, index)
 
-    monkeypatch.setattr(ShuffledStream, "_transform", recording)
+    monkeypatch.setattr(ShuffledStream, "_example", recording)
     with caplog.at_level("INFO"):
         resumed = _run(
             tiny_sd_path, stream_folder, tmp_path / "resumed", resume_from_checkpoint="latest", **common
@@ -474,3 +459,31 @@ def test_sampling_decodes_outside_autocast_in_the_vae_dtype(tiny_sd_path, tmp_pa
 def test_run_stopped_carries_its_exit_status():
     stop = RunStopped("preempted", exit_code=128 + signal.SIGTERM)
     assert stop.exit_code == 143 and str(stop) == "preempted"
+
+
+def test_final_samples_come_from_the_saved_model_in_the_run_precision(
+    tmp_path, tiny_sd_path, pairs_path, monkeypatch
+):
+    """The final samples are drawn with the saved model loaded back on the training device in the
+    run's precision (they used to be drawn on the CPU in fp32 after a GPU run)."""
+    import diffusion_dpo.training.saving as saving
+
+    seen = {}
+    real = saving.sample_images
+
+    def spy(pipe, *args, **kwargs):
+        seen[kwargs.get("autocast_dtype")] = (pipe.unet.dtype, pipe.unet.device.type, pipe.vae.dtype)
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(saving, "sample_images", spy)
+    _run(
+        tiny_sd_path, pairs_path, tmp_path / "out", max_train_steps=1, mixed_precision="bf16",
+        validation_prompts="circle", validation_steps=1, num_inference_steps=2,
+    )  # fmt: skip
+    assert seen[torch.bfloat16] == (
+        torch.float32,
+        "cpu",
+        torch.bfloat16,
+    )  # validation: fp32 UNet under autocast
+    assert seen[None] == (torch.bfloat16, "cpu", torch.bfloat16)  # final: the saved model, in bf16
+    assert len(list((tmp_path / "out" / "samples").glob("*.png"))) == 1

@@ -7,24 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 from diffusers import DiffusionPipeline, UNet2DConditionModel
+from trainer_runs import flags, reset_accelerate
 
 from diffusion_dpo.data import synthetic
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.loop import setup_models, train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # accelerate keeps process-wide singletons; each in-process run must start from scratch
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +38,7 @@ def _argv(model, data, out, **overrides):
         seed=0,
     )
     values.update(overrides)
-    argv = []
-    for k, v in values.items():
-        if isinstance(v, bool):
-            argv += [f"--{k}", str(v).lower()]
-        elif isinstance(v, list | tuple):
-            argv += [f"--{k}", *map(str, v)]
-        else:
-            argv += [f"--{k}", str(v)]
-    return argv
+    return flags(values)
 
 
 def _run(*args, **overrides):
@@ -153,8 +136,7 @@ def test_resume_gives_the_same_weights(tmp_path, tiny_sd_path, pairs_path):
     straight = _run(tiny_sd_path, pairs_path, tmp_path / "straight", **common)["models"].unet
     # the interrupted run: same config, stopped after step 2 (its checkpoint-2 is what a crash leaves)
     _run(tiny_sd_path, pairs_path, tmp_path / "resumed", **{**common, "max_train_steps": 2})
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = _run(tiny_sd_path, pairs_path, tmp_path / "resumed", resume_from_checkpoint="latest", **common)
     resumed_unet = resumed["models"].unet
     a, b = straight.state_dict(), resumed_unet.state_dict()
@@ -186,8 +168,7 @@ def test_sft_and_kto_objectives_run(tmp_path, tiny_sd_path, pairs_path):
     assert sft["models"].ref_unet is None  # SFT needs no reference
     assert set(sft["last_metrics"]) >= {"loss", "mse/model_chosen"}
     unpaired = synthetic.write_unpaired_dataset(tmp_path / "kto.parquet", 16, seed=0)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     kto = _run(tiny_sd_path, unpaired, tmp_path / "kto", objective="kto", max_train_steps=2, use_lora=True)
     assert set(kto["last_metrics"]) >= {"loss", "kto/kl", "rewards/chosen", "rewards/rejected"}
     assert (tmp_path / "kto" / "pytorch_lora_weights.safetensors").is_file()

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState, PartialState
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
+from trainer_runs import flags, reset_accelerate
 
 from diffusion_dpo.data import synthetic
 from diffusion_dpo.diffusion import denoising_target, draw_for_rows, implicit_reward_accuracy
@@ -36,19 +36,6 @@ from diffusion_dpo.training.validation import (
 )
 
 LN2 = math.log(2.0)
-
-
-def _reset_accelerate():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    # accelerate keeps process-wide singletons; each in-process run must start from scratch
-    yield
-    _reset_accelerate()
 
 
 @pytest.fixture(autouse=True)
@@ -89,20 +76,14 @@ def _argv(model, data, out, **overrides):
         seed=0,
     )
     values.update(overrides)
-    argv = []
-    for k, v in values.items():
-        if isinstance(v, bool):
-            argv += [f"--{k}", str(v).lower()]
-        else:
-            argv += [f"--{k}", str(v)]
-    return argv
+    return flags(values)
 
 
 def _train(model, data, out, **overrides) -> dict:
     try:
         return loop.train(parse_config(_argv(model, data, out, **overrides)))
     finally:
-        _reset_accelerate()
+        reset_accelerate()
 
 
 class _Killed(Exception):
@@ -489,7 +470,7 @@ def test_fp16_reference_is_kept_in_fp16(tmp_path, tiny_sd_path, six_pairs):
             "accelerate gives no fp16 autocast on CPU (native_amp False, no GradScaler), so the fp32 "
             "policy UNet would receive fp16 inputs; fp16 is a GPU setting"
         )
-    _reset_accelerate()
+    reset_accelerate()
     summary = _train(tiny_sd_path, six_pairs, tmp_path / "out", max_train_steps=2, mixed_precision="fp16")
     assert next(summary["models"].ref_unet.parameters()).dtype == torch.float16
     assert all(math.isfinite(r["loss"]) for r in _rows(tmp_path / "out"))

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from diffusion_dpo.data.transforms import BadRowError
+from diffusion_dpo.data.transforms import TransformedRows
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _PURPOSE_BLOCK = 0xB10C
 STREAM_KEY = "_stream"
 
 
-class ShuffledStream(torch.utils.data.IterableDataset):
+class ShuffledStream(TransformedRows, torch.utils.data.IterableDataset):
     """Transformed training rows from a ``datasets.IterableDataset`` (see the module docstring).
 
     Args:
@@ -73,17 +73,12 @@ class ShuffledStream(torch.utils.data.IterableDataset):
     ):
         if buffer_size < 1:
             raise ValueError(f"buffer_size must be >= 1, got {buffer_size}")
-        if on_bad_example not in ("error", "skip"):
-            raise ValueError(f"on_bad_example must be 'error' or 'skip', got {on_bad_example!r}")
-        self.source = source
-        self.transform = transform
+        super().__init__(source, transform, on_bad_example=on_bad_example)
         self.seed = seed
         self.buffer_size = buffer_size
         self.num_processes = num_processes
         self.process_index = process_index
         self.max_rows = max_rows
-        self.on_bad_example = on_bad_example
-        self.epoch = 0
         self.resume_states: dict[int, dict] = {}
         self.rotation = 0
         #: Raw rows this process pulled from the source (with num_workers=0; for tests and logs).
@@ -152,7 +147,7 @@ class ShuffledStream(torch.utils.data.IterableDataset):
                 for j in range(taken, len(rows)):
                     index = yielded * num_readers + reader
                     yielded += 1
-                    example = self._transform(rows[order[j]], index)
+                    example = self._example(rows[order[j]], index)
                     example[STREAM_KEY] = {
                         "reader": reader,
                         "state": {
@@ -204,14 +199,6 @@ class ShuffledStream(torch.utils.data.IterableDataset):
                 block_no, block_state = block_no + 1, shard.state_dict()
         finally:
             rows_iter.close()
-
-    def _transform(self, row: dict, index: int) -> dict:
-        try:
-            return self.transform(row, index=index, epoch=self.epoch)
-        except BadRowError as error:
-            if self.on_bad_example == "error":
-                raise
-            return self.transform.placeholder(index, str(error))
 
 
 class StreamCollate:

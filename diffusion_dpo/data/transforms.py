@@ -344,8 +344,9 @@ def _log_placeholder(count: int, error: BadRowError) -> None:
         logger.warning("%d bad rows replaced by placeholders in this process; latest: %s", count, error)
 
 
-class _TransformsRows:
-    """What both dataset wrappers share: the epoch and the ``on_bad_example`` policy."""
+class TransformedRows:
+    """What the dataset wrappers (and :class:`~diffusion_dpo.data.stream.ShuffledStream`) share: the
+    epoch and the ``on_bad_example`` policy."""
 
     def __init__(self, source, transform: Callable[..., dict], *, on_bad_example: str = "error"):
         self.source = source
@@ -369,7 +370,7 @@ class _TransformsRows:
             return self.transform.placeholder(index, str(error))
 
 
-class TransformedDataset(_TransformsRows, torch.utils.data.Dataset):
+class TransformedDataset(TransformedRows, torch.utils.data.Dataset):
     """A map-style torch ``Dataset``: ``source[index]`` passed through ``transform(row, index=, epoch=)``.
 
     ``source`` is anything indexable with a length (a ``datasets.Dataset`` from
@@ -393,7 +394,7 @@ class TransformedDataset(_TransformsRows, torch.utils.data.Dataset):
         return self._example(self.source[index], index)
 
 
-class TransformedIterableDataset(_TransformsRows, torch.utils.data.IterableDataset):
+class TransformedIterableDataset(TransformedRows, torch.utils.data.IterableDataset):
     """The streaming counterpart of :class:`TransformedDataset` over an iterable of rows.
 
     A row's index is its position in the stream of this epoch. With DataLoader workers, a
