@@ -10,6 +10,7 @@ Command-line flags override the YAML; `python train_sd.py --help` lists them all
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from diffusion_dpo.training.config import parse_config
@@ -33,7 +34,8 @@ if __name__ == "__main__":
     try:
         main()
     except RunStopped as stop:  # stopped on purpose after a checkpoint: the message says what next
-        print(f"stopped: {stop}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every process stops; one says why
+            print(f"stopped: {stop}", file=sys.stderr)
         sys.exit(stop.exit_code)
     except (ValueError, FileNotFoundError) as err:  # bad input: say what is wrong, no stack trace
         sys.exit(f"error: {err}")
