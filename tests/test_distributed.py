@@ -16,6 +16,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from trainer_runs import flags
 
@@ -203,3 +204,29 @@ def test_two_processes_stream_uneven_shards_without_waiting_for_each_other(tmp_p
     state = json.loads((out / "checkpoint-8" / "training_state.json").read_text())
     assert state["epoch"] >= 1  # 2-3 steps per epoch: several epochs went by
     assert state["position"]["num_processes"] == 2 and len(state["position"]["last_reader"]) == 2
+
+
+@pytest.mark.parametrize(
+    "name, engine",
+    [("ddp", "MULTI_GPU"), ("ddp_multinode", "MULTI_GPU"), ("deepspeed_zero2", "DEEPSPEED"),
+     ("deepspeed_zero3", "DEEPSPEED"), ("fsdp", "FSDP")],
+)  # fmt: skip
+def test_every_accelerate_config_loads_as_documented(name, engine):
+    """Each launch config in configs/accelerate/ loads with accelerate's own loader, selects its
+    engine, and leaves gradient accumulation to the trainer (set there, accelerate would export it
+    and override the trainer's --gradient_accumulation_steps)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.name == engine
+    raw = yaml.safe_load(path.read_text())
+    assert "gradient_accumulation_steps" not in raw
+    assert "gradient_accumulation_steps" not in raw.get("deepspeed_config", {})
+    assert f"--config_file configs/accelerate/{name}.yaml" in path.read_text()  # the header says how
+    if name == "deepspeed_zero3":
+        assert (
+            config.deepspeed_config["zero_stage"] == 3 and config.deepspeed_config["zero3_init_flag"] is False
+        )
+    if name == "fsdp":
+        assert config.fsdp_config["fsdp_version"] == 2
