@@ -198,8 +198,10 @@ def test_html_links_exist_and_plots_are_pngs(run):
         assert not link.startswith("/") and "://" not in link, f"not a relative link: {link}"
         assert (out / link).is_file(), f"report.html links to a missing file {link}"
     plots = sorted((out / "plots").glob("*.png"))
-    # a difference histogram per non-baseline model and a category bar chart per scorer
-    assert {p.name for p in plots} == {"diff_other_shapes.png", "diff_lora_shapes.png", "category_shapes.png"}
+    # a difference histogram per non-baseline model, a category bar chart per scorer, the win-rate intervals
+    assert {p.name for p in plots} == {
+        "diff_other_shapes.png", "diff_lora_shapes.png", "category_shapes.png", "win_rates.png",
+    }  # fmt: skip
     for p in plots:
         data = p.read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
@@ -207,6 +209,10 @@ def test_html_links_exist_and_plots_are_pngs(run):
         _open(p)  # decodes
     for prompt in PROMPTS:
         assert prompt in page
+    # the page opens with one verdict per model and scorer, before the tables
+    for model in ("other", "lora"):
+        assert re.search(rf"{model} (beats|is beaten by|ties with) base on shapes: {model} wins", page)
+    assert page.index(" base on shapes: ") < page.index("<table")
 
 
 def test_rerun_hits_the_cache(run, evaluate, models, prompt_file, monkeypatch):

@@ -2,8 +2,10 @@
 
 :func:`summarize_results` turns paired scores (:class:`EvalResults`) into one JSON-able dict with
 :mod:`diffusion_dpo.evaluation.stats`; :func:`write_report` writes it and the human-readable files.
-The HTML page is self-contained apart from the images, which it references by paths relative to the
-output folder, so the folder can be copied or served as a whole. Each file is written atomically and
+The HTML page leads with the answer (one verdict sentence per model and scorer, then the win rates as a
+table and an interval plot) and keeps the run's settings in a collapsed section. It is self-contained
+apart from the images, which it references by paths relative to the output folder, so the folder can
+be copied or served as a whole. Each file is written atomically and
 ``summary.json`` last, so a run killed while writing never leaves a truncated summary.
 """
 
@@ -183,9 +185,13 @@ def _figure(width: float = 5.0, height: float = 3.2):
 
 def plot_difference_histogram(diff: np.ndarray, title: str, path: Path) -> None:
     """Histogram of per-image score differences (model − baseline), with a line at 0."""
+    d = np.ravel(diff)
+    bins = min(40, max(5, d.size // 2))
+    if np.ptp(d) <= 1e-9 * max(1.0, float(np.abs(d).max())):
+        bins = 1  # (near-)constant differences: numpy cannot split a float-noise range into bins
     fig = _figure()
     ax = fig.add_subplot()
-    ax.hist(np.ravel(diff), bins=min(40, max(5, np.size(diff) // 2)), color="#4477aa")
+    ax.hist(d, bins=bins, color="#4477aa")
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("score difference vs baseline (same prompt and seed)")
@@ -224,6 +230,51 @@ def plot_category_bars(per_category: dict, models: list[str], scorer: str, path:
     fig.savefig(path, format="png")
 
 
+def verdict(wr: dict) -> str:
+    """``beats``, ``is beaten by`` or ``ties with``: where the 95% interval of a win rate lies
+    relative to 0.5 (wholly above, wholly below, or containing it)."""
+    if wr["ci_low"] > 0.5:
+        return "beats"
+    if wr["ci_high"] < 0.5:
+        return "is beaten by"
+    return "ties with"
+
+
+def _pct(x: float) -> str:
+    text = f"{100 * x:.0f}%"
+    return f"{100 * x:.1f}%" if text == "50%" and x != 0.5 else text  # 50.4% is not 50%
+
+
+def verdict_sentences(summary: dict) -> list[str]:
+    """One sentence per (model, scorer) of ``summary["win_rates"]``, e.g. ``"dpo beats base on
+    pickscore: dpo wins 68% of 216 paired images from 24 prompts (95% CI 61%–75%)."``"""
+    base = summary["baseline"]
+    return [
+        f"{m} {verdict(wr)} {base} on {s}: {m} wins {_pct(wr['win_rate'])} of {wr['n']} paired images "
+        f"from {wr['n_prompts']} prompts (95% CI {_pct(wr['ci_low'])}–{_pct(wr['ci_high'])})."
+        for m, by_scorer in summary["win_rates"].items()
+        for s, wr in by_scorer.items()
+    ]
+
+
+def plot_win_rate_intervals(win_rates: dict, baseline: str, path: Path) -> None:
+    """One row per (model, scorer): the win rate vs the baseline with its 95% interval, and the 0.5 line."""
+    rows = [(f"{m} · {s}", wr) for m, by in win_rates.items() for s, wr in by.items()][::-1]  # top down
+    colours = {"beats": "#228833", "is beaten by": "#cc3311", "ties with": "#777777"}
+    fig = _figure(6.0, 1.0 + 0.35 * len(rows))
+    ax = fig.add_subplot()
+    for y, (_, wr) in enumerate(rows):
+        low, high = wr["win_rate"] - wr["ci_low"], wr["ci_high"] - wr["win_rate"]
+        ax.errorbar(wr["win_rate"], y, xerr=[[low], [high]], fmt="o", capsize=3, color=colours[verdict(wr)])
+    ax.axvline(0.5, color="black", linewidth=1, linestyle="--")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.7, len(rows) - 0.3)
+    ax.set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    ax.set_xlabel(f"win rate vs {baseline} (95% CI over prompts; ties ½)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
 def _fmt(x, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
@@ -246,7 +297,37 @@ figure{display:inline-block;margin:2px;vertical-align:top;text-align:center}
 figure img{width:160px;height:160px;object-fit:contain;border:1px solid #ddd}
 figcaption{font-size:11px;max-width:160px}.prompt{font-size:13px;margin:.8em 0 .2em}
 img.plot{max-width:48%;border:1px solid #eee;margin:2px}
+ul.verdict{font-size:1.15em;line-height:1.6}
 """
+
+
+_NONE_MEANS = {"max_prompts": "all", "resolution": "the model's default", "cache_dir": "default"}
+
+
+def _plain(value, none: str = "none") -> str:
+    """A setting in plain words: no JSON quotes, ``none`` for None, lists joined by commas."""
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_plain(v)}" for k, v in value.items()) or none
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_plain(v) for v in value) or none
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def settings_rows(settings: dict) -> list[tuple[str, str]]:
+    """``(name, value)`` rows of the settings table; a dict of dicts (``model_specs``) gets a row per key."""
+    rows = []
+    for k, v in settings.items():
+        if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            rows += [(f"{k}: {name}", _plain(spec)) for name, spec in v.items()]
+        else:
+            rows.append((str(k), _plain(v, _NONE_MEANS.get(k, "none"))))
+    return rows
 
 
 def render_html(
@@ -255,28 +336,52 @@ def render_html(
     root: Path,
     plots: list[Path],
     *,
+    win_rate_plot: Path | None = None,
     top_k: int = 5,
     max_grid_prompts: int = 16,
 ) -> str:
-    """The HTML report (prompts escaped, image and plot paths relative to ``root``)."""
+    """The HTML report (prompts escaped, image and plot paths relative to ``root``): the verdict, the
+    win rates (table and ``win_rate_plot``), the score tables, the settings (collapsed), the plots and
+    the images."""
     base, others, e = results.baseline, results.models[1:], html.escape
     out = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation: {e(', '.join(results.models))}</title>"
     ]
     out.append(f"<style>{_CSS}</style></head><body><h1>Evaluation</h1>")
-    out.append(
-        f"<p>{len(results.prompts)} prompts × {len(results.seeds)} seeds (same seeds for every model). "
-        f"Baseline: <b>{e(base)}</b>. Win rates count ties as ½; intervals are 95% bootstrap percentile "
-        "intervals resampling prompts.</p>"
-    )
-    out.append("<h2>Settings</h2><table>")
-    for k, v in summary["settings"].items():
+    out.append("<h2 id='verdict'>Verdict</h2>")
+    if not summary["win_rates"]:
+        out.append(f"<p>Only the baseline <b>{e(base)}</b> was evaluated: there is nothing to compare.</p>")
+    else:
+        items = "".join(f"<li>{e(t)}</li>" for t in verdict_sentences(summary))
+        out.append(f"<ul class='verdict'>{items}</ul>")
         out.append(
-            f"<tr><th class='l'>{e(str(k))}</th><td class='l'>{e(json.dumps(_json_safe(v)))}</td></tr>"
+            f"<p>Every model rendered the same {len(results.prompts)} prompts × {len(results.seeds)} seeds, so "
+            f"each (prompt, seed) gives a pair of images, one from the model and one from the baseline "
+            f"<b>{e(base)}</b>. The model wins a pair when the scorer rates its image higher; a tie counts ½; "
+            "50% means no difference. The interval is a 95% bootstrap interval that resamples prompts: "
+            "<i>beats</i> means it lies wholly above 50%, <i>is beaten by</i> wholly below, <i>ties with</i> "
+            "that it contains 50% (no difference shown, which is not proof of none). Scorers have different "
+            "scales: compare win rates, not raw scores, across scorers.</p>"
         )
+    if summary["win_rates"]:
+        out.append(
+            f"<h2 id='win-rates'>Win rates vs {e(base)}</h2><table><tr><th class='l'>model</th>"
+            "<th class='l'>scorer</th><th>win rate</th><th>95% CI</th><th>paired images</th><th>prompts</th>"
+            "<th class='l'>verdict</th></tr>"
+        )
+        for m, by_scorer in summary["win_rates"].items():
+            for s, wr in by_scorer.items():
+                out.append(
+                    f"<tr><td class='l'>{e(m)}</td><td class='l'>{e(s)}</td><td>{wr['win_rate']:.3f}</td>"
+                    f"<td>[{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]</td><td>{wr['n']}</td>"
+                    f"<td>{wr['n_prompts']}</td><td class='l'>{e(verdict(wr))} {e(base)}</td></tr>"
+                )
+        out.append("</table>")
+        if win_rate_plot is not None:
+            out.append(f"<img class='plot' src='{e(urllib.parse.quote(_rel(win_rate_plot, root)))}'>")
     out.append(
-        "</table><h2>Scores</h2><table><tr><th class='l'>model</th><th class='l'>scorer</th>"
-        "<th>mean ± sem</th><th>median</th><th>win rate vs baseline [95% CI]</th>"
+        "<h2 id='scores'>Scores</h2><table><tr><th class='l'>model</th><th class='l'>scorer</th>"
+        "<th>mean ± sem</th><th>median</th><th>images</th>"
     )
     bt = summary.get("bradley_terry")
     if bt:
@@ -285,15 +390,9 @@ def render_html(
     for m in results.models:
         for s in results.scorers:
             st = summary["scores"][m][s]
-            wr = summary["win_rates"].get(m, {}).get(s)
-            wr_txt = (
-                f"{wr['win_rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}] (n={wr['n']})"
-                if wr
-                else "baseline"
-            )
             out.append(
                 f"<tr><td class='l'>{e(m)}</td><td class='l'>{e(s)}</td>"
-                f"<td>{_fmt(st['mean'])} ± {_fmt(st['sem'], 2)}</td><td>{_fmt(st['median'])}</td><td>{wr_txt}</td>"
+                f"<td>{_fmt(st['mean'])} ± {_fmt(st['sem'], 2)}</td><td>{_fmt(st['median'])}</td><td>{st['n']}</td>"
             )
             if bt:
                 out.append(f"<td>{bt[s][m]['s']:.3f}</td><td>{bt[s][m]['p_beats_baseline']:.3f}</td>")
@@ -301,8 +400,9 @@ def render_html(
     out.append("</table>")
     if summary.get("implicit_accuracy"):
         out.append(
-            "<h2>Implicit reward accuracy on held-out pairs</h2><table>"
-            "<tr><th class='l'>model</th><th>accuracy</th></tr>"
+            "<h2>Implicit reward accuracy on held-out pairs</h2><p>The share of held-out preference pairs "
+            f"whose human winner the model's implicit reward prefers, with <b>{e(base)}</b> as the reference "
+            "(0.5 is chance).</p><table><tr><th class='l'>model</th><th>accuracy</th></tr>"
         )
         for m, acc in summary["implicit_accuracy"].items():
             out.append(f"<tr><td class='l'>{e(m)}</td><td>{_fmt(acc)}</td></tr>")
@@ -326,6 +426,10 @@ def render_html(
                         f"<td class='l'>{e(s)}</td><td>{_fmt(block['scores'][m][s]['mean'])}</td><td>{wr_txt}</td></tr>"
                     )
         out.append("</table>")
+    out.append("<details id='settings'><summary>Settings of this run</summary><table>")
+    for k, v in settings_rows(summary["settings"]):
+        out.append(f"<tr><th class='l'>{e(k)}</th><td class='l'>{e(v)}</td></tr>")
+    out.append("</table></details>")
     if plots:
         out.append("<h2>Plots</h2>")
         out += [f"<img class='plot' src='{e(urllib.parse.quote(_rel(p, root)))}'>" for p in plots]
@@ -368,7 +472,8 @@ def write_report(
     top_k: int = 5,
     max_grid_prompts: int = 16,
 ) -> dict[str, Path]:
-    """Write ``summary.json``, ``scores.csv``, ``plots/*.png`` and ``report.html`` into ``output_dir``.
+    """Write ``summary.json``, ``scores.csv``, ``plots/*.png`` (with ``plots/win_rates.png``, the interval
+    plot, when there is a model to compare) and ``report.html`` into ``output_dir``.
 
     Returns the paths written, by name (``summary``, ``csv``, ``html``, ``plots`` folder).
     """
@@ -389,9 +494,21 @@ def write_report(
             path = plot_dir / f"category_{_safe_name(s)}.png"
             plot_category_bars(summary["per_category"], results.models, s, path)
             plots.append(path)
+    win_rate_plot = None
+    if summary["win_rates"]:
+        win_rate_plot = plot_dir / "win_rates.png"
+        plot_win_rate_intervals(summary["win_rates"], base, win_rate_plot)
     paths = {"summary": root / "summary.json", "csv": root / "scores.csv", "html": root / "report.html"}
     write_scores_csv(results, paths["csv"], root)
-    html_text = render_html(results, summary, root, plots, top_k=top_k, max_grid_prompts=max_grid_prompts)
+    html_text = render_html(
+        results,
+        summary,
+        root,
+        plots,
+        win_rate_plot=win_rate_plot,
+        top_k=top_k,
+        max_grid_prompts=max_grid_prompts,
+    )
     write_text_atomic(paths["html"], html_text)
     # Last: a summary.json newer than the run's start means every other file is complete.
     write_text_atomic(paths["summary"], json.dumps(_json_safe(summary), indent=2, allow_nan=False))
