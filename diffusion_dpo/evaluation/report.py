@@ -5,8 +5,8 @@
 The HTML page leads with the answer (one verdict sentence per model and scorer, then the win rates as a
 table and an interval plot) and keeps the run's settings in a collapsed section. It is self-contained
 apart from the images, which it references by paths relative to the output folder, so the folder can
-be copied or served as a whole. Each file is written atomically and
-``summary.json`` last, so a run killed while writing never leaves a truncated summary.
+be copied or served as a whole. Each file is written atomically and ``summary.json`` last, so a run
+killed while writing never leaves a truncated summary.
 """
 
 from __future__ import annotations
@@ -301,7 +301,7 @@ ul.verdict{font-size:1.15em;line-height:1.6}
 """
 
 
-_NONE_MEANS = {"max_prompts": "all", "resolution": "the model's default", "cache_dir": "default"}
+_NONE_MEANS = {"max_prompts": "all", "resolution": "the model's default"}  # else None reads "none"
 
 
 def _plain(value, none: str = "none") -> str:
