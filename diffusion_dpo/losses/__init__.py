@@ -1,6 +1,7 @@
 """The shared preference-loss core: pure functions, per-example outputs (see MATH.md)."""
 
 from diffusion_dpo.losses.kto import kto_loss
+from diffusion_dpo.losses.mapo import check_mapo_args, mapo_loss, mapo_score
 from diffusion_dpo.losses.metrics import masked_mean, preference_metrics
 from diffusion_dpo.losses.pairwise import (
     PAIRWISE_LOSSES,
@@ -12,9 +13,12 @@ from diffusion_dpo.losses.reference_free import orpo_loss, simpo_loss
 
 __all__ = [
     "PAIRWISE_LOSSES",
+    "check_mapo_args",
     "check_pairwise_args",
     "dpo_loss",
     "kto_loss",
+    "mapo_loss",
+    "mapo_score",
     "masked_mean",
     "orpo_loss",
     "pairwise_loss_from_logratios",
