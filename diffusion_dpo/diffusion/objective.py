@@ -1,4 +1,5 @@
-"""Diffusion-DPO / SFT / Diffusion-KTO objectives on denoising errors (MATH.md §4, §5).
+"""Diffusion-DPO / SFT / Diffusion-KTO objectives on denoising errors (MATH.md §4, §5); MaPO's
+reference-free errors (§9).
 
 The project convention lives here and nowhere else: for an image ``x`` noised to ``x_t`` with noise
 ``ε`` at timestep ``t``,
@@ -143,6 +144,30 @@ def pair_denoising_errors(
         ``(model_errors, ref_errors)``, each ``[2B]`` float32: winners first, then losers; the
         reference errors carry no gradient.
     """
+    stacked = _stack_pair(latents_w, latents_l, encoder_hidden_states, noise, timesteps, added_cond_kwargs)
+    return denoising_errors(unet, ref_unet, noise_scheduler, *stacked)
+
+
+def pair_model_errors(
+    unet: torch.nn.Module,
+    noise_scheduler,
+    latents_w: Tensor,
+    latents_l: Tensor,
+    encoder_hidden_states: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """The trained model's denoising errors for winners stacked on losers, with no reference run
+    (MaPO). Same arguments as :func:`pair_denoising_errors` less ``ref_unet``; the same stacking, so
+    the errors equal that function's ``model_errors`` bit for bit. Returns ``[2B]`` float32, winners
+    first."""
+    stacked = _stack_pair(latents_w, latents_l, encoder_hidden_states, noise, timesteps, added_cond_kwargs)
+    return sft_losses(unet, noise_scheduler, *stacked)
+
+
+def _stack_pair(latents_w, latents_l, encoder_hidden_states, noise, timesteps, added_cond_kwargs):
+    # winners stacked on losers; both images of a pair get the same noise and timestep
     if latents_w.shape != latents_l.shape or noise.shape != latents_w.shape:
         raise ValueError(
             f"latents_w {tuple(latents_w.shape)}, latents_l {tuple(latents_l.shape)} and noise "
@@ -156,8 +181,7 @@ def pair_denoising_errors(
     cond = None
     if added_cond_kwargs is not None:
         cond = {k: _repeat_for_pair(v, batch) for k, v in added_cond_kwargs.items()}
-
-    return denoising_errors(unet, ref_unet, noise_scheduler, latents, hidden, noise2, t2, cond)
+    return latents, hidden, noise2, t2, cond
 
 
 def pair_logratios(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from diffusion_dpo.losses import PAIRWISE_LOSSES, check_pairwise_args
+from diffusion_dpo.losses import PAIRWISE_LOSSES, check_mapo_args, check_pairwise_args
 
 
 def _f(default, help: str, **kw):
@@ -76,8 +76,9 @@ class TrainConfig:
     # --- objective ---
     objective: str = _f(
         "dpo",
-        "dpo (pairs), sft (denoising MSE on winners) or kto (unpaired data).",
-        choices=("dpo", "sft", "kto"),
+        "dpo (pairs), sft (denoising MSE on winners), kto (unpaired data) or mapo (pairs, no reference "
+        "model: MaPO, Hong et al. 2024).",
+        choices=("dpo", "sft", "kto", "mapo"),
     )
     sft: bool = _f(False, "Same as `--objective sft` (the paper's flag).")
     beta_dpo: float = _f(
@@ -89,6 +90,14 @@ class TrainConfig:
     label_smoothing: float = _f(0.0, "ε for sigmoid (cDPO), robust and exo_pair.")
     kto_desirable_weight: float = _f(1.0, "λD of Diffusion-KTO.")
     kto_undesirable_weight: float = _f(1.0, "λU of Diffusion-KTO.")
+    beta_mapo: float = _f(
+        0.1,
+        "MaPO: β of loss = L_w − β·logσ(T·(s(L_w) − s(L_l))), the margin term's weight against the "
+        "denoising MSE on winners (the authors' --beta_mapo; 0 = SFT on winners).",
+    )
+    snr_value: float = _f(
+        0.5, "MaPO: γ of the score s(L) = γL/(exp(γL) − 1) of a denoising error L (the authors' --snr_value)."
+    )
     # --- optimisation ---
     output_dir: str = _f("outputs/run", "Where checkpoints, metrics.jsonl and the final model are written.")
     seed: int = _f(0, "Seed for model init, noise, timesteps, data order and augmentation.")
@@ -165,6 +174,17 @@ class TrainConfig:
                 check_pairwise_args(self.loss_type, self.beta_dpo, self.label_smoothing)
             except ValueError as err:
                 raise ValueError(f"--loss_type/--beta_dpo/--label_smoothing: {err}") from None
+        if self.effective_objective == "mapo":
+            try:
+                check_mapo_args(self.beta_mapo, self.snr_value)
+            except ValueError as err:
+                raise ValueError(f"--{err}") from None
+            if self.validation_dataset_name and not self.use_lora:
+                raise ValueError(
+                    "--validation_dataset_name scores the implicit reward against a reference model, and a "
+                    "full --objective mapo fine-tune has none; drop it or train LoRA (--use_lora), whose "
+                    "reference is the base under the adapters"
+                )
         positive = (
             "resolution",
             "train_batch_size",
@@ -227,7 +247,7 @@ def _str2bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Diffusion-DPO / SFT / Diffusion-KTO fine-tuning of Stable Diffusion (SD1.x, SDXL).",
+        description="Diffusion-DPO / SFT / Diffusion-KTO / MaPO fine-tuning of Stable Diffusion (SD1.x, SDXL).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", type=str, default=None, help="YAML file in configs/; flags override it.")

@@ -72,7 +72,7 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
     else:
         unet.to(device)
         unet.requires_grad_(True)
-        if cfg.effective_objective != "sft":
+        if cfg.effective_objective not in ("sft", "mapo"):  # objectives trained without a reference
             from diffusers import UNet2DConditionModel
 
             ref_unet = UNet2DConditionModel.from_pretrained(

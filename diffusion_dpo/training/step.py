@@ -1,4 +1,5 @@
-"""The forward pass and loss of one micro-batch: Diffusion-DPO (any pairwise loss), SFT, Diffusion-KTO.
+"""The forward pass and loss of one micro-batch: Diffusion-DPO (any pairwise loss), SFT, Diffusion-KTO,
+MaPO.
 
 :func:`compute_batch_loss` is what the loop calls and what the tests call. Two rules make it right
 with many processes:
@@ -23,7 +24,14 @@ from diffusion_dpo.diffusion import (
     pair_denoising_errors,
     sft_losses,
 )
-from diffusion_dpo.losses import kto_loss, masked_mean, pairwise_loss_from_logratios, preference_metrics
+from diffusion_dpo.diffusion.objective import pair_model_errors
+from diffusion_dpo.losses import (
+    kto_loss,
+    mapo_loss,
+    masked_mean,
+    pairwise_loss_from_logratios,
+    preference_metrics,
+)
 from diffusion_dpo.models.loading import encode_images, latent_shape
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.models import Models, conditioning, sdxl_cond
@@ -46,7 +54,7 @@ def compute_batch_loss(
     """Forward and loss of one micro-batch. Returns the scalar loss to backpropagate and detached
     0-dim metrics averaged over the batch's valid rows.
 
-    Pair batches (dpo, sft): ``pixel_values_w``/``pixel_values_l`` ``[B, 3, H, W]``, ``captions``,
+    Pair batches (dpo, mapo, sft): ``pixel_values_w``/``pixel_values_l`` ``[B, 3, H, W]``, ``captions``,
     ``indices`` ``[B]``; SDXL adds ``original_sizes_w/_l`` and ``crop_top_lefts_w/_l`` ``[B, 2]``.
     KTO batches: ``pixel_values`` ``[B, 3, H, W]``, ``captions``, ``indices``, ``desirable`` ``[B]``
     bool (and SDXL sizes). Optional: ``valid`` ``[B]`` bool (False: a placeholder for a skipped bad
@@ -63,7 +71,7 @@ def compute_batch_loss(
     valid = batch["valid"].to(device) if "valid" in batch else torch.ones(n, dtype=torch.bool, device=device)
     hidden, pooled = conditioning(models, batch["captions"], device)
 
-    if objective == "dpo":
+    if objective in ("dpo", "mapo"):
         pixels = [batch["pixel_values_w"], batch["pixel_values_l"]]
         suffixes = ["_w", "_l"]
     else:
@@ -121,6 +129,28 @@ def compute_batch_loss(
         return _summed_over_valid(losses, valid), metrics
 
     latents_w, latents_l = latents[:n], latents[n:]
+    if objective == "mapo":
+        # MATH.md §9: no reference forward at all (a LoRA run does not run its adapters-disabled base)
+        model_err = pair_model_errors(
+            models.unet, comps.noise_scheduler, latents_w, latents_l, hidden, draws.noise, draws.timesteps,
+            cond,
+        )  # fmt: skip
+        losses, chosen_scores, rejected_scores = mapo_loss(
+            model_err[:n], model_err[n:], beta_mapo=cfg.beta_mapo, snr_value=cfg.snr_value,
+            num_train_timesteps=T,
+        )  # fmt: skip
+        model_err = model_err.detach()
+        # rewards/* are the scores s(L): rewards/margins is the mean log-odds, rewards/accuracies the
+        # share of pairs with L_w < L_l (s is strictly decreasing)
+        metrics = {
+            "loss": masked_mean(losses.detach(), valid),
+            **preference_metrics(chosen_scores, rejected_scores, mask=valid),
+            "mapo/margin_loss": masked_mean(losses.detach() - model_err[:n], valid),
+            "mse/model_chosen": masked_mean(model_err[:n], valid),
+            "mse/model_rejected": masked_mean(model_err[n:], valid),
+        }
+        return _summed_over_valid(losses, valid), metrics
+
     model_err, ref_err = pair_denoising_errors(
         models.unet, models.ref_unet, comps.noise_scheduler, latents_w, latents_l, hidden, draws.noise,
         draws.timesteps, cond,
