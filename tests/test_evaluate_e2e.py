@@ -411,7 +411,7 @@ def test_report_escapes_prompts(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# relabelling (MATH.md §7 a)
+# relabelling (AI feedback: docs/objectives.md)
 
 
 def test_relabel_with_the_shapes_scorer(tmp_path):
