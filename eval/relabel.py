@@ -1,4 +1,4 @@
-"""Relabel an existing preference-pair dataset with an automatic scorer (AI feedback, MATH.md §7 a).
+"""Relabel an existing preference-pair dataset with an automatic scorer (AI feedback, docs/objectives.md#preference-data-ties-labels-ai-feedback).
 
     python eval/relabel.py --dataset data/pickapic_subset.parquet --scorer pickscore \\
         --output data/pickapic_subset_pickscore.parquet --batch_size 32 --device cuda
@@ -15,7 +15,7 @@ Input: a Pick-a-Pic-style source — a hub id, a ``.parquet`` file or folder, a 
 or ``.jsonl``/``.csv`` — with a ``caption`` column and two image columns: ``jpg_0``/``jpg_1``
 (Pick-a-Pic, image bytes), ``image_0``/``image_1``, or ``image_w``/``image_l`` (winner/loser; image
 paths relative to the file). Labels in the output refer to the first/second image column.
-Beware (MATH.md §7): a scorer's own biases become the labels.
+Beware (docs/objectives.md#preference-data-ties-labels-ai-feedback): a scorer's own biases become the labels.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The diffusion log-ratio surrogate, pinned to the Diffusion-DPO paper code's formula (MATH.md §4)."""
+"""The diffusion log-ratio surrogate, pinned to the Diffusion-DPO paper code's formula (docs/objectives.md#diffusion-dpo)."""
 
 import copy
 

@@ -87,7 +87,7 @@ def test_shape_mismatch_is_an_error():
 
 
 def test_bradley_terry_worked_check_from_math_md():
-    # MATH.md §6: A beat B 8 of 12 times, A beat C 3 of 8; B and C never met (no cycle).
+    # docs/objectives.md#bradleyterry-rankings: A beat B 8 of 12 times, A beat C 3 of 8; B and C never met (no cycle).
     wins = np.array([[0.0, 8.0, 3.0], [4.0, 0.0, 0.0], [5.0, 0.0, 0.0]])
     s = stats.fit_bradley_terry(wins, anchor=0)
     assert s[0] == 0.0

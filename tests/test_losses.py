@@ -1,4 +1,4 @@
-"""The shared loss core, pinned to hand-derived values (MATH.md §2, §3)."""
+"""The shared loss core, pinned to hand-derived values (docs/objectives.md)."""
 
 import math
 
@@ -25,7 +25,7 @@ def _pair(rc: float, rr: float, n: int = 3):
     return ref_c + rc, ref_r + rr, ref_c, ref_r
 
 
-# MATH.md §2: values at initialisation (policy = reference), β = 0.1.
+# docs/objectives.md#the-pairwise-losses-of-the-core: values at initialisation (policy = reference), β = 0.1.
 AT_INIT = {
     "sigmoid": LN2,
     "robust": LN2,
@@ -95,7 +95,7 @@ def test_value_at_non_trivial_point(loss_type, beta, eps, expected):
 
 
 def test_sigmoid_gradient_matches_closed_form():
-    """dL/dδ = −β·σ(−βδ) (MATH.md §2), checked through rc (dδ/drc = 1) and rr (dδ/drr = −1)."""
+    """dL/dδ = −β·σ(−βδ) (docs/objectives.md#the-pairwise-losses-of-the-core), checked through rc (dδ/drc = 1) and rr (dδ/drr = −1)."""
     beta = 0.3
     rc = torch.tensor([0.7, -2.0, 5.0], requires_grad=True)
     rr = torch.tensor([0.1, 1.0, -3.0], requires_grad=True)
@@ -171,7 +171,7 @@ def test_shape_mismatch_is_an_error():
 
 
 def test_kto_at_initialisation_is_half_times_weight():
-    """MATH.md §3: with z0 = 0 and policy = reference every loss is 0.5 times its λ."""
+    """docs/objectives.md#kto: with z0 = 0 and policy = reference every loss is 0.5 times its λ."""
     logps = torch.tensor([-5.0, -7.0, -1.0])
     desirable = torch.tensor([True, False, True])
     losses, rewards = kto_loss(logps, logps, desirable, 0.0, desirable_weight=2.0, undesirable_weight=3.0)

@@ -1,4 +1,4 @@
-"""MaPO (Hong et al. 2024, arXiv 2406.06424; MATH.md §9): the loss against hand-derived numbers and the
+"""MaPO (Hong et al. 2024, arXiv 2406.06424; docs/objectives.md#mapo): the loss against hand-derived numbers and the
 authors' formula, the direction of its gradients, and the trainer's ``--objective mapo`` (no reference
 model, the dpo branch's draws, placeholder rows masked, a learning signal on a fixed set of pairs).
 

@@ -12,7 +12,7 @@ In JSONL / CSV files image cells are paths, relative to the file's folder (or ab
 
 Every source becomes rows ``{"caption": str, "image_w": ImageLike, "image_l": ImageLike, "bad":
 str | None}`` with the winner first: Pick-a-Pic pairs with ``label_0 == 0`` are swapped, and ties
-(``label_0 == 0.5``) carry no preference and are dropped by default (MATH.md §4; Wallace et al.
+(``label_0 == 0.5``) carry no preference and are dropped by default (docs/objectives.md#diffusion-dpo; Wallace et al.
 2023). Images stay encoded (bytes, a path, or a ``{"bytes", "path"}`` dict) until the transform
 decodes them, so loading never rewrites image data, even for Pick-a-Pic v2's ~335 GB.
 

@@ -10,7 +10,7 @@ the rows, or the rows left out and counted in :class:`UnpairedStats`), marked ``
 transform when streamed (as for pairs, see :mod:`diffusion_dpo.data.pairs`).
 
 :func:`pairs_to_unpaired` turns preference pairs into such rows as Diffusion-KTO does with
-Pick-a-Pic (Li et al. 2024, arXiv 2404.04465; MATH.md §5): an image preferred in at least one
+Pick-a-Pic (Li et al. 2024, arXiv 2404.04465; docs/objectives.md#diffusion-kto): an image preferred in at least one
 comparison is desirable, every other image undesirable, each image once (de-duplicated by a hash of
 its encoded bytes).
 """
@@ -61,7 +61,7 @@ _FALSE = {"undesirable", "false", "0", "no"}
 @dataclass
 class UnpairedStats:
     """Label counts of a loaded unpaired dataset: of the rows kept (for a stream: of the rows iterated
-    so far). KTO wants ``λD·n_desirable / (λU·n_undesirable)`` in [1, 4/3] (MATH.md §3)."""
+    so far). KTO wants ``λD·n_desirable / (λU·n_undesirable)`` in [1, 4/3] (docs/objectives.md#kto)."""
 
     seen: int = 0
     desirable: int = 0

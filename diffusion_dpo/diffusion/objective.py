@@ -1,4 +1,4 @@
-"""Diffusion-DPO / SFT / Diffusion-KTO objectives on denoising errors (MATH.md §4, §5); MaPO's
+"""Diffusion-DPO / SFT / Diffusion-KTO objectives on denoising errors (docs/objectives.md); MaPO's
 reference-free errors (§9).
 
 The project convention lives here and nowhere else: for an image ``x`` noised to ``x_t`` with noise

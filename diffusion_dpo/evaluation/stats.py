@@ -10,7 +10,7 @@ Every model generates one image per (prompt, seed) with the same seeds, so score
   *prompts* (all seeds of a prompt together: images of one prompt are not independent).
 - :func:`win_rate_by_category` — the same within each prompt category (e.g. PartiPrompts' "Category").
 - :func:`pairwise_wins` / :func:`fit_bradley_terry` — a Bradley–Terry ranking of several models
-  (MATH.md §6): ``P(i beats j) = σ(s_i − s_j)``, s fitted by maximum likelihood, ``s_0 = 0``.
+  (docs/objectives.md#bradleyterry-rankings): ``P(i beats j) = σ(s_i − s_j)``, s fitted by maximum likelihood, ``s_0 = 0``.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ def bradley_terry_log_likelihood(s, wins) -> float:
 def fit_bradley_terry(
     wins, *, anchor: int = 0, l2: float = 1e-6, max_iter: int = 200, tol: float = 1e-10
 ) -> np.ndarray:
-    """Maximum-likelihood Bradley–Terry strengths (MATH.md §6; Bradley & Terry 1952).
+    """Maximum-likelihood Bradley–Terry strengths (docs/objectives.md#bradleyterry-rankings; Bradley & Terry 1952).
 
     Maximises ``Σ_{i≠j} W[i, j] · log σ(s_i − s_j) − (l2/2)·Σ s_i²`` with ``s[anchor] = 0`` by Newton's
     method (the objective is concave, so Newton with step halving converges). ``P(i beats j) =

@@ -1,6 +1,6 @@
 """Sequence log-probs of completions under a causal LM, and the tokenisation that masks prompts.
 
-The convention (MATH.md §1): ``log π(y|x)`` is the **sum** of the completion tokens' log-probs;
+The convention (docs/objectives.md#notation): ``log π(y|x)`` is the **sum** of the completion tokens' log-probs;
 prompt and padding tokens carry the label ``-100`` and count for nothing. IPO (as TRL computes it),
 SimPO and ORPO use the per-token **average** instead (``average=True``).
 """

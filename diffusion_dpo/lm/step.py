@@ -250,7 +250,7 @@ def kto_step(
     kl: Tensor | float | None = None,
     accelerator=None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Forward and KTO loss of one unpaired batch (Ethayarajh et al. 2024; MATH.md §3).
+    """Forward and KTO loss of one unpaired batch (Ethayarajh et al. 2024; docs/objectives.md#kto).
 
     Args:
         model: the policy; ``ref_model`` as in :func:`preference_step`.

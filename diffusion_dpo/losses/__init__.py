@@ -1,4 +1,4 @@
-"""The shared preference-loss core: pure functions, per-example outputs (see MATH.md)."""
+"""The shared preference-loss core: pure functions, per-example outputs (docs/objectives.md)."""
 
 from diffusion_dpo.losses.kto import kto_loss
 from diffusion_dpo.losses.mapo import check_mapo_args, mapo_loss, mapo_score

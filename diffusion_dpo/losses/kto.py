@@ -1,4 +1,4 @@
-"""KTO: Kahneman–Tversky optimisation on unpaired binary feedback (Ethayarajh et al. 2024; MATH.md §3)."""
+"""KTO: Kahneman–Tversky optimisation on unpaired binary feedback (Ethayarajh et al. 2024; docs/objectives.md#kto)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MaPO: margin-aware preference optimisation without a reference model (MATH.md §9).
+"""MaPO: margin-aware preference optimisation without a reference model (docs/objectives.md#mapo).
 
 Hong et al. 2024, "Margin-aware Preference Optimization for Aligning Diffusion Models without
 Reference", arXiv 2406.06424. The formula is the one of the authors' code (mapo-t2i/mapo, ``utils.py``
@@ -77,7 +77,7 @@ def mapo_loss(
         "Lose Score"), and their difference is the log-odds. The margin term's derivative is
         positive in ``L_w`` and negative in ``L_l``: it lowers the winner's error and raises the
         loser's (diffusers' research ``diffusion_orpo`` script, whose log-odds is ``L_w − L_l``, does
-        the opposite in its margin term; MATH.md §9).
+        the opposite in its margin term; docs/objectives.md#mapo).
     """
     check_mapo_args(beta_mapo, snr_value, num_train_timesteps)
     if chosen_errors.shape != rejected_errors.shape:

@@ -1,4 +1,4 @@
-"""TRL-named preference metrics (MATH.md §2, "Metrics")."""
+"""TRL-named preference metrics (docs/metrics.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pairwise preference losses over policy/reference log-likelihoods (MATH.md §2).
+"""Pairwise preference losses over policy/reference log-likelihoods (docs/objectives.md#the-pairwise-losses-of-the-core).
 
 Every loss here is a pure function of the per-example log-ratios
 
@@ -7,7 +7,7 @@ Every loss here is a pure function of the per-example log-ratios
 
 and returns per-example losses ``[B]``; the caller reduces. The same functions serve text models
 (summed token log-probs) and diffusion models (the surrogate ``−0.5·(eθ − eref)`` of
-:func:`diffusion_dpo.diffusion.pair_logratios`, MATH.md §4).
+:func:`diffusion_dpo.diffusion.pair_logratios`, docs/objectives.md#diffusion-dpo).
 
 All arithmetic is done in float32 whatever the input dtype, and every ``log σ`` goes through
 ``F.logsigmoid`` so that β·δ in the thousands (diffusion-sized β) never produces NaN or inf.
@@ -167,7 +167,7 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """DPO and its pairwise variants, per example (MATH.md §2; TRL's argument names).
+    """DPO and its pairwise variants, per example (docs/objectives.md#the-pairwise-losses-of-the-core; TRL's argument names).
 
     Args:
         policy_chosen_logps: ``[B]`` log πθ(chosen | prompt) (summed, or averaged for IPO-style use).

@@ -1,4 +1,4 @@
-"""Reference-free preference losses: SimPO and ORPO (MATH.md §2, last paragraph)."""
+"""Reference-free preference losses: SimPO and ORPO (docs/objectives.md#reference-free-relatives-simpo-and-orpo-text-models)."""
 
 from __future__ import annotations
 

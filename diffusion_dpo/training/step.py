@@ -61,7 +61,7 @@ def compute_batch_loss(
     row) and ``epoch`` (keys the rows' draws with their indices; 0 if absent).
 
     ``all_reduce_sum``: sums a tensor over processes (KTO's reference point is the mean over the
-    whole global batch, MATH.md §3 and §5); None in a single process.
+    whole global batch, docs/objectives.md#kto); None in a single process.
     """
     comps = models.components
     device = next(models.unet.parameters()).device
@@ -106,7 +106,7 @@ def compute_batch_loss(
             draws.timesteps, cond,
         )  # fmt: skip
         logratios = logratios_from_errors(model_err, ref_err)  # [B]
-        # MATH.md §5: the reference point is the mean log-ratio of the global batch, detached (kto_loss
+        # docs/objectives.md#diffusion-kto: the reference point is the mean log-ratio of the global batch, detached (kto_loss
         # clamps it at 0); with β in this project's scale β_core = 2·β_DiffusionKTO.
         total = torch.stack([torch.where(valid, logratios.detach(), 0.0).sum(), valid.sum().float()])
         if all_reduce_sum is not None:
@@ -130,7 +130,7 @@ def compute_batch_loss(
 
     latents_w, latents_l = latents[:n], latents[n:]
     if objective == "mapo":
-        # MATH.md §9: no reference forward at all (a LoRA run does not run its adapters-disabled base)
+        # docs/objectives.md#mapo: no reference forward at all (a LoRA run does not run its adapters-disabled base)
         model_err = pair_model_errors(
             models.unet, comps.noise_scheduler, latents_w, latents_l, hidden, draws.noise, draws.timesteps,
             cond,
