@@ -179,12 +179,12 @@ class TrainConfig:
                 check_mapo_args(self.beta_mapo, self.snr_value)
             except ValueError as err:
                 raise ValueError(f"--{err}") from None
-            if self.validation_dataset_name and not self.use_lora:
-                raise ValueError(
-                    "--validation_dataset_name scores the implicit reward against a reference model, and a "
-                    "full --objective mapo fine-tune has none; drop it or train LoRA (--use_lora), whose "
-                    "reference is the base under the adapters"
-                )
+        if self.effective_objective in ("sft", "mapo") and self.validation_dataset_name and not self.use_lora:
+            raise ValueError(
+                "--validation_dataset_name scores the implicit reward against a reference model, and a "
+                f"full --objective {self.effective_objective} fine-tune has none; drop it or train LoRA "
+                "(--use_lora), whose reference is the base under the adapters"
+            )
         positive = (
             "resolution",
             "train_batch_size",
