@@ -83,7 +83,8 @@ def _apo_down(rc: Tensor, rr: Tensor, beta: float, eps: float) -> Tensor:
 
 
 def _discopop(rc: Tensor, rr: Tensor, beta: float, eps: float) -> Tensor:
-    # DiscoPOP / LRML (Chan et al. 2024): a sigmoid-gated blend of the DPO and an exponential loss.
+    # DiscoPOP / LRML (Lu et al. 2024, arXiv 2406.08414): a sigmoid-gated blend of the DPO and an
+    # exponential loss.
     rho = beta * (rc - rr)
     mix = torch.sigmoid(rho / DISCOPOP_TAU)
     # exp(-rho) overflows for very negative rho; the blend weight there is 0, so clamp is exact.
