@@ -236,21 +236,15 @@ def default_image_size(spec: ModelSpec) -> tuple[int, int] | None:
     return side, side
 
 
-def _dtype_kwargs(dtype: torch.dtype) -> dict:
-    # diffusers >= 0.42 renamed torch_dtype to dtype (the old name warns); older versions only know
-    # torch_dtype. The helper that resolves the two exists exactly in the versions that accept dtype.
-    from diffusers.utils import deprecation_utils
-
-    return {"dtype": dtype} if hasattr(deprecation_utils, "_resolve_dtype") else {"torch_dtype": dtype}
-
-
 def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "fp32"):
     """Load a text-to-image pipeline for ``spec`` onto ``device`` in ``dtype`` (LoRA: base + adapter)."""
     from diffusers import DiffusionPipeline
 
+    from diffusion_dpo.models.loading import dtype_kwargs
+
     source = spec.base if spec.kind == "lora" else spec.source
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **_dtype_kwargs(DTYPES[dtype]))
+        pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwargs(DTYPES[dtype]))
         if spec.kind == "lora":
             pipe.load_lora_weights(spec.source)
     except Exception as err:  # hub and loading errors come in many types; name the model

@@ -6,6 +6,7 @@ Everything goes through ``from_pretrained``, so a hub id (e.g. ``runwayml/stable
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -55,40 +56,100 @@ def read_model_index(pretrained_model_name_or_path: str, revision: str | None = 
         ) from err
 
 
+def dtype_kwargs(dtype: torch.dtype, library: str = "diffusers") -> dict:
+    """The keyword that makes ``from_pretrained`` of ``library`` (diffusers or transformers) load in ``dtype``.
+
+    Both renamed ``torch_dtype`` to ``dtype`` (transformers 4.56, diffusers 0.42) and warn on the old
+    name; older versions know only ``torch_dtype``. Loading in the dtype, rather than casting after,
+    also keeps diffusers from warning about ``to(dtype)`` on every load.
+    """
+    if library == "transformers":
+        import transformers
+        from packaging.version import Version
+
+        new = Version(transformers.__version__) >= Version("4.56")
+    else:  # diffusers' helper that resolves the two names exists exactly in the versions taking dtype
+        from diffusers.utils import deprecation_utils
+
+        new = hasattr(deprecation_utils, "_resolve_dtype")
+    return {"dtype": dtype} if new else {"torch_dtype": dtype}
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Hide diffusers' and transformers' progress bars ("Loading pipeline components", "Loading weights",
+    "Writing model shards") inside the block: loads and saves a run makes for itself take milliseconds
+    to seconds and say nothing a user acts on. Hub downloads keep their progress bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    shown = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
+    hub_shown = not are_progress_bars_disabled()
+    for lib, _ in shown:
+        lib.disable_progress_bar()
+    if hub_shown:  # transformers' switch turns the hub's download bars off too: a download must show
+        enable_progress_bars()
+    try:
+        yield
+    finally:
+        for lib, was_shown in shown:
+            if was_shown:
+                lib.enable_progress_bar()
+        if not hub_shown:
+            disable_progress_bars()
+
+
 def load_components(
     pretrained_model_name_or_path: str,
     revision: str | None = None,
     variant: str | None = None,
     vae_model_name_or_path: str | None = None,
+    *,
+    frozen_dtype: torch.dtype = torch.float32,
+    unet_dtype: torch.dtype = torch.float32,
 ) -> SDComponents:
-    """Load UNet, VAE, DDPM noise scheduler, tokenizer(s) and text encoder(s), all in fp32 on CPU.
+    """Load UNet, VAE, DDPM noise scheduler, tokenizer(s) and text encoder(s) on CPU.
 
-    SDXL is recognised by a second text encoder in ``model_index.json``. ``vae_model_name_or_path``
-    swaps in another VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``, which is stable in fp16).
+    Each part is loaded in the dtype it is used in (casting after loading makes diffusers warn):
+    the UNet in ``unet_dtype``, the frozen text encoders and VAE in ``frozen_dtype``, except SDXL's
+    own VAE, which overflows in fp16 and stays fp32. SDXL is recognised by a second text encoder in
+    ``model_index.json``. ``vae_model_name_or_path`` swaps in another VAE (e.g.
+    ``madebyollin/sdxl-vae-fp16-fix``, which is stable in fp16).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
     index = read_model_index(pretrained_model_name_or_path, revision)
     sdxl = "text_encoder_2" in index and index["text_encoder_2"][0] is not None
+    vae_dtype = torch.float32 if (sdxl and not vae_model_name_or_path) else frozen_dtype
     kw = dict(revision=revision)
+    encoder_kw = dict(variant=variant, **kw, **dtype_kwargs(frozen_dtype, "transformers"))
     src = pretrained_model_name_or_path
-    # The DDPM scheduler defines the forward process q used in training, whatever sampler is saved.
-    noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
-    tokenizers = [AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)]
-    text_encoders = [CLIPTextModel.from_pretrained(src, subfolder="text_encoder", variant=variant, **kw)]
-    if sdxl:
-        tokenizers.append(AutoTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw))
-        text_encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(
-                src, subfolder="text_encoder_2", variant=variant, **kw
+    with quiet_loading():
+        # The DDPM scheduler defines the forward process q used in training, whatever sampler is saved.
+        noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
+        tokenizers = [AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)]
+        text_encoders = [CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **encoder_kw)]
+        if sdxl:
+            tokenizers.append(AutoTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw))
+            text_encoders.append(
+                CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **encoder_kw)
             )
+        if vae_model_name_or_path:
+            vae = AutoencoderKL.from_pretrained(vae_model_name_or_path, **dtype_kwargs(vae_dtype))
+        else:
+            vae = AutoencoderKL.from_pretrained(
+                src, subfolder="vae", variant=variant, **kw, **dtype_kwargs(vae_dtype)
+            )
+        unet = UNet2DConditionModel.from_pretrained(
+            src, subfolder="unet", variant=variant, **kw, **dtype_kwargs(unet_dtype)
         )
-    if vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(vae_model_name_or_path)
-    else:
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", variant=variant, **kw)
-    unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", variant=variant, **kw)
+    logger.info(
+        "loaded %s (%s): UNet in %s, text encoder%s in %s, VAE in %s",
+        src, "SDXL" if sdxl else "SD", _name(unet_dtype), "s" if sdxl else "", _name(frozen_dtype),
+        _name(vae_dtype),
+    )  # fmt: skip
     for module in [vae, *text_encoders]:
         module.requires_grad_(False)
         module.eval()
@@ -99,6 +160,10 @@ def load_components(
         tokenizers=tokenizers,
         text_encoders=text_encoders,
     )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 @torch.no_grad()

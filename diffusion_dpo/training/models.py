@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from diffusion_dpo.models.loading import SDComponents, encode_prompts, load_components, sdxl_time_ids
+from diffusion_dpo.models.loading import (
+    SDComponents,
+    dtype_kwargs,
+    encode_prompts,
+    load_components,
+    sdxl_time_ids,
+)
 from diffusion_dpo.training.config import TrainConfig
 
 Tensor = torch.Tensor
@@ -40,24 +46,28 @@ def reference_runs_in_train_mode(ref_unet: torch.nn.Module) -> bool:
 
 
 def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
-    """Load the base model; add LoRA adapters or make the frozen reference copy; move to device."""
-    components = load_components(
-        cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path
-    )
+    """Load the base model; add LoRA adapters or make the frozen reference copy; move to device.
+
+    Every part is loaded in the dtype it runs in: the frozen parts (and LoRA's frozen base UNet) in the
+    weight dtype, except SDXL's original VAE (fp32, it overflows in fp16); a fully fine-tuned UNet in
+    fp32, its frozen reference in the weight dtype; LoRA adapters in fp32.
+    """
     weight_dtype = weight_dtype_for(cfg.mixed_precision)
+    components = load_components(
+        cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path,
+        frozen_dtype=weight_dtype, unet_dtype=weight_dtype if cfg.use_lora else torch.float32,
+    )  # fmt: skip
     unet = components.unet
-    # Frozen parts run in the low-precision dtype; SDXL's original VAE overflows in fp16, keep it fp32.
-    vae_dtype = torch.float32 if (components.is_sdxl and not cfg.vae_model_name_or_path) else weight_dtype
-    components.vae.to(device, dtype=vae_dtype)
+    components.vae.to(device)
     for encoder in components.text_encoders:
-        encoder.to(device, dtype=weight_dtype)
+        encoder.to(device)
 
     ref_unet = None
     if cfg.use_lora:
         from peft import LoraConfig
 
         unet.requires_grad_(False)
-        unet.to(device, dtype=weight_dtype)
+        unet.to(device)
         unet.add_adapter(
             LoraConfig(
                 r=cfg.rank,
@@ -80,10 +90,11 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
                 subfolder="unet",
                 revision=cfg.revision,
                 variant=cfg.variant,
+                **dtype_kwargs(weight_dtype),
             )
             ref_unet.requires_grad_(False)
             ref_unet.train(reference_runs_in_train_mode(ref_unet))
-            ref_unet.to(device, dtype=weight_dtype)
+            ref_unet.to(device)
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from diffusion_dpo.models.loading import SDComponents
+from diffusion_dpo.models.loading import SDComponents, dtype_kwargs, quiet_loading
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.models import Models
 
@@ -27,9 +27,10 @@ def pipeline_parts(comps: SDComponents, unet: torch.nn.Module, dtype: torch.dtyp
     """The in-memory modules to hand to ``Pipeline.from_pretrained`` instead of loading them again."""
 
     def cast(module):
-        if dtype is not None and next(module.parameters()).dtype != dtype:
-            module.to(dtype)
-        return module
+        if dtype is None or next(module.parameters()).dtype == dtype:
+            return module
+        # diffusers' .to(dtype) warns about modules to keep in fp32, even when the cast is to fp32
+        return module.float() if dtype == torch.float32 else module.to(dtype)
 
     parts = {"unet": unet, "vae": cast(comps.vae)}
     for i, (tokenizer, encoder) in enumerate(zip(comps.tokenizers, comps.text_encoders, strict=True)):
@@ -70,30 +71,38 @@ def save_final_model(
         )  # fmt: skip
     else:
         # the saved pipeline is fp32, whatever precision the frozen parts were run in
-        parts = pipeline_parts(models.components, unet.to(torch.float32), torch.float32)
-        pipe = pipeline_cls.from_pretrained(cfg.pretrained_model_name_or_path, revision=cfg.revision, **parts)
-        pipe.save_pretrained(out)
+        parts = pipeline_parts(models.components, unet.float(), torch.float32)
+        with quiet_loading():
+            pipe = pipeline_cls.from_pretrained(
+                cfg.pretrained_model_name_or_path, revision=cfg.revision, **parts
+            )
+            pipe.save_pretrained(out)
     (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     logger.info("saved the %s result to %s", "LoRA" if cfg.use_lora else "full", out)
     return out
 
 
-def load_trained_pipeline(output_dir: str | Path, torch_dtype: torch.dtype = torch.float32):
-    """Load what :func:`save_final_model` wrote: a pipeline folder, or the base + LoRA weights."""
-    from diffusers import DiffusionPipeline
+def load_trained_pipeline(
+    output_dir: str | Path, torch_dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None
+):
+    """Load what :func:`save_final_model` wrote: a pipeline folder, or the base + LoRA weights, in
+    ``torch_dtype``; the VAE in ``vae_dtype`` when given (fp32 for SDXL's own VAE, which overflows in
+    fp16)."""
+    from diffusers import AutoencoderKL, DiffusionPipeline
 
     out = Path(output_dir)
-    # diffusers >= 0.36 prefers `dtype=`; pass a dtype only when it is not the default fp32
-    kw = {} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}
-    if (out / "model_index.json").is_file():
-        return DiffusionPipeline.from_pretrained(out, **kw)
-    if not (out / "pytorch_lora_weights.safetensors").is_file():
+    lora = not (out / "model_index.json").is_file()
+    if lora and not (out / "pytorch_lora_weights.safetensors").is_file():
         raise FileNotFoundError(
             f"{out} holds neither a pipeline (model_index.json) nor pytorch_lora_weights.safetensors"
         )
-    base = yaml.safe_load((out / CONFIG_FILE).read_text())["pretrained_model_name_or_path"]
-    pipe = DiffusionPipeline.from_pretrained(base, **kw)
-    pipe.load_lora_weights(out)
+    source = yaml.safe_load((out / CONFIG_FILE).read_text())["pretrained_model_name_or_path"] if lora else out
+    parts = {}
+    if vae_dtype is not None and vae_dtype != torch_dtype:  # loaded in its dtype, not cast after
+        parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", **dtype_kwargs(vae_dtype))
+    pipe = DiffusionPipeline.from_pretrained(source, **parts, **dtype_kwargs(torch_dtype))
+    if lora:
+        pipe.load_lora_weights(out)
     return pipe
 
 
@@ -152,9 +161,10 @@ def validation_images(
     ``output_dir/validation/step-N``, in the run's precision."""
     comps = models.components
     parts = pipeline_parts(comps, unet)
-    pipe = pipeline_class(comps).from_pretrained(
-        cfg.pretrained_model_name_or_path, revision=cfg.revision, **parts
-    )
+    with quiet_loading():
+        pipe = pipeline_class(comps).from_pretrained(
+            cfg.pretrained_model_name_or_path, revision=cfg.revision, **parts
+        )
     was_training = unet.training
     unet.eval()
     try:
@@ -172,9 +182,11 @@ def validation_images(
 def final_samples(cfg: TrainConfig, models: Models, device) -> list[Path]:
     """Sample the validation prompts with the saved result, loaded back as users load it, on the
     training device and in the run's precision, into ``output_dir/samples``."""
-    pipe = load_trained_pipeline(cfg.output_dir, torch_dtype=models.weight_dtype).to(device)
-    if models.components.is_sdxl and not cfg.vae_model_name_or_path:
-        pipe.vae.to(torch.float32)  # SDXL's own VAE overflows in fp16
+    sdxl_own_vae = models.components.is_sdxl and not cfg.vae_model_name_or_path  # overflows in fp16
+    with quiet_loading():
+        pipe = load_trained_pipeline(
+            cfg.output_dir, models.weight_dtype, vae_dtype=torch.float32 if sdxl_own_vae else None
+        ).to(device)
     return sample_images(
         pipe, cfg.validation_prompts, Path(cfg.output_dir) / "samples", cfg.resolution,
         cfg.num_inference_steps, cfg.seed,
