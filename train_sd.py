@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Fine-tune Stable Diffusion (SD1.x / SDXL) on preferences: Diffusion-DPO, SFT or Diffusion-KTO.
+"""Fine-tune Stable Diffusion (SD1.x / SDXL) on preferences: Diffusion-DPO, SFT, Diffusion-KTO or MaPO.
 
     python train_sd.py --config configs/tiny.yaml                 # the embedded default, CPU, minutes
     accelerate launch train_sd.py --config configs/sd15_dpo.yaml  # the paper's SD1.5 run, multi-GPU
 
-Command-line flags override the YAML; `python train_sd.py --help` lists them all.
+Command-line flags override the YAML; `python train_sd.py --help` lists them all. The run ends with a
+few lines saying whether it learned and where the model is; the numbers are in OUTPUT_DIR/summary.json.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.guards import RunStopped
 from diffusion_dpo.training.loop import train
+from diffusion_dpo.training.summary import describe_run
 from diffusion_dpo.training.tiny_assets import ensure_tiny_assets
 
 
@@ -26,7 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = train(cfg)
     if summary["is_main_process"]:
         shown = {k: v for k, v in summary.items() if k not in ("models", "is_main_process")}
-        print(json.dumps({"output_dir": cfg.output_dir, **shown}, indent=2))
+        path = Path(cfg.output_dir) / "summary.json"
+        path.write_text(json.dumps({"output_dir": cfg.output_dir, **shown}, indent=2) + "\n")
+        print(describe_run(cfg, summary))
     return summary
 
 

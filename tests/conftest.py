@@ -1,6 +1,9 @@
 """Shared fixtures: tiny SD-shaped pipelines saved to disk once per test session."""
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,20 @@ def tiny_sdxl_path(tmp_path_factory):
     from diffusion_dpo.models.tiny import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sdxl"), sdxl=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def embedded_default_run(tmp_path_factory):
+    """The README's first command, exactly as a new user runs it, from a fresh directory: it builds the
+    tiny base model and the data, then trains (about two and a half minutes on 2 cores). Returns the
+    directory it ran in and the finished process; tests that need the built assets copy them."""
+    root = Path(__file__).resolve().parents[1]
+    cwd = tmp_path_factory.mktemp("embedded_default")
+    result = subprocess.run(
+        [sys.executable, str(root / "train_sd.py"), "--config", str(root / "configs/tiny.yaml")],
+        cwd=cwd, capture_output=True, text=True,
+    )  # fmt: skip
+    return cwd, result
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ loads and saves a run makes for itself show no progress bars."""
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -49,9 +50,15 @@ def _library_warnings():
             lg.setLevel(level)
 
 
-def test_first_run_prints_no_cast_warnings_or_internal_progress_bars(tmp_path):
-    """The README's first command in bf16, shortened, from a fresh directory: set-up, validation
-    sampling, the final save and the final samples. stderr keeps the training bar and our log lines."""
+def test_first_run_prints_no_cast_warnings_or_internal_progress_bars(tmp_path, embedded_default_run):
+    """The README's first command in bf16, shortened, on the tiny base and data it built: set-up,
+    validation sampling, the final save and the final samples. stderr keeps the training bar and our
+    log lines."""
+    built = embedded_default_run[0] / "outputs/tiny"
+    (tmp_path / "outputs/tiny").mkdir(parents=True)
+    shutil.copytree(built / "base_model", tmp_path / "outputs/tiny/base_model")
+    for data in ("pairs_train.parquet", "pairs_heldout.parquet"):
+        shutil.copy(built / data, tmp_path / "outputs/tiny" / data)
     result = subprocess.run(
         [sys.executable, str(ROOT / "train_sd.py"), "--config", str(ROOT / "configs/tiny.yaml"),
          "--max_train_steps", "2", "--validation_steps", "2", "--checkpointing_steps", "2",
@@ -62,14 +69,16 @@ def test_first_run_prints_no_cast_warnings_or_internal_progress_bars(tmp_path):
     assert result.returncode == 0, err[-3000:]
     assert CAST_WARNING not in err, err
     assert "`torch_dtype` is deprecated" not in err, err
-    # pipeline and weight loads inside the run ("Writing model shards" still comes once from building
-    # the tiny model, "Generating train split" from datasets' first read of a file)
+    # pipeline and weight loads and saves inside the run ("Generating train split" still comes from
+    # datasets' first read of a file)
     assert "Loading pipeline components" not in err and "Loading weights" not in err, err
+    assert "Writing model shards" not in err, err
+    assert "accelerate.checkpointing" not in err, err  # one line of ours per checkpoint, not four
     assert "steps: 100%" in err  # the training progress bar
     for line in ("UNet in float32, text encoder in bfloat16, VAE in bfloat16", "training dpo (full)",
                  "wrote 3 validation images", "saved the full result"):  # fmt: skip
         assert line in err, err
-    assert json.loads(result.stdout[result.stdout.index("{") :])["global_step"] == 2
+    assert json.loads((tmp_path / "outputs/tiny/dpo/summary.json").read_text())["global_step"] == 2
 
     out = tmp_path / "outputs/tiny/dpo"
     for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):

@@ -331,7 +331,8 @@ def test_bad_rows_are_skipped_counted_and_listed_in_metrics_and_summary(tmp_path
     listed = [r for row in rows for r in row.get("data/bad_rows", [])]
     reasons = " | ".join(r["reason"] for r in listed)
     assert "cannot decode" in reasons and "caption" in reasons
-    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    summary = json.loads((out / "summary.json").read_text())
+    assert "4 bad rows" in result.stdout  # the closing words say so too
     assert summary["data/skipped_rows"] == 4
     assert any("label_0" in r["reason"] for r in summary["data/bad_rows"])  # the load-time one
     assert all(r.get("loss") is not None for r in rows)  # converted images and "" trained normally

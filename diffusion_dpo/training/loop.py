@@ -173,6 +173,8 @@ def train(cfg: TrainConfig) -> dict:
         kwargs_handlers=dist.process_group_kwargs(),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # accelerate logs four lines per checkpoint (weights, optimizer, scheduler, RNG); ours logs one
+    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
     dist.check_launch(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,80 @@
+"""The words a run ends with: what was trained, whether it learned, and where everything is."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from diffusion_dpo.training.config import TrainConfig
+
+#: The "at the start" and "at the end" numbers average this share of the steps (at least MIN_WINDOW):
+#: single steps of a preference loss are noisy.
+WINDOW_SHARE, MIN_WINDOW = 0.1, 10
+
+_NAMES = {"dpo": "Diffusion-DPO", "sft": "SFT", "kto": "Diffusion-KTO", "mapo": "MaPO"}
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
+    return sum(values) / len(values) if values else None
+
+
+def describe_run(cfg: TrainConfig, summary: dict) -> str:
+    """A few lines for a person: the held-out implicit-reward accuracy at the start and the end (when
+    held-out pairs were given), the loss and the reward margin early and late, skipped steps and rows,
+    and where the model, the samples and the metrics are."""
+    out = Path(cfg.output_dir)
+    rows = []
+    if (out / "metrics.jsonl").is_file():
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    objective = cfg.effective_objective
+    name = _NAMES.get(objective, objective)
+    if objective == "dpo" and cfg.loss_type != "sigmoid":
+        name += f" ({cfg.loss_type} loss)"
+    lines = [f"{name}: {summary['global_step']} steps in {summary['seconds']:.0f} s."]
+
+    accuracies = [r for r in rows if r.get("eval/implicit_acc") is not None]
+    if accuracies:
+        end = accuracies[-1]
+        lines.append(
+            f"  held-out implicit-reward accuracy: 0.50 at the start (the model equals its reference, "
+            f"so every pair ties) -> {end['eval/implicit_acc']:.2f} at step {end['step']}: the share of "
+            f"held-out pairs whose preferred image the model now prefers (0.5 is chance)."
+        )
+    window = max(MIN_WINDOW, int(len(rows) * WINDOW_SHARE))
+    first, last = rows[:window], rows[-window:]
+    loss_first, loss_last = _mean(first, "loss"), _mean(last, "loss")
+    if loss_first is not None and loss_last is not None:
+        trend = "down" if loss_last < loss_first else "up"
+        lines.append(
+            f"  loss: {loss_first:.3f} over the first {len(first)} steps -> {loss_last:.3f} over the last "
+            f"{len(last)} ({trend})."
+        )
+    margin_first, margin_last = _mean(first, "rewards/margins"), _mean(last, "rewards/margins")
+    if margin_first is not None and margin_last is not None:
+        lines.append(
+            f"  reward margin (implicit reward of the preferred image minus the other's): "
+            f"{margin_first:+.3f} -> {margin_last:+.3f}; training-pair accuracy "
+            f"{_mean(last, 'rewards/accuracies') or 0:.2f} over the last {len(last)} steps."
+        )
+    skipped_steps, skipped_rows = summary.get("train/skipped_steps", 0), summary.get("data/skipped_rows", 0)
+    if skipped_steps or skipped_rows:
+        lines.append(
+            f"  skipped: {skipped_steps} non-finite optimizer steps, {skipped_rows} bad rows "
+            f"(first: {summary.get('data/bad_rows', [])[:3]})."
+        )
+    if cfg.use_lora:
+        lines.append(
+            f"  model: LoRA weights in {out}/pytorch_lora_weights.safetensors; load them with "
+            f"DiffusionPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r}).load_lora_weights({str(out)!r})"
+        )
+    else:
+        lines.append(f"  model: {out} (DiffusionPipeline.from_pretrained({str(out)!r}))")
+    samples = sorted((out / "samples").glob("*.png")) if (out / "samples").is_dir() else []
+    if samples:
+        lines.append(f"  samples: {len(samples)} images of the validation prompts in {out / 'samples'}")
+    lines.append(
+        f"  metrics: {out / 'metrics.jsonl'} (one line per step); this summary: {out / 'summary.json'}"
+    )
+    return "\n".join(lines)
