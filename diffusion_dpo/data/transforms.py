@@ -187,10 +187,28 @@ def transform_image(
     corner in the image the model sees (the resized image, flipped or not), which is what SDXL's
     micro-conditioning (``add_time_ids``) describes.
     """
+    top_draw, left_draw, flip_draw = rng.random(3)
+    flip = random_flip and flip_draw < 0.5
+    return crop_image(
+        image, resolution, flip=flip, center_crop=center_crop, top_draw=top_draw, left_draw=left_draw
+    )
+
+
+def crop_image(
+    image: Image.Image,
+    resolution: int,
+    *,
+    flip: bool,
+    center_crop: bool,
+    top_draw: float = 0.0,
+    left_draw: float = 0.0,
+) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+    """What :func:`transform_image` does once its draws are made: resize, flip if ``flip``, crop (at the
+    center, or where ``top_draw``/``left_draw`` in [0, 1) put a random crop), scale to [-1, 1]. The
+    latent cache calls it with both values of ``flip``. Returns as :func:`transform_image`."""
     original_size = (image.height, image.width)
     image = _resize_shorter_side(image, resolution)
-    top_draw, left_draw, flip_draw = rng.random(3)
-    if random_flip and flip_draw < 0.5:
+    if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     slack_h, slack_w = image.height - resolution, image.width - resolution
     if center_crop:

@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 class SDComponents:
     """The parts of a Stable Diffusion pipeline the trainer needs (SDXL: two tokenizers/encoders)."""
 
-    unet: torch.nn.Module
+    unet: torch.nn.Module | None  # None when loaded with load_unet=False
     vae: torch.nn.Module
     noise_scheduler: object
     tokenizers: list = field(default_factory=list)
@@ -108,6 +108,7 @@ def load_components(
     *,
     frozen_dtype: torch.dtype = torch.float32,
     unet_dtype: torch.dtype = torch.float32,
+    load_unet: bool = True,
 ) -> SDComponents:
     """Load UNet, VAE, DDPM noise scheduler, tokenizer(s) and text encoder(s) on CPU.
 
@@ -115,7 +116,8 @@ def load_components(
     the UNet in ``unet_dtype``, the frozen text encoders and VAE in ``frozen_dtype``, except SDXL's
     own VAE, which overflows in fp16 and stays fp32. SDXL is recognised by a second text encoder in
     ``model_index.json``. ``vae_model_name_or_path`` swaps in another VAE (e.g.
-    ``madebyollin/sdxl-vae-fp16-fix``, which is stable in fp16).
+    ``madebyollin/sdxl-vae-fp16-fix``, which is stable in fp16). ``load_unet=False`` leaves the UNet
+    out (``unet`` is None), for encoding data only.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
@@ -142,13 +144,15 @@ def load_components(
             vae = AutoencoderKL.from_pretrained(
                 src, subfolder="vae", variant=variant, **kw, **dtype_kwargs(vae_dtype)
             )
-        unet = UNet2DConditionModel.from_pretrained(
-            src, subfolder="unet", variant=variant, **kw, **dtype_kwargs(unet_dtype)
-        )
+        unet = None
+        if load_unet:
+            unet = UNet2DConditionModel.from_pretrained(
+                src, subfolder="unet", variant=variant, **kw, **dtype_kwargs(unet_dtype)
+            )
     logger.info(
         "loaded %s (%s): UNet in %s, text encoder%s in %s, VAE in %s",
-        src, "SDXL" if sdxl else "SD", _name(unet_dtype), "s" if sdxl else "", _name(frozen_dtype),
-        _name(vae_dtype),
+        src, "SDXL" if sdxl else "SD", _name(unet_dtype) if load_unet else "(not loaded)", "s" if sdxl else "",
+        _name(frozen_dtype), _name(vae_dtype),
     )  # fmt: skip
     for module in [vae, *text_encoders]:
         module.requires_grad_(False)
@@ -223,7 +227,12 @@ def encode_images(
     dtype = next(vae.parameters()).dtype
     dist = vae.encode(pixel_values.to(dtype)).latent_dist
     if posterior_noise is None:
-        latents = dist.sample()
-    else:
-        latents = dist.mean + dist.std * posterior_noise.to(dist.mean.device, dist.mean.dtype)
-    return latents * vae.config.scaling_factor
+        return dist.sample() * vae.config.scaling_factor
+    return posterior_latents(dist.mean, dist.std, posterior_noise, vae.config.scaling_factor)
+
+
+def posterior_latents(mean: Tensor, std: Tensor, posterior_noise: Tensor, scaling_factor: float) -> Tensor:
+    """Scaled latents ``(mean + std · noise) · scaling_factor`` ``[N, C, h, w]`` of VAE posteriors
+    ``N(mean, std²)``, computed in ``mean``'s dtype: :func:`encode_images` and a batch read from a latent
+    cache (:mod:`diffusion_dpo.data.latent_cache`, which stores ``mean`` and ``std``) take this one path."""
+    return (mean + std * posterior_noise.to(mean.device, mean.dtype)) * scaling_factor
