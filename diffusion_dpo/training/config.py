@@ -41,6 +41,13 @@ class TrainConfig:
         "save_to_disk folder, or a JSONL/CSV of caption,image_w,image_l (KTO: caption,image,label).",
     )
     dataset_split: str = _f("train", "Split of the dataset to train on.")
+    latents_cache: str | None = _f(
+        None,
+        "Train from a folder made by data/precompute_latents.py (each pair's VAE posterior mean/std in both "
+        "flips and its caption's text embeddings, encoded once) instead of encoding images and captions at "
+        "every step; it replaces --dataset_name. Same rows, order and random draws as training from the "
+        "images; center crops only (not with --random_crop); held-out validation still reads images.",
+    )
     streaming: bool = _f(False, "Stream the dataset instead of downloading it (for sets too large for disk).")
     keep_ties: bool = _f(False, "Keep tied pairs (label_0 = 0.5). By default they are dropped and counted.")
     max_train_samples: int | None = _f(
@@ -165,8 +172,21 @@ class TrainConfig:
             raise ValueError(
                 "--pretrained_model_name_or_path is required (a hub id or a local diffusers folder)"
             )
-        if not self.dataset_name:
-            raise ValueError("--dataset_name is required (a hub id, a parquet file/folder, or a JSONL/CSV)")
+        if not self.dataset_name and not self.latents_cache:
+            raise ValueError(
+                "--dataset_name is required (a hub id, a parquet file/folder, or a JSONL/CSV), or "
+                "--latents_cache (a folder made by data/precompute_latents.py)"
+            )
+        if self.latents_cache and self.random_crop:
+            raise ValueError(
+                "--random_crop cannot be used with --latents_cache: the cache holds center crops (each crop "
+                "position would need its own encoding); drop --random_crop, or train from the images"
+            )
+        if self.latents_cache and self.effective_objective == "kto":
+            raise ValueError(
+                "--latents_cache holds preference pairs, and --objective kto trains on unpaired images; "
+                "train KTO from --dataset_name"
+            )
         if self.sft and self.objective not in ("dpo", "sft"):
             raise ValueError(f"--sft contradicts --objective {self.objective}")
         if self.effective_objective == "dpo":

@@ -109,6 +109,58 @@ def is_caption_image_dataset(dataset_name: str, split: str = "train", cache_dir:
     return "image" in names and not names & {"jpg_0", "image_w", "label"}
 
 
+def _load_cached_rows(cfg: TrainConfig, is_sdxl: bool):
+    """(rows, transform, collate, load-time stats) of a latent cache (``--latents_cache``): the rows of the
+    source it was made from, in the same positions, so that everything after is as for images."""
+    from diffusion_dpo.data import latent_cache
+    from diffusion_dpo.data.pairs import PairStats, bad_label_error, sample_rows
+    from diffusion_dpo.training.models import weight_dtype_for
+
+    cache = latent_cache.open_latent_cache(cfg.latents_cache)
+    latent_cache.check_cache_fits(
+        cache, resolution=cfg.resolution, sdxl=is_sdxl, keep_ties=cfg.keep_ties, hflip=not cfg.no_hflip,
+        model=latent_cache.model_identity(
+            cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path
+        ),
+        dataset_name=cfg.dataset_name, split=cfg.dataset_split,
+    )  # fmt: skip
+    weight = str(weight_dtype_for(cfg.mixed_precision)).removeprefix("torch.")
+    own_sdxl_vae = is_sdxl and not cfg.vae_model_name_or_path  # kept in fp32 on the fly
+    expected = {"latents": "float32" if own_sdxl_vae else weight, "text": weight}
+    if cache.settings["dtypes"] != expected:
+        logger.warning(
+            "latent cache %s was encoded in %s; encoding on the fly in this run would use %s (--mixed_precision "
+            "%s): the cached values differ from those by rounding only",
+            cfg.latents_cache, cache.settings["dtypes"], expected, cfg.mixed_precision,
+        )  # fmt: skip
+    counts = cache.manifest["stats"]
+    stats = PairStats(
+        seen=counts["pairs_read"], ties=counts["ties"], swapped=counts["swapped"],
+        bad_labels=counts["bad_labels"], bad_label_rows=[tuple(r) for r in counts["bad_label_rows"]],
+    )  # fmt: skip
+    if stats.bad_labels and cfg.on_bad_example == "error":  # loading the images would have refused them
+        raise bad_label_error(
+            stats.bad_label_rows, "pairs", f"the source of latent cache {cfg.latents_cache}"
+        )
+    rows = cache.rows(streaming=cfg.streaming)
+    if not cfg.streaming:  # the source's seeded subset (a stream's is chosen by ShuffledStream)
+        kept = sample_rows(len(rows), cfg.max_train_samples, cfg.seed)
+        if len(kept) < len(rows):
+            rows = rows.select(kept)
+    transform = latent_cache.CachedPairTransform(
+        cache,
+        seed=cfg.seed,
+        random_flip=not cfg.no_hflip,
+        proportion_empty_prompts=cfg.proportion_empty_prompts,
+    )
+    logger.info(
+        "training from latent cache %s: %d pairs of %s encoded by %s",
+        cfg.latents_cache, cache.num_rows, cache.settings["source"]["dataset_name"],
+        cache.settings["model"]["pretrained_model_name_or_path"],
+    )  # fmt: skip
+    return rows, transform, latent_cache.collate_cached_pairs, stats
+
+
 @dataclass
 class TrainData:
     """The training rows of this process: its DataLoader, and how to start an epoch at a position.
@@ -173,22 +225,27 @@ def build_train_data(
     cfg: TrainConfig, is_sdxl: bool, num_processes: int = 1, process_index: int = 0
 ) -> TrainData:
     """This process's training rows: shuffled pairs (or unpaired images for ``objective: kto``; for
-    ``sft`` also plain ``caption, image`` datasets, e.g. to pretrain a base model), map-style or streamed."""
+    ``sft`` also plain ``caption, image`` datasets, e.g. to pretrain a base model), map-style or streamed;
+    from the images, or from a latent cache (``--latents_cache``) whose batches carry latents and text
+    embeddings instead of pixels."""
     from diffusion_dpo.data.order import ShardedBatchSampler
     from diffusion_dpo.data.stream import ShuffledStream, StreamCollate
     from diffusion_dpo.data.transforms import make_torch_dataset
 
     objective = cfg.effective_objective
-    images_only = objective == "sft" and is_caption_image_dataset(
-        cfg.dataset_name, cfg.dataset_split, cfg.cache_dir
-    )
-    rows, transform, collate, stats = _load_rows_and_transform(
-        cfg.dataset_name, split=cfg.dataset_split, resolution=cfg.resolution, sdxl=is_sdxl, seed=cfg.seed,
-        train=True, kto=objective == "kto", images_only=images_only, random_crop=cfg.random_crop,
-        hflip=not cfg.no_hflip, proportion_empty_prompts=cfg.proportion_empty_prompts,
-        streaming=cfg.streaming, keep_ties=cfg.keep_ties, max_samples=cfg.max_train_samples,
-        cache_dir=cfg.cache_dir, on_bad_example=cfg.on_bad_example,
-    )  # fmt: skip
+    if cfg.latents_cache:
+        rows, transform, collate, stats = _load_cached_rows(cfg, is_sdxl)
+    else:
+        images_only = objective == "sft" and is_caption_image_dataset(
+            cfg.dataset_name, cfg.dataset_split, cfg.cache_dir
+        )
+        rows, transform, collate, stats = _load_rows_and_transform(
+            cfg.dataset_name, split=cfg.dataset_split, resolution=cfg.resolution, sdxl=is_sdxl, seed=cfg.seed,
+            train=True, kto=objective == "kto", images_only=images_only, random_crop=cfg.random_crop,
+            hflip=not cfg.no_hflip, proportion_empty_prompts=cfg.proportion_empty_prompts,
+            streaming=cfg.streaming, keep_ties=cfg.keep_ties, max_samples=cfg.max_train_samples,
+            cache_dir=cfg.cache_dir, on_bad_example=cfg.on_bad_example,
+        )  # fmt: skip
     common = dict(
         stats=stats, streaming=cfg.streaming, num_processes=num_processes, process_index=process_index,
         num_workers=cfg.dataloader_num_workers,
@@ -210,7 +267,7 @@ def build_train_data(
     )  # fmt: skip
     if len(sampler) == 0:
         raise ValueError(
-            f"{cfg.dataset_name} has {len(dataset)} usable rows, fewer than one batch of "
+            f"{cfg.latents_cache or cfg.dataset_name} has {len(dataset)} usable rows, fewer than one batch of "
             f"--train_batch_size {cfg.train_batch_size} × {num_processes} processes (too few rows after "
             "dropping ties and bad rows?)"
         )

@@ -32,7 +32,7 @@ from diffusion_dpo.losses import (
     pairwise_loss_from_logratios,
     preference_metrics,
 )
-from diffusion_dpo.models.loading import encode_images, latent_shape
+from diffusion_dpo.models.loading import encode_images, latent_shape, posterior_latents
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.models import Models, conditioning, sdxl_cond
 
@@ -42,6 +42,36 @@ Tensor = torch.Tensor
 def _summed_over_valid(losses: Tensor, valid: Tensor) -> Tensor:
     # divided by the nominal batch size, not the valid count: see the module docstring
     return torch.where(valid, losses, 0.0).sum() / losses.shape[0]
+
+
+def _latent_shape(vae, batch: dict, suffix: str) -> tuple[int, int, int]:
+    """``(C, h, w)`` of one image's latents in ``batch``: cached, or what the VAE makes of its pixels."""
+    if f"latents_mean{suffix}" in batch:
+        return tuple(batch[f"latents_mean{suffix}"].shape[1:])
+    return latent_shape(vae, *batch[f"pixel_values{suffix}"].shape[-2:])
+
+
+def _unet_inputs(
+    models: Models, batch: dict, suffixes: list[str], posterior_noise: Tensor, device
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(latents [K·B, C, h, w] winners first, hidden [B, L, D], SDXL pooled [B, D] or None)`` of a batch.
+
+    A batch of pixels and captions goes through the VAE (one pass for winners and losers) and the text
+    encoder(s); a batch read from a latent cache (``--latents_cache``, :mod:`diffusion_dpo.data.latent_cache`)
+    carries the VAE posteriors' mean and std and the text embeddings, and runs neither. Both make the
+    posterior sample with the same ``posterior_noise`` ``[K·B, C, h, w]`` through ``posterior_latents``.
+    """
+    if "prompt_embeds" in batch:  # cached
+        mean = torch.cat([batch[f"latents_mean{s}"] for s in suffixes]).to(device)
+        std = torch.cat([batch[f"latents_std{s}"] for s in suffixes]).to(device)
+        latents = posterior_latents(mean, std, posterior_noise, models.components.vae.config.scaling_factor)
+        hidden = batch["prompt_embeds"].to(device, models.weight_dtype)
+        pooled = batch["pooled_prompt_embeds"].to(device) if "pooled_prompt_embeds" in batch else None
+    else:
+        pixels = torch.cat([batch[f"pixel_values{s}"] for s in suffixes]).to(device)  # [K·B, 3, H, W]
+        latents = encode_images(models.components.vae, pixels, posterior_noise)
+        hidden, pooled = conditioning(models, batch["captions"], device)
+    return latents.to(models.weight_dtype), hidden, pooled
 
 
 def compute_batch_loss(
@@ -55,7 +85,9 @@ def compute_batch_loss(
     0-dim metrics averaged over the batch's valid rows.
 
     Pair batches (dpo, mapo, sft): ``pixel_values_w``/``pixel_values_l`` ``[B, 3, H, W]``, ``captions``,
-    ``indices`` ``[B]``; SDXL adds ``original_sizes_w/_l`` and ``crop_top_lefts_w/_l`` ``[B, 2]``.
+    ``indices`` ``[B]``; SDXL adds ``original_sizes_w/_l`` and ``crop_top_lefts_w/_l`` ``[B, 2]``. From a
+    latent cache, ``latents_mean_w/_l``, ``latents_std_w/_l`` ``[B, C, h, w]`` and ``prompt_embeds``
+    ``[B, L, D]`` (SDXL: ``pooled_prompt_embeds`` ``[B, D]``) replace pixels and captions' encodings.
     KTO batches: ``pixel_values`` ``[B, 3, H, W]``, ``captions``, ``indices``, ``desirable`` ``[B]``
     bool (and SDXL sizes). Optional: ``valid`` ``[B]`` bool (False: a placeholder for a skipped bad
     row) and ``epoch`` (keys the rows' draws with their indices; 0 if absent).
@@ -69,29 +101,24 @@ def compute_batch_loss(
     T = comps.noise_scheduler.config.num_train_timesteps
     n = len(batch["captions"])
     valid = batch["valid"].to(device) if "valid" in batch else torch.ones(n, dtype=torch.bool, device=device)
-    hidden, pooled = conditioning(models, batch["captions"], device)
 
     if objective in ("dpo", "mapo"):
-        pixels = [batch["pixel_values_w"], batch["pixel_values_l"]]
         suffixes = ["_w", "_l"]
     else:
         # KTO images; SFT: the winners of pairs, or the images of a plain caption/image dataset
-        suffix = "" if "pixel_values" in batch else "_w"
-        pixels, suffixes = [batch[f"pixel_values{suffix}"]], [suffix]
-    height, width = pixels[0].shape[-2:]
+        suffixes = ["" if "pixel_values" in batch else "_w"]
     draws = draw_for_rows(
-        cfg.seed, batch.get("epoch", 0), batch["indices"], latent_shape(comps.vae, height, width), T,
-        images_per_row=len(pixels),
+        cfg.seed, batch.get("epoch", 0), batch["indices"], _latent_shape(comps.vae, batch, suffixes[0]), T,
+        images_per_row=len(suffixes),
     ).to(device, models.weight_dtype)  # fmt: skip
-    # One VAE pass for winners and losers: [K·B, 3, H, W] -> [K·B, C, h, w], winners first
-    latents = encode_images(comps.vae, torch.cat(pixels).to(device), draws.posterior.flatten(0, 1)).to(
-        models.weight_dtype
-    )
+    latents, hidden, pooled = _unet_inputs(models, batch, suffixes, draws.posterior.flatten(0, 1), device)
     cond = None
     if comps.is_sdxl:
         sizes = torch.cat([batch[f"original_sizes{s}"] for s in suffixes]).to(device)  # [K·B, 2]
         crops = torch.cat([batch[f"crop_top_lefts{s}"] for s in suffixes]).to(device)
-        cond = sdxl_cond(torch.cat([pooled] * len(pixels)), sizes, crops, cfg.resolution, models.weight_dtype)
+        cond = sdxl_cond(
+            torch.cat([pooled] * len(suffixes)), sizes, crops, cfg.resolution, models.weight_dtype
+        )
 
     if objective == "sft":
         losses = sft_losses(
