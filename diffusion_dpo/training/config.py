@@ -136,9 +136,31 @@ class TrainConfig:
         False, "Recompute UNet activations in the backward pass to save memory."
     )
     enable_xformers_memory_efficient_attention: bool = _f(
-        False, "Use xformers attention (GPU, optional extra)."
+        False,
+        "Use xformers attention (CUDA GPUs, optional package) instead of PyTorch's scaled-dot-product "
+        "attention, which is the default and needs nothing.",
     )
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
+    adam_implementation: str = _f(
+        "auto",
+        "AdamW kernels: auto (fused on CUDA, PyTorch's own choice elsewhere), fused (one kernel for all "
+        "weights), foreach (a few batched kernels: PyTorch's choice on CUDA), for_loop (weight by weight: "
+        "PyTorch's choice on CPU). Same update up to float rounding; checkpoints load across them.",
+        choices=("auto", "fused", "foreach", "for_loop"),
+    )
+    use_8bit_adam: bool = _f(
+        False,
+        "8-bit AdamW from bitsandbytes (CUDA, optional package): optimizer states in 2 bytes per trained "
+        "weight instead of 8.",
+    )
+    channels_last: bool = _f(
+        False, "Keep the UNets in channels-last memory format (often faster convolutions on recent GPUs)."
+    )
+    compile_unet: bool = _f(
+        False,
+        "torch.compile the trained UNet: slower first steps while it compiles, then faster steps on GPU "
+        "(single process or DDP).",
+    )
     # --- checkpoints, logging, validation ---
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint-N every N optimizer steps.")
     checkpoints_total_limit: int | None = _f(None, "Keep at most this many checkpoint-N folders.")
@@ -231,7 +253,11 @@ class TrainConfig:
             raise ValueError(f"--max_bad_row_fraction must be in [0, 1], got {self.max_bad_row_fraction}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ValueError(f"--max_train_samples must be >= 1, got {self.max_train_samples}")
-        for name in ("mixed_precision", "objective", "loss_type", "on_bad_example"):
+        if self.use_8bit_adam and self.adam_implementation != "auto":
+            raise ValueError(
+                f"--use_8bit_adam brings its own kernels; drop --adam_implementation {self.adam_implementation}"
+            )
+        for name in ("mixed_precision", "objective", "loss_type", "on_bad_example", "adam_implementation"):
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {list(choices)}, got {getattr(self, name)!r}")

@@ -28,6 +28,7 @@ from diffusion_dpo.training import distributed as dist
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.guards import BadRows, NonFiniteSteps, PreemptionSignals, RunStopped
 from diffusion_dpo.training.models import setup_models
+from diffusion_dpo.training.optim import make_optimizer
 from diffusion_dpo.training.saving import final_samples, save_final_model, validation_images
 from diffusion_dpo.training.step import compute_batch_loss
 from diffusion_dpo.training.validation import encode_heldout_pairs, heldout_accuracy
@@ -83,9 +84,10 @@ class StepWindow:
         self.bad_rows.extend(batch.get("bad_rows", []))
         self.nonfinite = ~torch.isfinite(loss.detach()) | self.nonfinite
 
-    def reduce(self, accelerator, stop: bool) -> dict:
+    def reduce(self, accelerator, stop: bool, grad_norm: Tensor | float | None = None) -> dict:
         """All processes' totals: ``metrics`` (means over valid rows; None where no row was valid),
-        ``rows``, ``skipped``, ``nonfinite`` (any process), ``stop`` (any process)."""
+        ``rows``, ``skipped``, ``nonfinite`` (any process), ``stop`` (any process), and this process's
+        ``grad_norm`` (NaN if None), read in the same host sync."""
         keys = sorted(self.sums)
         device = accelerator.device
         packed = torch.stack(
@@ -98,12 +100,14 @@ class StepWindow:
         )
         if accelerator.num_processes > 1:
             packed = accelerator.reduce(packed, reduction="sum")
-        values = packed.tolist()  # the one host sync of the step
-        valid, rows, skipped, nonfinite, stop_any = values[len(keys) :]
+        norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, device=device)
+        # the one host sync of the step: nothing before it in the step reads a value off the device
+        values = torch.cat([packed, norm.detach().float().reshape(1)]).tolist()
+        valid, rows, skipped, nonfinite, stop_any, norm_value = values[len(keys) :]
         metrics = {k: (values[i] / valid if valid else None) for i, k in enumerate(keys)}
         return {
             "metrics": metrics, "rows": int(rows), "skipped": int(skipped), "nonfinite": nonfinite > 0,
-            "stop": stop_any > 0,
+            "stop": stop_any > 0, "grad_norm": norm_value,
         }  # fmt: skip
 
 
@@ -192,10 +196,9 @@ def train(cfg: TrainConfig) -> dict:
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    optimizer = torch.optim.AdamW(
-        [p for p in models.unet.parameters() if p.requires_grad], lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-        weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon,
-    )  # fmt: skip
+    optimizer = make_optimizer(
+        cfg, [p for p in models.unet.parameters() if p.requires_grad], lr, accelerator.device
+    )
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer,
         # accelerate steps a prepared scheduler once per process per optimizer step
@@ -324,9 +327,10 @@ def train(cfg: TrainConfig) -> dict:
                     continue
 
                 # ---- one optimizer step: agree on it, then step (or skip) -------------------------
-                totals = window.reduce(accelerator, stop=signals.received is not None)
+                # clip first, so that the norm is read in the same host sync as the metrics and flags
                 norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-                grad_norm = float(norm) if norm is not None else float("nan")
+                totals = window.reduce(accelerator, stop=signals.received is not None, grad_norm=norm)
+                grad_norm = totals["grad_norm"]
                 if owns_step:  # DeepSpeed already stepped, or skipped a non-finite step itself
                     finite = not accelerator.optimizer_step_was_skipped
                     if finite:

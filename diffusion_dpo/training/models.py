@@ -50,8 +50,11 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
 
     Every part is loaded in the dtype it runs in: the frozen parts (and LoRA's frozen base UNet) in the
     weight dtype, except SDXL's original VAE (fp32, it overflows in fp16); a fully fine-tuned UNet in
-    fp32, its frozen reference in the weight dtype; LoRA adapters in fp32.
+    fp32, its frozen reference in the weight dtype; LoRA adapters in fp32. Then the speed options:
+    gradient checkpointing and xformers attention, channels-last memory format, ``torch.compile``.
     """
+    if cfg.enable_xformers_memory_efficient_attention:
+        check_xformers(device)
     weight_dtype = weight_dtype_for(cfg.mixed_precision)
     components = load_components(
         cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path,
@@ -102,7 +105,32 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
         unet.enable_xformers_memory_efficient_attention()
         if ref_unet is not None:
             ref_unet.enable_xformers_memory_efficient_attention()
+    if cfg.channels_last:  # both UNets alike: the reference must compute what the policy computes at step one
+        for module in (unet, ref_unet):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    if cfg.compile_unet:
+        # in place (nn.Module.compile): the module, its state_dict keys and the wrappers around it stay
+        # as they are; a LoRA run compiles a second graph for its adapters-disabled reference pass
+        unet.compile()
     return Models(components=components, unet=unet, ref_unet=ref_unet, weight_dtype=weight_dtype)
+
+
+def check_xformers(device: torch.device | str) -> None:
+    """Raise ``ValueError`` saying why ``--enable_xformers_memory_efficient_attention`` cannot run here."""
+    import importlib.util
+
+    if importlib.util.find_spec("xformers") is None:
+        raise ValueError(
+            "--enable_xformers_memory_efficient_attention needs the xformers package (pip install xformers, "
+            "on a CUDA machine); without it drop the flag: PyTorch's scaled-dot-product attention is the "
+            "default and needs nothing"
+        )
+    if torch.device(device).type != "cuda":
+        raise ValueError(
+            "--enable_xformers_memory_efficient_attention runs on CUDA GPUs only, and this run is on "
+            f"{torch.device(device).type}; drop the flag (PyTorch's attention is used)"
+        )
 
 
 def conditioning(models: Models, captions: list[str], device) -> tuple[Tensor, Tensor | None]:

@@ -1,0 +1,62 @@
+"""The optimizer of the trained weights: AdamW with the kernels ``--adam_implementation`` picks, or
+bitsandbytes' 8-bit AdamW (``--use_8bit_adam``). The loop and the benchmark build it here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from diffusion_dpo.training.config import TrainConfig
+
+
+def adam_kernel_kwargs(implementation: str, device: torch.device | str) -> dict:
+    """``torch.optim.AdamW`` keyword for ``--adam_implementation`` on ``device``.
+
+    ``auto`` is ``fused`` on CUDA (one kernel launch for all weights instead of a few per tensor;
+    without it the optimizer step of a small model is launch-bound) and PyTorch's own choice elsewhere,
+    which leaves CPU runs bit for bit as they were.
+    """
+    if implementation == "auto":
+        implementation = "fused" if torch.device(device).type == "cuda" else "default"
+    return {
+        "default": {},
+        "fused": {"fused": True},
+        "foreach": {"foreach": True},
+        "for_loop": {"foreach": False},
+    }[implementation]
+
+
+def make_optimizer(
+    cfg: TrainConfig, params: Iterable[torch.nn.Parameter], lr: float, device: torch.device | str
+) -> torch.optim.Optimizer:
+    """AdamW over ``params`` with ``cfg``'s betas, weight decay and ε at learning rate ``lr``."""
+    params = list(params)
+    kwargs = dict(
+        lr=lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.adam_weight_decay,
+        eps=cfg.adam_epsilon,
+    )
+    if cfg.use_8bit_adam:
+        check_8bit_adam(device)
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs, **adam_kernel_kwargs(cfg.adam_implementation, device))
+
+
+def check_8bit_adam(device: torch.device | str) -> None:
+    """Raise ``ValueError`` saying why ``--use_8bit_adam`` cannot run here."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            "--use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes, on a CUDA machine); "
+            "without it drop the flag (the default AdamW keeps fp32 states, fused on CUDA)"
+        )
+    if torch.device(device).type != "cuda":
+        raise ValueError(
+            f"--use_8bit_adam runs bitsandbytes' CUDA kernels, and this run is on {torch.device(device).type}; "
+            "drop the flag there"
+        )
