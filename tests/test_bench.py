@@ -1,0 +1,250 @@
+"""The benchmark (``python -m diffusion_dpo.bench``) and the trainer's speed options.
+
+Only that things run, are wired and count right: speed claims come from the benchmark on a quiet
+machine, never from a timed test. Runs are tiny (32 px, one pair, one or two steps).
+"""
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from diffusion_dpo.bench import cli
+from diffusion_dpo.bench.hardware import compute_precision, peak_tflops
+from diffusion_dpo.bench.measure import count_flops, make_batch, step_flops
+from diffusion_dpo.training.config import TrainConfig, build_parser, parse_config
+from diffusion_dpo.training.loop import StepWindow
+from diffusion_dpo.training.models import check_xformers, setup_models
+from diffusion_dpo.training.optim import adam_kernel_kwargs, make_optimizer
+from diffusion_dpo.training.step import compute_batch_loss
+
+TINY_ARGS = ["--resolution", "32", "--batch_pairs", "1", "--warmup", "1", "--steps", "1", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench_models")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the rows' processes
+
+
+def test_cli_runs_the_comparison_rows_and_writes_json(model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    cli.main(["--arch", "tiny", *TINY_ARGS, "--model_dir", str(model_dir), "--output", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["paper_baseline", "default", "full", "lora", "cached_latents"]
+    for row in rows:
+        assert row["status"] == "ok", row.get("error")
+        for key in (
+            "config",
+            "pairs_per_s",
+            "peak_memory_bytes",
+            "speedup_vs_baseline",
+            "memory_ratio_vs_baseline",
+        ):
+            assert row[key] is not None, key
+        assert row["pairs_per_s"] > 0 and row["peak_memory_bytes"] > 0 and row["flops_per_step"] > 0
+        assert row["baseline"] == "paper_baseline" and row["mfu"] is None  # no MFU on CPU
+    assert rows[0]["speedup_vs_baseline"] == 1.0 and rows[0]["memory_ratio_vs_baseline"] == 1.0
+    # the baseline is the paper's set-up, the default row the trainer's defaults, lora has no reference
+    assert rows[0]["config"]["adam_implementation"] == "for_loop"
+    assert "adam_implementation" not in rows[1]["config"] and not rows[1]["config"].get("use_lora")
+    assert rows[3]["config"]["use_lora"] and rows[3]["memory_breakdown_bytes"]["reference_unet"] == 0
+    assert rows[0]["memory_breakdown_bytes"]["reference_unet"] > 0
+    # LoRA trains and keeps optimizer states for the adapters only
+    assert rows[3]["static_memory_bytes"] < 0.6 * rows[2]["static_memory_bytes"]
+    # from precomputed latents: the same step without the VAE and text encoder
+    assert rows[4]["config"]["cached_latents"] and 0 < rows[4]["flops_per_step"] < rows[2]["flops_per_step"]
+    table = capsys.readouterr().out
+    for name in ("paper_baseline", "default", "full", "lora", "pairs/s", "peak mem"):
+        assert name in table
+
+
+def test_sdxl_80gb_preset_runs_on_cpu_with_the_tiny_sdxl_model(model_dir, tmp_path):
+    """The SDXL memory-budget preset's code path, on the tiny SDXL-shaped model in bf16 on CPU; 8-bit
+    Adam is reported as not available here rather than failing the run."""
+    out = tmp_path / "budget.json"
+    rows_wanted = "full_bf16_checkpointing,full_bf16_checkpointing_8bit_adam"
+    cli.main(
+        ["--arch", "tiny_sdxl", "--preset", "sdxl_80gb", "--rows", rows_wanted, *TINY_ARGS]
+        + ["--model_dir", str(model_dir), "--output", str(out)]
+    )
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    done = rows["full_bf16_checkpointing"]
+    assert done["status"] == "ok", done.get("error")
+    assert done["config"]["mixed_precision"] == "bf16" and done["config"]["gradient_checkpointing"]
+    assert done["fits_80gb"] is True
+    breakdown = done["memory_breakdown_bytes"]
+    assert breakdown["reference_unet"] * 2 == breakdown["trained_weights"]  # bf16 reference, fp32 weights
+    assert breakdown["optimizer_states"] >= 2 * breakdown["trained_weights"]  # AdamW: two fp32 moments
+    assert rows["full_bf16_checkpointing_8bit_adam"]["status"] == "skipped"
+    assert "bitsandbytes" in rows["full_bf16_checkpointing_8bit_adam"]["note"]
+
+
+def test_flop_count_matches_the_hand_count_on_cpu_and_meta():
+    """conv 3→8 (3×3, same padding) on 2×3×6×6, then linear 288→10. Forward: conv 2·N·8·6·6·3·9,
+    linear 2·N·288·10. Backward: the input needs no gradient, so the conv computes only its weight
+    gradient (= its forward), the linear its weight and input gradients (2 × its forward)."""
+    n = 2
+    conv = 2 * n * 8 * 6 * 6 * 3 * 9
+    linear = 2 * n * 288 * 10
+    expected = (conv + linear) + (conv + 2 * linear)
+    for device in ("cpu", "meta"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(288, 10)
+        ).to(device)
+        x = torch.randn(n, 3, 6, 6, device=device)
+        assert count_flops(lambda m=model, x=x: m(x).sum().backward()) == expected
+
+
+def test_meta_step_flops_equal_a_real_step_and_lora_needs_fewer(tiny_sd_path):
+    """The model FLOPs of a DPO step counted on the meta device are those of the same step run on CPU
+    (with the math attention kernel, which the counter sees as matmuls, as on meta)."""
+    cfg = TrainConfig(
+        pretrained_model_name_or_path=str(tiny_sd_path), dataset_name="x", resolution=32, train_batch_size=2
+    )
+    meta = step_flops(cfg, cached=False)
+    models = setup_models(cfg, "cpu")
+    batch = make_batch(cfg, sdxl=False)
+
+    def step():
+        loss, _ = compute_batch_loss(models, batch, cfg)
+        loss.backward()
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert count_flops(step) == meta > 0
+    lora = step_flops(TrainConfig(**{**cfg.to_dict(), "use_lora": True}), cached=False)
+    assert 0 < lora < meta  # no weight gradients for the frozen base
+
+
+def test_peak_table_and_precision():
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16")[0] == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16")[0] == 756.5
+    assert peak_tflops("NVIDIA H200", "tf32")[0] == 494.7
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16")[0] == 312.0
+    assert peak_tflops("NVIDIA L40S", "fp16")[0] == 362.1
+    assert peak_tflops("Some Future GPU", "bf16")[0] is None
+    assert compute_precision("bf16", False) == "bf16" and compute_precision("no", True) == "tf32"
+    assert compute_precision("no", False) == "fp32"
+
+
+# ---- GPU-only options refuse to run where they cannot, with the reason ------------------------------
+
+
+def test_xformers_needs_the_package_and_a_gpu(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "xformers" else real(name, *a)
+    )
+    with pytest.raises(ValueError, match="needs the xformers package"):
+        check_xformers("cuda")
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "xformers" else real(name, *a)
+    )
+    with pytest.raises(
+        ValueError, match="--enable_xformers_memory_efficient_attention runs on CUDA GPUs only"
+    ):
+        check_xformers("cpu")
+
+
+def test_eight_bit_adam_without_bitsandbytes_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    cfg = TrainConfig(pretrained_model_name_or_path="m", dataset_name="d", use_8bit_adam=True)
+    with pytest.raises(ValueError, match="--use_8bit_adam needs the bitsandbytes package"):
+        make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))], 1e-3, "cpu")
+    with pytest.raises(ValueError, match="--use_8bit_adam brings its own kernels"):
+        parse_config(["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--use_8bit_adam"]
+                     + ["--adam_implementation", "fused"])  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusals")
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--enable_xformers_memory_efficient_attention"], "--enable_xformers_memory_efficient_attention"),
+        (["--use_8bit_adam"], "--use_8bit_adam"),
+        (["--mixed_precision", "fp16"], "fp16 needs a CUDA GPU"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--preset", "sdxl_80gb"], "use --arch sdxl"),
+    ],
+)
+def test_bench_refuses_gpu_only_options_on_cpu(model_dir, flags, message):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--arch", "tiny", *TINY_ARGS, "--model_dir", str(model_dir), *flags])
+    assert message in str(exit_.value)
+
+
+# ---- the trainer's speed options are wired ------------------------------------------------------------
+
+
+def test_speed_flags_parse_and_are_documented():
+    help_text = build_parser().format_help()
+    for flag in ("--adam_implementation", "--use_8bit_adam", "--channels_last", "--compile_unet"):
+        assert flag in help_text
+    cfg = parse_config(
+        ["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--channels_last", "--compile_unet"]
+        + ["--adam_implementation", "foreach", "--gradient_checkpointing"]
+    )
+    assert cfg.channels_last and cfg.compile_unet and cfg.gradient_checkpointing
+    assert cfg.adam_implementation == "foreach"
+    defaults = TrainConfig(pretrained_model_name_or_path="m", dataset_name="d")
+    assert defaults.adam_implementation == "auto" and not defaults.use_8bit_adam
+    assert not (defaults.channels_last or defaults.compile_unet)
+    with pytest.raises(SystemExit):
+        parse_config(
+            ["--pretrained_model_name_or_path", "m", "--dataset_name", "d", "--adam_implementation", "x"]
+        )
+
+
+def test_adam_kernels_fused_by_default_on_cuda_only():
+    assert adam_kernel_kwargs("auto", "cuda") == {"fused": True}
+    assert adam_kernel_kwargs("auto", "cpu") == {}  # PyTorch's own choice: CPU runs unchanged
+    assert adam_kernel_kwargs("for_loop", "cuda") == {"foreach": False}
+    cfg = TrainConfig(pretrained_model_name_or_path="m", dataset_name="d", adam_implementation="fused")
+    optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], 1e-3, "cpu")
+    assert optimizer.defaults["fused"] is True and optimizer.defaults["lr"] == 1e-3
+
+
+def test_channels_last_and_compile_are_applied_to_the_unets(tiny_sd_path):
+    cfg = TrainConfig(
+        pretrained_model_name_or_path=str(tiny_sd_path),
+        dataset_name="d",
+        channels_last=True,
+        compile_unet=True,
+    )
+    models = setup_models(cfg, "cpu")
+    for unet in (models.unet, models.ref_unet):
+        weight = unet.conv_in.weight
+        assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    assert models.unet._compiled_call_impl is not None  # compiled in place, lazily (nothing runs here)
+    assert models.ref_unet._compiled_call_impl is None
+    assert list(models.unet.state_dict())[0] == "conv_in.weight"  # no wrapper in the keys
+
+
+class _OneProcess:
+    num_processes = 1
+    device = torch.device("cpu")
+
+
+def test_the_step_reads_the_gradient_norm_with_the_metrics_in_one_sync():
+    window = StepWindow()
+    batch = {"captions": ["a", "b"], "valid": torch.tensor([True, False])}
+    window.add(torch.tensor(0.5), {"loss": torch.tensor(0.5)}, batch)
+    totals = window.reduce(_OneProcess(), stop=False, grad_norm=torch.tensor(2.5))
+    assert totals["grad_norm"] == 2.5 and totals["metrics"]["loss"] == 0.5 and totals["skipped"] == 1
+    assert totals["nonfinite"] is False and totals["stop"] is False
+    import math
+
+    assert math.isnan(StepWindow().reduce(_OneProcess(), stop=False)["grad_norm"])
