@@ -84,6 +84,30 @@ def all_specs() -> list[Spec]:
     return [Spec(s, c, b) for s in SHAPES for c in COLORS for b in BACKGROUNDS if c != b]
 
 
+def _pairs(spec: Spec) -> set[tuple[str, str, str]]:
+    return {
+        ("cs", spec.color, spec.shape),
+        ("cb", spec.color, spec.background),
+        ("sb", spec.shape, spec.background),
+    }
+
+
+def _carve(specs: Sequence[Spec], target: int, seed: int) -> set[Spec]:
+    """``target`` combinations taken out of ``specs``, each only if its attribute pairs ((colour,
+    shape), (colour, background), (shape, background)) still occur among those left, so the carved
+    ones are new compositions of things the rest shows."""
+    order = np.random.default_rng(seed).permutation(len(specs))
+    carved: set[Spec] = set()
+    for i in order:
+        if len(carved) >= target:
+            break
+        candidate = specs[i]
+        kept_pairs = set().union(*(_pairs(s) for s in specs if s not in carved and s != candidate))
+        if _pairs(candidate) <= kept_pairs:
+            carved.add(candidate)
+    return carved
+
+
 @functools.lru_cache(maxsize=8)
 def split_specs(
     heldout_fraction: float = HELDOUT_FRACTION, split_seed: int = 0
@@ -95,26 +119,22 @@ def split_specs(
     prompts are new compositions of things seen in training.
     """
     specs = all_specs()
-    order = np.random.default_rng(split_seed).permutation(len(specs))
-    target = round(heldout_fraction * len(specs))
-    heldout: set[Spec] = set()
-
-    def pairs(spec: Spec):
-        return {
-            ("cs", spec.color, spec.shape),
-            ("cb", spec.color, spec.background),
-            ("sb", spec.shape, spec.background),
-        }
-
-    for i in order:
-        if len(heldout) >= target:
-            break
-        candidate = specs[i]
-        train_pairs = set().union(*(pairs(s) for s in specs if s not in heldout and s != candidate))
-        if pairs(candidate) <= train_pairs:
-            heldout.add(candidate)
+    heldout = _carve(specs, round(heldout_fraction * len(specs)), split_seed)
     train = tuple(s for s in specs if s not in heldout)
     return train, tuple(s for s in specs if s in heldout)
+
+
+@functools.lru_cache(maxsize=8)
+def validation_split(fraction: float = 0.25, split_seed: int = 1) -> tuple[tuple[Spec, ...], ...]:
+    """Carve validation combinations out of the training ones: ``(train, validation)``.
+
+    For choosing hyperparameters honestly: validation prompts are neither trained on nor the final
+    held-out prompts (:func:`split_specs`), and are new compositions of what training shows (the same
+    rule as the held-out split). With the defaults: 72 training, 24 validation, 24 held-out.
+    """
+    train = split_specs()[0]
+    validation = _carve(train, round(fraction * len(train)), split_seed)
+    return tuple(s for s in train if s not in validation), tuple(s for s in train if s in validation)
 
 
 def specs_for(heldout: bool | None = False) -> tuple[Spec, ...]:
@@ -365,17 +385,19 @@ def generate_pairs(
     resolution: int = 32,
     heldout: bool | None = False,
     tie_fraction: float = 0.05,
+    specs: Sequence[Spec] | None = None,
 ) -> Iterator[dict]:
     """Pick-a-Pic v2 rows ``caption, jpg_0, jpg_1, label_0, label_1`` (PNG bytes).
 
     The preferred image follows the caption, the other shows :func:`corrupt` of it; the winner is put
     at position 0 or 1 at random. A ``tie_fraction`` of pairs are ties (two faithful renders,
     ``label_0 = 0.5``) so that tie handling is exercised. Training pairs (``heldout=False``) show
-    training combinations only, losers included.
+    training combinations only, losers included. ``specs`` (overrides ``heldout``): draw captions and
+    losers from these combinations only (e.g. :func:`validation_split`'s).
     """
     rng = np.random.default_rng(seed)
-    specs = specs_for(heldout)
-    within = set(specs) if heldout is False else None
+    within = set(specs) if specs is not None else (set(specs_for(False)) if heldout is False else None)
+    specs = tuple(specs) if specs is not None else specs_for(heldout)
     for _ in range(n_pairs):
         spec = sample_spec(rng, specs)
         if rng.random() < tie_fraction:
@@ -393,20 +415,139 @@ def generate_pairs(
         }
 
 
+#: Inter-annotator agreement on Pick-a-Pic: people predict another user's choice 68.0% of the time
+#: (Kirstain et al. 2023, arXiv 2305.01569, the human baseline against PickScore's 70.2%).
+PICKAPIC_AGREEMENT = 0.68
+#: Imperfect world: probabilities that an image shows its caption with 0, 1 or 2 wrong attributes.
+#: Both images of most pairs are flawed (0.85² = 72% of pairs), so the winner is usually only the
+#: better of two wrong images.
+ERROR_PROBS = (0.15, 0.45, 0.40)
+_ATTRIBUTES = ("color", "shape", "background")
+
+
+def with_errors(spec: Spec, k: int, rng: np.random.Generator, within: Collection[Spec] | None = None) -> Spec:
+    """``spec`` with ``k`` of its attributes (colour, shape, background) changed; redrawn until the
+    result is one of ``within`` (the training writers pass the training split, as for :func:`corrupt`)."""
+    if k == 0:
+        return spec
+    for _ in range(_MAX_REDRAWS):
+        changed = {a: getattr(spec, a) for a in _ATTRIBUTES}
+        for attribute in rng.choice(_ATTRIBUTES, size=k, replace=False):
+            options = {"color": list(COLORS), "shape": list(SHAPES), "background": list(BACKGROUNDS)}[
+                attribute
+            ]
+            changed[attribute] = options[int(rng.integers(len(options)))]
+            while changed[attribute] == getattr(spec, attribute):
+                changed[attribute] = options[int(rng.integers(len(options)))]
+        if changed["color"] == changed["background"]:
+            continue
+        wrong = Spec(**changed)
+        if within is None or wrong in within:
+            return wrong
+    raise ValueError(f"no combination with {k} errors from {spec} among the allowed ones")
+
+
+def annotator_score(image, text: str | Spec) -> float:
+    """What the imperfect world's annotators judge by: :func:`faithfulness_terms` with partial credit,
+    the mean of the colour, shape and background terms times presence (one wrong attribute of three
+    scores ~0.6, two ~0.3), where :func:`faithfulness` (the evaluation's score) multiplies them."""
+    terms = faithfulness_terms(image, text)
+    return float((terms["color"] + terms["shape"] + terms["background"]) / 3 * terms["presence"])
+
+
+def _flawed_render(spec: Spec, rng: np.random.Generator, resolution: int, within, error_probs) -> tuple:
+    k = int(rng.choice(len(error_probs), p=error_probs))
+    image = render(with_errors(spec, k, rng, within), rng, resolution)
+    return image, annotator_score(image, spec), k
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=np.float64)))  # no overflow at large |x|
+
+
+def annotator_agreement(score_gaps: np.ndarray, temperature: float) -> float:
+    """How often two independent Bradley–Terry annotators (``P(first) = σ(gap / temperature)``)
+    agree, on average over pairs with these faithfulness gaps: ``E[p² + (1 − p)²]``."""
+    p = _sigmoid(np.asarray(score_gaps) / temperature)
+    return float(np.mean(p**2 + (1 - p) ** 2))
+
+
+@functools.lru_cache(maxsize=4)
+def calibrate_temperature(
+    agreement: float = PICKAPIC_AGREEMENT, n_pairs: int = 2000, seed: int = 12345, resolution: int = 32
+) -> float:
+    """The annotator temperature at which two annotators of the imperfect world agree ``agreement`` of
+    the time (bisection on :func:`annotator_agreement` over ``n_pairs`` sampled pairs)."""
+    if not 0.5 < agreement < 1.0:
+        raise ValueError(f"agreement must be in (0.5, 1), got {agreement}")
+    rng = np.random.default_rng(seed)
+    specs = specs_for(False)
+    gaps = []
+    for _ in range(n_pairs):
+        spec = sample_spec(rng, specs)
+        a = _flawed_render(spec, rng, resolution, None, ERROR_PROBS)[1]
+        b = _flawed_render(spec, rng, resolution, None, ERROR_PROBS)[1]
+        gaps.append(a - b)
+    low, high = 1e-4, 10.0  # agreement falls as the temperature rises
+    for _ in range(60):
+        mid = (low * high) ** 0.5
+        if annotator_agreement(np.array(gaps), mid) > agreement:
+            low = mid
+        else:
+            high = mid
+    return float((low * high) ** 0.5)
+
+
+def generate_imperfect_pairs(
+    n_pairs: int,
+    seed: int = 0,
+    resolution: int = 32,
+    specs: Sequence[Spec] | None = None,
+    temperature: float | None = None,
+    error_probs: Sequence[float] = ERROR_PROBS,
+) -> Iterator[dict]:
+    """Pick-a-Pic v2 rows where winners are imperfect and annotators disagree.
+
+    Both images of a pair show the caption with 0, 1 or 2 wrong attributes (``error_probs``); a noisy
+    annotator prefers the first with probability ``σ((f₀ − f₁) / temperature)``, f the
+    :func:`annotator_score` of each image for the caption (Bradley–Terry). The default temperature
+    makes two annotators agree as often as Pick-a-Pic's people do (:data:`PICKAPIC_AGREEMENT`). Rows
+    also hold ``faithfulness_0/1`` (the annotator's scores) and ``errors_0/1`` for analysis. ``specs``: the combinations captions
+    and images are drawn from (default: the training split).
+    """
+    rng = np.random.default_rng(seed)
+    specs = tuple(specs) if specs is not None else specs_for(False)
+    within = set(specs)
+    temperature = calibrate_temperature(resolution=resolution) if temperature is None else temperature
+    for _ in range(n_pairs):
+        spec = sample_spec(rng, specs)
+        (image_0, f_0, k_0), (image_1, f_1, k_1) = (
+            _flawed_render(spec, rng, resolution, within, error_probs) for _ in range(2)
+        )
+        label_0 = float(rng.random() < _sigmoid((f_0 - f_1) / temperature))
+        yield {
+            "caption": caption(spec), "jpg_0": encode_png(image_0), "jpg_1": encode_png(image_1),
+            "label_0": label_0, "label_1": 1.0 - label_0, "faithfulness_0": f_0, "faithfulness_1": f_1,
+            "errors_0": k_0, "errors_1": k_1,
+        }  # fmt: skip
+
+
 def generate_captioned_images(
     n_images: int,
     seed: int = 0,
     resolution: int = 32,
     caption_noise: float = 0.0,
     heldout: bool | None = False,
+    specs: Sequence[Spec] | None = None,
 ) -> Iterator[dict]:
     """Rows ``caption, image`` (PNG bytes) for pretraining a base model. With probability
     ``caption_noise`` the caption is replaced by another combination's caption (from the same split),
-    so the base model learns to follow captions only partly and preference tuning has room to help."""
+    so the base model learns to follow captions only partly and preference tuning has room to help.
+    ``specs`` (overrides ``heldout``): the combinations to draw from."""
     if not 0.0 <= caption_noise <= 1.0:
         raise ValueError(f"caption_noise must be in [0, 1], got {caption_noise}")
     rng = np.random.default_rng(seed)
-    specs = specs_for(heldout)
+    specs = tuple(specs) if specs is not None else specs_for(heldout)
     for _ in range(n_images):
         spec = sample_spec(rng, specs)
         image = render(spec, rng, resolution)
@@ -464,6 +605,7 @@ def write_pair_dataset(
     resolution: int = 32,
     heldout: bool | None = False,
     tie_fraction: float = 0.05,
+    specs: Sequence[Spec] | None = None,
 ) -> Path:
     """Write :func:`generate_pairs` to the parquet file ``path`` (Pick-a-Pic v2 columns)."""
     import pyarrow as pa
@@ -477,7 +619,37 @@ def write_pair_dataset(
             ("label_1", pa.float64()),
         ]
     )
-    return _write_parquet(path, generate_pairs(n_pairs, seed, resolution, heldout, tie_fraction), schema)
+    rows = generate_pairs(n_pairs, seed, resolution, heldout, tie_fraction, specs)
+    return _write_parquet(path, rows, schema)
+
+
+def write_imperfect_pair_dataset(
+    path: str | Path,
+    n_pairs: int,
+    seed: int = 0,
+    resolution: int = 32,
+    specs: Sequence[Spec] | None = None,
+    temperature: float | None = None,
+) -> Path:
+    """Write :func:`generate_imperfect_pairs` to the parquet file ``path`` (Pick-a-Pic v2 columns, plus
+    ``faithfulness_0/1`` and ``errors_0/1``)."""
+    import pyarrow as pa
+
+    schema = pa.schema(
+        [
+            ("caption", pa.string()),
+            ("jpg_0", pa.binary()),
+            ("jpg_1", pa.binary()),
+            ("label_0", pa.float64()),
+            ("label_1", pa.float64()),
+            ("faithfulness_0", pa.float64()),
+            ("faithfulness_1", pa.float64()),
+            ("errors_0", pa.int64()),
+            ("errors_1", pa.int64()),
+        ]
+    )
+    rows = generate_imperfect_pairs(n_pairs, seed, resolution, specs, temperature)
+    return _write_parquet(path, rows, schema)
 
 
 def write_caption_dataset(
@@ -487,12 +659,13 @@ def write_caption_dataset(
     resolution: int = 32,
     caption_noise: float = 0.0,
     heldout: bool | None = False,
+    specs: Sequence[Spec] | None = None,
 ) -> Path:
     """Write :func:`generate_captioned_images` to the parquet file ``path`` (columns caption, image)."""
     import pyarrow as pa
 
     schema = pa.schema([("caption", pa.string()), ("image", pa.binary())])
-    rows = generate_captioned_images(n_images, seed, resolution, caption_noise, heldout)
+    rows = generate_captioned_images(n_images, seed, resolution, caption_noise, heldout, specs)
     return _write_parquet(path, rows, schema)
 
 
