@@ -24,6 +24,17 @@ Stages (each prints what it does and how long it took):
 Everything is seeded by --seed (data, VAE, training, evaluation seeds): the same seed on the same
 machine and thread count reproduces results.json. --quick runs a reduced version (fewer images and
 steps) in a few minutes; its numbers show the direction of the effect, not its size.
+
+The imperfect world (--world imperfect) is the case Diffusion-DPO is for: both images of a pair are
+usually wrong (0, 1 or 2 wrong attributes each), and a noisy Bradley-Terry annotator, as often in
+agreement with another as Pick-a-Pic's people (68%), prefers the one with fewer or milder errors. It
+compares DPO, SFT on winners, KTO, IPO and MaPO. With --tune, each method's learning rate (and β)
+is chosen on validation prompts (neither trained on nor the final held-out ones), with the same number
+of trials for every method; with --seeds S1 S2 ..., the whole study (data, VAE, base, fine-tunes,
+evaluation) is repeated per seed under OUTPUT_DIR/seed-S and the final numbers on the held-out
+prompts are reported with their seed-to-seed spread, and DPO against SFT head to head.
+
+    python data/synthetic_experiment.py --world imperfect --tune --seeds 0 1 2 --output_dir outputs/imperfect
 """
 
 from __future__ import annotations
@@ -49,6 +60,20 @@ logger = logging.getLogger("synthetic_experiment")
 
 CONFIGS = ROOT / "configs"
 METHODS = results.METHODS  # ("dpo", "sft", "kto")
+WORLD_METHODS = {"shapes": METHODS, "imperfect": ("dpo", "sft", "kto", "ipo", "mapo")}
+#: Methods trained through another method's config: IPO is the dpo objective with --loss_type ipo.
+METHOD_CONFIG = {"ipo": ("dpo", ("--loss_type", "ipo"))}
+#: The hyperparameter search of --tune: the same number of trials (4) for every method, a learning rate
+#: and a β (or for SFT four learning rates). β in the paper code's convention (docs/beta.md); the tiny
+#: default, a base much like this one, learned best at β 50-100 and saturated at the paper's 5000, so
+#: the grid spans 100-1000; IPO's target margin 1/(2β) is then 5e-3 or 5e-4.
+SEARCH: dict[str, list[dict]] = {
+    "dpo": [{"learning_rate": lr, "beta_dpo": b} for lr in (1e-4, 3e-4) for b in (100, 1000)],
+    "ipo": [{"learning_rate": lr, "beta_dpo": b} for lr in (1e-4, 3e-4) for b in (100, 1000)],
+    "kto": [{"learning_rate": lr, "beta_dpo": b} for lr in (3e-5, 1e-4) for b in (100, 1000)],
+    "mapo": [{"learning_rate": lr, "beta_mapo": b} for lr in (1e-4, 3e-4) for b in (0.1, 1.0)],
+    "sft": [{"learning_rate": lr} for lr in (3e-5, 1e-4, 3e-4, 1e-3)],
+}
 RESOLUTION = 32
 #: Share of pretraining captions replaced by another combination's caption: the base model learns that
 #: a caption is only a weak hint, so it often ignores it and preference tuning has room to help.
@@ -83,7 +108,7 @@ FULL = Scale(
     n_pairs=4000,
     n_unpaired=8000,
     n_heldout_pairs=200,
-    train_steps={"base": None, "dpo": None, "sft": None, "kto": None},
+    train_steps={"base": None, "dpo": None, "sft": None, "kto": None, "ipo": None, "mapo": None},
     validation_steps=None,
     images_per_prompt=9,
     inference_steps=20,
@@ -96,7 +121,7 @@ QUICK = Scale(
     n_pairs=800,
     n_unpaired=1600,
     n_heldout_pairs=128,
-    train_steps={"base": 400, "dpo": 100, "sft": 40, "kto": 40},
+    train_steps={"base": 400, "dpo": 100, "sft": 40, "kto": 40, "ipo": 100, "mapo": 100},
     validation_steps=25,
     images_per_prompt=4,
     inference_steps=10,
@@ -110,6 +135,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--output_dir", required=True, help="where data, models, evaluation and results go")
     parser.add_argument("--seed", type=int, default=0, help="seeds data, VAE, training and evaluation")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None,
+        help="repeat the whole study per seed (OUTPUT_DIR/seed-S) and report the spread; overrides --seed",
+    )  # fmt: skip
+    parser.add_argument(
+        "--world", choices=tuple(WORLD_METHODS), default="shapes",
+        help="shapes: winners follow the caption; imperfect: both images flawed, noisy annotators",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tune", action="store_true",
+        help="choose each method's learning rate (and β) on validation prompts first, the same number of "
+        "trials per method (needs --world imperfect: the shapes world has no validation split)",
+    )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a reduced run (minutes): direction, not size")
     parser.add_argument(
         "--num_threads", type=int, default=2, help="torch CPU threads (the reported timings used 2)"
@@ -121,6 +159,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_threads < 1:
         parser.error(f"--num_threads must be >= 1, got {args.num_threads}")
+    if args.tune and args.world != "imperfect":
+        parser.error("--tune needs --world imperfect (the shapes world's prompts have no validation split)")
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct, got {args.seeds}")
     return args
 
 
@@ -204,33 +246,54 @@ def data_paths(data_dir: Path) -> dict[str, Path]:
         "unpaired": data_dir / "unpaired_train.parquet",
         "heldout_pairs": data_dir / "pairs_heldout.parquet",
         "heldout_prompts": data_dir / "heldout_prompts.txt",
+        "validation_pairs": data_dir / "pairs_validation.parquet",
+        "validation_prompts": data_dir / "validation_prompts.txt",
     }
 
 
-def write_data(paths: dict[str, Path], scale: Scale, seed: int) -> None:
+def write_data(paths: dict[str, Path], scale: Scale, seed: int, world: str = "shapes") -> None:
     """The datasets, each from its own seed. Pretraining images, pairs and unpaired data cover the
-    training combinations only; the held-out pairs and prompts only the held-out combinations."""
+    training combinations only; the held-out pairs and prompts only the held-out combinations.
+
+    ``imperfect``: the training combinations lose a validation share (validation prompts and pairs,
+    for choosing hyperparameters), the pairs are :func:`synthetic.generate_imperfect_pairs` and the
+    KTO images come from them as Diffusion-KTO makes them from Pick-a-Pic (an image that won a
+    comparison is desirable)."""
+    if world == "shapes":
+        train, validation = synthetic.specs_for(False), ()
+        synthetic.write_pair_dataset(paths["pairs"], scale.n_pairs, seed=seed + 1, resolution=RESOLUTION)
+        synthetic.write_unpaired_dataset(
+            paths["unpaired"], scale.n_unpaired, seed=seed + 2, resolution=RESOLUTION
+        )
+    else:
+        from diffusion_dpo.data import load_pair_dataset, pairs_to_unpaired
+
+        train, validation = synthetic.validation_split()
+        synthetic.write_imperfect_pair_dataset(
+            paths["pairs"], scale.n_pairs, seed=seed + 1, resolution=RESOLUTION, specs=train
+        )
+        pairs_to_unpaired(load_pair_dataset(str(paths["pairs"])), output_path=paths["unpaired"])
+        synthetic.write_pair_dataset(
+            paths["validation_pairs"], scale.n_heldout_pairs, seed=seed + 5, resolution=RESOLUTION,
+            tie_fraction=0.0, specs=validation,
+        )  # fmt: skip
+        paths["validation_prompts"].write_text("\n".join(synthetic.caption(s) for s in validation) + "\n")
     synthetic.write_caption_dataset(
-        paths["captions"],
-        scale.n_caption_images,
-        seed=seed,
-        resolution=RESOLUTION,
-        caption_noise=CAPTION_NOISE,
-    )
-    synthetic.write_pair_dataset(paths["pairs"], scale.n_pairs, seed=seed + 1, resolution=RESOLUTION)
-    synthetic.write_unpaired_dataset(
-        paths["unpaired"], scale.n_unpaired, seed=seed + 2, resolution=RESOLUTION
-    )
+        paths["captions"], scale.n_caption_images, seed=seed, resolution=RESOLUTION,
+        caption_noise=CAPTION_NOISE, specs=train,
+    )  # fmt: skip
     synthetic.write_pair_dataset(
         paths["heldout_pairs"], scale.n_heldout_pairs, seed=seed + 3, resolution=RESOLUTION, heldout=True,
         tie_fraction=0.0,
     )  # fmt: skip
     paths["heldout_prompts"].write_text("\n".join(synthetic.heldout_prompts()) + "\n")
-    n_train, n_heldout = (len(s) for s in synthetic.split_specs())
+    n_heldout = len(synthetic.specs_for(True))
+    kind = "imperfect pairs (noisy annotators)" if world == "imperfect" else "pairs"
     print(
-        f"  {scale.n_caption_images} captioned images (caption noise {CAPTION_NOISE}), {scale.n_pairs} pairs and "
-        f"{scale.n_unpaired} unpaired images on the {n_train} training combinations; {scale.n_heldout_pairs} "
-        f"pairs and {n_heldout} prompts on the {n_heldout} held-out combinations"
+        f"  {scale.n_caption_images} captioned images (caption noise {CAPTION_NOISE}), {scale.n_pairs} {kind} "
+        f"and the unpaired KTO images on the {len(train)} training combinations; "
+        + (f"{len(validation)} validation combinations; " if validation else "")
+        + f"{scale.n_heldout_pairs} pairs and {n_heldout} prompts on the {n_heldout} held-out combinations"
     )
 
 
@@ -273,20 +336,28 @@ def build_initial_pipeline(path: Path, scale: Scale, seed: int) -> None:
     (path / "vae_check.json").write_text(json.dumps(check, indent=2) + "\n")
 
 
-def train_stage(name: str, model: Path, dataset: Path, out: Path, scale: Scale, seed: int, extra=()) -> None:
-    """``train_sd.py --config configs/synthetic_NAME.yaml`` with this run's paths, seed and sizes."""
+def train_stage(
+    name: str, model: Path, dataset: Path, out: Path, scale: Scale, seed: int, extra=(), hparams=None
+) -> dict:
+    """``train_sd.py --config configs/synthetic_NAME.yaml`` with this run's paths, seed and sizes, and
+    ``hparams`` (e.g. ``{"learning_rate": 1e-4, "beta_dpo": 1000}``) over the config's values."""
+    config, method_flags = METHOD_CONFIG.get(name, (name, ()))
     argv = [
-        "--config", str(CONFIGS / f"synthetic_{'pretrain' if name == 'base' else name}.yaml"),
+        "--config", str(CONFIGS / f"synthetic_{'pretrain' if name == 'base' else config}.yaml"),
         "--pretrained_model_name_or_path", str(model),
         "--dataset_name", str(dataset),
         "--output_dir", str(out),
         "--seed", str(seed),
+        *method_flags,
         *extra,
     ]  # fmt: skip
+    for key, value in (hparams or {}).items():
+        argv += [f"--{key}", str(value)]
     if scale.train_steps.get(name) is not None:
         argv += ["--max_train_steps", str(scale.train_steps[name])]
     summary = run_train_sd(argv)
     print(f"  {name}: {summary['global_step']} steps; last step: {_short(summary['last_metrics'])}")
+    return summary
 
 
 def _short(row: dict) -> str:
@@ -295,12 +366,19 @@ def _short(row: dict) -> str:
 
 
 def evaluate(
-    models: dict[str, Path], data: dict[str, Path], out: Path, scale: Scale, seed: int, device: str
+    models: dict[str, Path],
+    data: dict[str, Path],
+    out: Path,
+    scale: Scale,
+    seed: int,
+    device: str,
+    split: str = "heldout",
 ) -> None:
-    """``eval/evaluate.py``: the held-out prompts with every model from seeds ``seed..seed+S-1``."""
+    """``eval/evaluate.py``: the ``split`` prompts (``heldout`` or ``validation``) with every model from
+    seeds ``seed..seed+S-1``; the first model is the baseline."""
     run_evaluate([
         *(arg for name, path in models.items() for arg in ("--model", f"{name}={path}")),
-        "--prompts", str(data["heldout_prompts"]),
+        "--prompts", str(data[f"{split}_prompts"]),
         "--scorer", "shapes",
         "--output_dir", str(out),
         "--num_images_per_prompt", str(scale.images_per_prompt),
@@ -310,7 +388,7 @@ def evaluate(
         "--resolution", str(RESOLUTION),
         "--batch_size", "48",
         "--device", device,
-        "--implicit_pairs", str(data["heldout_pairs"]),
+        "--implicit_pairs", str(data[f"{split}_pairs"]),
         "--implicit_max_pairs", str(scale.n_heldout_pairs),
         "--no_progress",
     ])  # fmt: skip
@@ -362,23 +440,32 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(previous_threads)
 
 
-def run(args: argparse.Namespace) -> dict:
-    import torch
+TITLES = {
+    "dpo": "Diffusion-DPO on the pairs",
+    "sft": "SFT on the pairs' winners",
+    "kto": "Diffusion-KTO on unpaired images",
+    "ipo": "IPO (Diffusion-DPO's pairs, the IPO loss)",
+    "mapo": "MaPO on the pairs (no reference model)",
+}
+#: Methods without a reference model in a full fine-tune: no implicit accuracy while they train.
+NO_REFERENCE = ("sft", "mapo")
 
-    scale = QUICK if args.quick else FULL
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed = args.seed
+
+def _validation_flags(data: dict[str, Path], scale: Scale, world: str) -> list[str]:
+    # the implicit-accuracy curve during training: validation pairs in the imperfect world, so that
+    # nothing about the held-out prompts is looked at before the final evaluation
+    pairs = data["validation_pairs"] if world == "imperfect" else data["heldout_pairs"]
+    flags = ["--validation_dataset_name", str(pairs), "--num_validation_pairs", str(scale.n_heldout_pairs)]
+    if scale.validation_steps is not None:
+        flags += ["--validation_steps", str(scale.validation_steps)]
+    return flags
+
+
+def prepare_seed(args, seed: int, out: Path, scale: Scale, stages: Stages) -> tuple[dict, dict]:
+    """Stages data, vae and base of one seed; returns (data paths, model paths)."""
     data = data_paths(out / "data")
-    models = {name: out / "models" / name for name in ("init", "base", *METHODS)}
-    eval_dir = out / "eval"
-    stages = Stages(["data", "vae", "base", *METHODS, "evaluate", "report"], out / "stages.json", args.resume)
-    print(
-        f"synthetic preference experiment ({'quick' if args.quick else 'full'}), seed {seed}, "
-        f"{args.num_threads} torch threads, output in {out}"
-    )
-
-    stages.run("data", "writing the synthetic datasets", write_data, data, scale, seed)
+    models = {name: out / "models" / name for name in ("init", "base", *WORLD_METHODS[args.world])}
+    stages.run("data", "writing the synthetic datasets", write_data, data, scale, seed, args.world)
     stages.run(
         "vae", f"fitting the tiny VAE ({scale.vae_steps} steps) and building the untrained pipeline",
         build_initial_pipeline, models["init"], scale, seed,
@@ -387,48 +474,68 @@ def run(args: argparse.Namespace) -> dict:
         "base", "pretraining the base UNet on noisy captions (train_sd.py, configs/synthetic_pretrain.yaml)",
         train_stage, "base", models["init"], data["captions"], models["base"], scale, seed,
     )  # fmt: skip
-    validation = ["--validation_dataset_name", str(data["heldout_pairs"])]
-    if scale.validation_steps is not None:
-        validation += ["--validation_steps", str(scale.validation_steps)]
-    validation += ["--num_validation_pairs", str(scale.n_heldout_pairs)]
-    datasets = {"dpo": data["pairs"], "sft": data["pairs"], "kto": data["unpaired"]}
-    titles = {
-        "dpo": "Diffusion-DPO on the pairs",
-        "sft": "SFT on the pairs' winners",
-        "kto": "Diffusion-KTO on unpaired images",
-    }
-    for m in METHODS:
-        # a full SFT fine-tune has no reference model, hence no implicit accuracy during its training
-        extra = validation if m != "sft" else []
+    return data, models
+
+
+def finish_seed(
+    args, seed: int, out: Path, scale: Scale, stages: Stages, data: dict, models: dict, hparams: dict
+) -> dict:
+    """Stages: each method's fine-tune, the evaluation on the held-out prompts, the report; returns and
+    writes the seed's ``results.json``."""
+    import torch
+
+    methods = WORLD_METHODS[args.world]
+    datasets = {"kto": data["unpaired"]}
+    for m in methods:
+        extra = [] if m in NO_REFERENCE else _validation_flags(data, scale, args.world)
         stages.run(
-            m, f"{titles[m]}, from the base (train_sd.py, configs/synthetic_{m}.yaml)",
-            train_stage, m, models["base"], datasets[m], models[m], scale, seed, extra,
+            m, f"{TITLES[m]}, from the base (train_sd.py, configs/synthetic_{METHOD_CONFIG.get(m, (m,))[0]}.yaml)"
+            + (f" with {hparams[m]}" if hparams.get(m) else ""),
+            train_stage, m, models["base"], datasets.get(m, data["pairs"]), models[m], scale, seed, extra,
+            hparams.get(m),
         )  # fmt: skip
+    eval_dir = out / "eval"
     stages.run(
         "evaluate", f"{len(synthetic.heldout_prompts())} held-out prompts x {scale.images_per_prompt} seeds, every model "
         "(eval/evaluate.py --scorer shapes --implicit_pairs)",
-        evaluate, {name: models[name] for name in ("base", *METHODS)}, data, eval_dir, scale, seed, args.device,
+        evaluate, {name: models[name] for name in ("base", *methods)}, data, eval_dir, scale, seed, args.device,
     )  # fmt: skip
 
     def report() -> tuple[dict, dict]:
-        table = results.method_results(json.loads((eval_dir / "summary.json").read_text()))
-        for name in ("base", *METHODS):
+        table = results.method_results(json.loads((eval_dir / "summary.json").read_text()), methods)
+        for name in ("base", *methods):
             table[name]["seconds"] = stages.seconds[name]
-        return table, write_figures(out, eval_dir, {m: models[m] for m in METHODS})
+        if "sft" in methods:
+            table["dpo_vs_sft"] = results.head_to_head(eval_dir / "scores.csv", "dpo", "sft")
+        table["attributes"] = results.attribute_scores(eval_dir, ("base", *methods))
+        return table, write_figures(out, eval_dir, {m: models[m] for m in methods})
 
     stages.done.pop("report", None)  # always rewritten: cheap, and it reads the current evaluation
     table, figures = stages.run("report", "results.json, results.md and the figures", report)
     # with --resume, the reused stages count with the time they took when they ran
     total = round(time.time() - stages.started + sum(stages.seconds[n] for n in stages.reused), 1)
     record = {
-        **{m: table[m] for m in METHODS},
+        **{m: table[m] for m in methods},
         "base": table["base"],
+        **({"dpo_vs_sft": table["dpo_vs_sft"]} if "dpo_vs_sft" in table else {}),
+        "attributes": table["attributes"],
         "seconds": {**stages.seconds, "total": total},
         "settings": {
             "seed": seed,
+            "world": args.world,
             "quick": args.quick,
             "caption_noise": CAPTION_NOISE,
             "prediction_type": PREDICTION_TYPE,
+            **(
+                {
+                    "annotator_agreement": synthetic.PICKAPIC_AGREEMENT,
+                    "annotator_temperature": synthetic.calibrate_temperature(resolution=RESOLUTION),
+                    "error_probs": list(synthetic.ERROR_PROBS),
+                    "hyperparameters": hparams,
+                }
+                if args.world == "imperfect"
+                else {}
+            ),
             **json.loads((models["init"] / "vae_check.json").read_text()),
             **asdict(scale),
             "heldout_prompts": synthetic.heldout_prompts(),
@@ -439,16 +546,118 @@ def run(args: argparse.Namespace) -> dict:
             "reused_stages": stages.reused,
         },
     }
+    first = table[methods[0]]
     footer = (
-        f"{table['dpo']['n']} (prompt, seed) pairs on {table['dpo']['n_prompts']} held-out prompts, "
+        f"{first['n']} (prompt, seed) pairs on {first['n_prompts']} held-out prompts, "
         f"{scale.inference_steps} DDIM steps, guidance {scale.guidance_scale}; total time {total:.0f} s "
         f"({args.num_threads} torch threads)."
     )
-    markdown = results.markdown_table(table) + "\n\n" + footer
+    markdown = (
+        results.markdown_table(table, methods)
+        + "\n\n"
+        + footer
+        + "\n\n"
+        + results.attributes_markdown({seed: table["attributes"]}, ("base", *methods))
+    )
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "results.md").write_text(markdown + "\n")
     print("\n" + markdown)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {figures['grid']}, {figures['curves']}")
+    return record
+
+
+def tune(args, seed: int, out: Path, scale: Scale, data: dict, models: dict) -> dict:
+    """Choose each method's hyperparameters among :data:`SEARCH` by the win rate against the base on the
+    validation prompts (implicit accuracy cannot rank SFT and MaPO, which have no reference); every
+    method gets the same number of trials, all from the same base and data. Writes
+    ``OUTPUT_DIR/tuning.json``; returns ``{method: hyperparameters}``."""
+    tuning_dir = out / "tuning"
+    tuning_dir.mkdir(parents=True, exist_ok=True)
+    methods = WORLD_METHODS[args.world]
+    trials = [(m, i, hp) for m in methods for i, hp in enumerate(SEARCH[m])]
+    stages = Stages(
+        [f"{m}-{i}" for m, i, _ in trials] + ["evaluate"], tuning_dir / "stages.json", args.resume
+    )
+    datasets = {"kto": data["unpaired"]}
+    for m, i, hp in trials:
+        # a trial's implicit accuracy on the validation pairs once, at its end (never the held-out ones)
+        extra = (
+            []
+            if m in NO_REFERENCE
+            else [*_validation_flags(data, scale, "imperfect"), "--validation_steps", "100000"]
+        )
+        stages.run(
+            f"{m}-{i}", f"trial {i + 1}/{len(SEARCH[m])} of {m}: {hp}",
+            train_stage, m, models["base"], datasets.get(m, data["pairs"]), tuning_dir / f"{m}-{i}", scale,
+            seed, extra, hp,
+        )  # fmt: skip
+    eval_dir = tuning_dir / "eval"
+    candidates = {"base": models["base"], **{f"{m}-{i}": tuning_dir / f"{m}-{i}" for m, i, _ in trials}}
+    stages.run(
+        "evaluate", f"every trial on the {len(synthetic.validation_split()[1])} validation prompts",
+        evaluate, candidates, data, eval_dir, scale, seed, args.device, "validation",
+    )  # fmt: skip
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    table, chosen = [], {}
+    for m in methods:
+        scores = [(summary["win_rates"][f"{m}-{i}"]["shapes"], i) for i in range(len(SEARCH[m]))]
+        best = max(scores, key=lambda item: (item[0]["win_rate"], -item[1]))[1]  # ties: the first
+        chosen[m] = SEARCH[m][best]
+        for wr, i in scores:
+            table.append({"method": m, "trial": i, **SEARCH[m][i], **wr, "chosen": i == best})
+    record = {"seed": seed, "split": "validation", "chosen": chosen, "trials": table}
+    (args_out(args) / "tuning.json").write_text(json.dumps(record, indent=2) + "\n")
+    print("\nchosen on the validation prompts: " + "; ".join(f"{m} {hp}" for m, hp in chosen.items()))
+    return chosen
+
+
+def args_out(args) -> Path:
+    return Path(args.output_dir)
+
+
+def run(args: argparse.Namespace) -> dict:
+    scale = QUICK if args.quick else FULL
+    out = args_out(args)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = args.seeds if args.seeds is not None else [args.seed]
+    many = args.seeds is not None
+    methods = WORLD_METHODS[args.world]
+    stage_names = ["data", "vae", "base", *methods, "evaluate", "report"]
+    print(
+        f"synthetic preference experiment ({args.world} world, {'quick' if args.quick else 'full'}), seeds "
+        f"{seeds}, {args.num_threads} torch threads, output in {out}"
+    )
+    started = time.time()
+    hparams: dict = {}
+    records = {}
+    for n, seed in enumerate(seeds):
+        seed_dir = out / f"seed-{seed}" if many else out
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        stages = Stages(stage_names, seed_dir / "stages.json", args.resume)
+        data, models = prepare_seed(args, seed, seed_dir, scale, stages)
+        if args.tune and n == 0:
+            hparams = tune(args, seed, seed_dir, scale, data, models)
+        records[seed] = finish_seed(args, seed, seed_dir, scale, stages, data, models, hparams)
+    if not many:
+        return records[seeds[0]]
+    scores = {seed: out / f"seed-{seed}" / "eval" / "scores.csv" for seed in seeds}
+    record = results.aggregate_seeds(records, methods, scores)
+    record["seconds"] = round(time.time() - started, 1)
+    record["settings"] = {
+        "world": args.world,
+        "seeds": seeds,
+        "quick": args.quick,
+        "hyperparameters": hparams,
+    }
+    record["attributes"] = {seed: records[seed]["attributes"] for seed in seeds}
+    markdown = (
+        results.seeds_markdown(record, methods)
+        + "\n\nWhat the images get right, per attribute (held-out prompts, mean over seeds):\n\n"
+        + results.attributes_markdown(record["attributes"], ("base", *methods))
+    )
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "results.md").write_text(markdown + "\n")
+    print("\n" + markdown)
     return record
 
 
