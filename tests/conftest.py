@@ -41,6 +41,17 @@ def embedded_default_run(tmp_path_factory):
     return cwd, result
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models gain nothing from a second, and on a machine whose
+    2 cores are shared with other jobs, OpenMP threads waiting for each other make runs ~10x slower.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield

@@ -35,13 +35,7 @@ from diffusion_dpo.training.step import compute_batch_loss
 RESOLUTION = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models gain nothing from a second thread on a machine shared with other jobs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _widened(png: bytes) -> bytes:

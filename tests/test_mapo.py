@@ -28,13 +28,7 @@ from diffusion_dpo.training.validation import encode_heldout_pairs
 LN2, LN3 = math.log(2.0), math.log(3.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the tiny models gain nothing from a second thread on a machine whose 2 cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _t(*values):

@@ -39,14 +39,7 @@ WINNER = [SIZES[(48, 40)], SIZES[(36, 45)]]
 LOSER = [SIZES[(32, 64)], SIZES[(50, 50)]]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny models gain nothing from a second intra-op thread, and on a machine whose 2 cores are
-    # shared with other jobs, OpenMP threads waiting for each other make these runs ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _png(h: int, w: int, color) -> bytes:

@@ -38,14 +38,7 @@ from diffusion_dpo.training.validation import (
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # The tiny models gain nothing from a second intra-op thread, and on a machine whose 2 cores are
-    # shared with other jobs, OpenMP threads waiting for each other make these runs ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -608,19 +608,16 @@ def write_pair_dataset(
     specs: Sequence[Spec] | None = None,
 ) -> Path:
     """Write :func:`generate_pairs` to the parquet file ``path`` (Pick-a-Pic v2 columns)."""
+    rows = generate_pairs(n_pairs, seed, resolution, heldout, tie_fraction, specs)
+    return _write_parquet(path, rows, _pair_schema())
+
+
+def _pair_schema(extra: Sequence[tuple] = ()):
+    """Pick-a-Pic v2's columns, then ``extra`` ``(name, pyarrow type)`` fields."""
     import pyarrow as pa
 
-    schema = pa.schema(
-        [
-            ("caption", pa.string()),
-            ("jpg_0", pa.binary()),
-            ("jpg_1", pa.binary()),
-            ("label_0", pa.float64()),
-            ("label_1", pa.float64()),
-        ]
-    )
-    rows = generate_pairs(n_pairs, seed, resolution, heldout, tie_fraction, specs)
-    return _write_parquet(path, rows, schema)
+    columns = [("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary())]
+    return pa.schema([*columns, ("label_0", pa.float64()), ("label_1", pa.float64()), *extra])
 
 
 def write_imperfect_pair_dataset(
@@ -635,21 +632,11 @@ def write_imperfect_pair_dataset(
     ``faithfulness_0/1`` and ``errors_0/1``)."""
     import pyarrow as pa
 
-    schema = pa.schema(
-        [
-            ("caption", pa.string()),
-            ("jpg_0", pa.binary()),
-            ("jpg_1", pa.binary()),
-            ("label_0", pa.float64()),
-            ("label_1", pa.float64()),
-            ("faithfulness_0", pa.float64()),
-            ("faithfulness_1", pa.float64()),
-            ("errors_0", pa.int64()),
-            ("errors_1", pa.int64()),
-        ]
-    )
+    extra = [(f"faithfulness_{i}", pa.float64()) for i in (0, 1)] + [
+        (f"errors_{i}", pa.int64()) for i in (0, 1)
+    ]
     rows = generate_imperfect_pairs(n_pairs, seed, resolution, specs, temperature)
-    return _write_parquet(path, rows, schema)
+    return _write_parquet(path, rows, _pair_schema(extra))
 
 
 def write_caption_dataset(
