@@ -36,7 +36,14 @@ def test_cli_runs_the_comparison_rows_and_writes_json(model_dir, tmp_path, capsy
     out = tmp_path / "bench.json"
     cli.main(["--arch", "tiny", *TINY_ARGS, "--model_dir", str(model_dir), "--output", str(out)])
     rows = json.loads(out.read_text())
-    assert [r["name"] for r in rows] == ["paper_baseline", "default", "full", "lora", "cached_latents"]
+    assert [r["name"] for r in rows] == [
+        "paper_baseline",
+        "default",
+        "full",
+        "lora",
+        "cached_latents",
+        "mapo",
+    ]
     for row in rows:
         assert row["status"] == "ok", row.get("error")
         for key in (
@@ -59,6 +66,11 @@ def test_cli_runs_the_comparison_rows_and_writes_json(model_dir, tmp_path, capsy
     assert rows[3]["static_memory_bytes"] < 0.6 * rows[2]["static_memory_bytes"]
     # from precomputed latents: the same step without the VAE and text encoder
     assert rows[4]["config"]["cached_latents"] and 0 < rows[4]["flops_per_step"] < rows[2]["flops_per_step"]
+    # MaPO: no reference UNet in memory and no reference forward in the step
+    assert (
+        rows[5]["config"]["objective"] == "mapo" and rows[5]["memory_breakdown_bytes"]["reference_unet"] == 0
+    )
+    assert 0 < rows[5]["flops_per_step"] < rows[2]["flops_per_step"]
     table = capsys.readouterr().out
     for name in ("paper_baseline", "default", "full", "lora", "pairs/s", "peak mem"):
         assert name in table

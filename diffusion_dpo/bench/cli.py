@@ -198,6 +198,10 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
         ]
         cached = "full from precomputed latents and text embeddings (no VAE, no text encoder in the step)"
         rows.append(Row("cached_latents", cached, dict(base, **speed), cached_latents=True))
+        mapo = (
+            f"MaPO, full fine-tune without a reference UNet (no reference forward, no second copy); {given}"
+        )
+        rows.append(Row("mapo", mapo, dict(base, **speed, objective="mapo")))
     if args.rows:
         wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
         unknown = sorted(set(wanted) - {r.name for r in rows})
@@ -215,6 +219,7 @@ def _flop_key(row: Row) -> tuple:
         t.get("use_lora", False),
         t.get("rank"),
         row.cached_latents,
+        t.get("objective", "dpo"),
     )
 
 
