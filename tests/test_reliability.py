@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_runs import flags, reset_accelerate
+from trainer_runs import reset_accelerate, tiny_run_flags
 
 from diffusion_dpo.data import synthetic
 from diffusion_dpo.training import checkpoint as ckpt
@@ -34,13 +34,8 @@ def pairs_path(tmp_path_factory):
 
 
 def _argv(model, data, out, **overrides):
-    values = dict(
-        pretrained_model_name_or_path=model, dataset_name=data, output_dir=out, resolution=32,
-        train_batch_size=4, max_train_steps=4, learning_rate=1e-3, lr_warmup_steps=0,
-        checkpointing_steps=100, seed=0,
-    )  # fmt: skip
-    values.update(overrides)
-    return flags(values)
+    # the trainer's default weight decay here
+    return tiny_run_flags(model, data, out, **{"max_train_steps": 4, "adam_weight_decay": 1e-2, **overrides})
 
 
 def _run(*args, **overrides):

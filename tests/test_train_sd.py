@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 from diffusers import DiffusionPipeline, UNet2DConditionModel
-from trainer_runs import flags, reset_accelerate
+from trainer_runs import reset_accelerate, tiny_run_flags
 
 from diffusion_dpo.data import synthetic
 from diffusion_dpo.training.config import parse_config
@@ -24,21 +24,7 @@ def pairs_path(tmp_path_factory):
 
 
 def _argv(model, data, out, **overrides):
-    values = dict(
-        pretrained_model_name_or_path=model,
-        dataset_name=data,
-        output_dir=out,
-        resolution=32,
-        train_batch_size=4,
-        max_train_steps=3,
-        learning_rate=1e-3,
-        lr_warmup_steps=0,
-        adam_weight_decay=0.0,  # so that "every weight changed" comes from gradients, not decay
-        checkpointing_steps=100,
-        seed=0,
-    )
-    values.update(overrides)
-    return flags(values)
+    return tiny_run_flags(model, data, out, **overrides)
 
 
 def _run(*args, **overrides):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from trainer_runs import flags, reset_accelerate
+from trainer_runs import reset_accelerate, tiny_run_flags
 
 from diffusion_dpo.data import synthetic
 from diffusion_dpo.diffusion import denoising_target, draw_for_rows, implicit_reward_accuracy
@@ -55,21 +55,7 @@ def eight_pairs(tmp_path_factory):
 
 
 def _argv(model, data, out, **overrides):
-    values = dict(
-        pretrained_model_name_or_path=model,
-        dataset_name=data,
-        output_dir=out,
-        resolution=32,
-        train_batch_size=2,
-        max_train_steps=4,
-        learning_rate=1e-3,
-        lr_warmup_steps=0,
-        adam_weight_decay=0.0,
-        checkpointing_steps=100,
-        seed=0,
-    )
-    values.update(overrides)
-    return flags(values)
+    return tiny_run_flags(model, data, out, **{"train_batch_size": 2, "max_train_steps": 4, **overrides})
 
 
 def _train(model, data, out, **overrides) -> dict:

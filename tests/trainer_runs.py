@@ -22,3 +22,14 @@ def flags(values: dict) -> list[str]:
         else:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def tiny_run_flags(model, data, out, **overrides) -> list[str]:
+    """Flags of a short in-process run on a tiny model (3 steps of 4 pairs at 32 px, lr 1e-3, no weight
+    decay so that "every weight changed" comes from gradients), ``overrides`` on top."""
+    values = dict(
+        pretrained_model_name_or_path=model, dataset_name=data, output_dir=out, resolution=32,
+        train_batch_size=4, max_train_steps=3, learning_rate=1e-3, lr_warmup_steps=0,
+        adam_weight_decay=0.0, checkpointing_steps=100, seed=0,
+    )  # fmt: skip
+    return flags({**values, **overrides})
