@@ -180,11 +180,9 @@ def _load_script(path: Path):
 
 def run_train_sd(argv: list[str]) -> dict:
     """``train_sd.py ARGV`` in this process; returns its summary without the in-memory models."""
-    from accelerate.state import AcceleratorState, GradientState
+    from diffusion_dpo.training.distributed import reset_accelerate_state
 
-    # accelerate keeps process-wide singletons; a fresh run needs fresh ones (as in the trainer tests)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()  # accelerate keeps process-wide singletons; a fresh run needs fresh ones
     summary = _load_script(ROOT / "train_sd.py").main(argv)
     summary.pop("models", None)
     return summary

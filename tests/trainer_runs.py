@@ -1,13 +1,6 @@
 """Helpers for tests that run the trainer in this process."""
 
-from accelerate.state import AcceleratorState, GradientState, PartialState
-
-
-def reset_accelerate() -> None:
-    """accelerate keeps process-wide singletons: each in-process run must start from scratch."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+from diffusion_dpo.training.distributed import reset_accelerate_state as reset_accelerate  # noqa: F401
 
 
 def flags(values: dict) -> list[str]:

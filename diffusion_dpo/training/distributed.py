@@ -30,6 +30,16 @@ from diffusion_dpo.training.config import TrainConfig
 logger = logging.getLogger(__name__)
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons, so that the next run in this process (the tiny base
+    build then DPO, the synthetic experiment's stages, the tests) starts from a fresh state."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
 def engine(accelerator) -> str:
     """``"fsdp"``, ``"deepspeed"``, ``"ddp"`` (any other multi-process data parallelism) or ``"single"``."""
     from accelerate.utils import DistributedType

@@ -38,12 +38,12 @@ BASE_CAPTION_NOISE = 0.3
 def build_tiny_base(path: Path, seed: int, resolution: int) -> Path:
     """Fit the VAE, save the untrained pipeline and pretrain its UNet with this trainer into ``path``."""
     import numpy as np
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
     from diffusion_dpo.data import synthetic
     from diffusion_dpo.experiment.vae import build_base_pipeline, fit_vae, images_to_tensor
     from diffusion_dpo.models.loading import quiet_loading
     from diffusion_dpo.training.config import parse_config
+    from diffusion_dpo.training.distributed import reset_accelerate_state
     from diffusion_dpo.training.loop import train
 
     started = time.time()
@@ -74,9 +74,7 @@ def build_tiny_base(path: Path, seed: int, resolution: int) -> Path:
     ])  # fmt: skip
     train(cfg)
     # the trainer's process-wide accelerate state belongs to this run; the DPO run starts afresh
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+    reset_accelerate_state()
     # a base model, not a run to resume: drop the pretraining's checkpoint and the build folder
     for leftover in [*path.glob("checkpoint-*"), work]:
         shutil.rmtree(leftover)
