@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="NAME[=PATH_OR_ID]",
-        help="pickscore, hpsv2.0, hpsv2.1, clip_score, aesthetic, image_reward, shapes (repeat)",
+        help="pickscore, hpsv2.0, hpsv2.1, clip_score, aesthetic, image_reward, shapes, shapes_color_area (repeat)",
     )
     p.add_argument("--output_dir", required=True)
     p.add_argument(

@@ -201,7 +201,10 @@ def image_reward_dir(tmp_path_factory):
 
 
 def test_registry_lists_every_scorer_and_rejects_unknown_names():
-    expected = {"pickscore", "hpsv2.0", "hpsv2.1", "clip_score", "aesthetic", "image_reward", "shapes"}
+    expected = {
+        "pickscore", "hpsv2.0", "hpsv2.1", "clip_score", "aesthetic", "image_reward", "shapes",
+        "shapes_color_area",
+    }  # fmt: skip
     assert set(SCORERS) == expected
     with pytest.raises(ValueError) as err:
         load_scorer("hpsv2")  # ambiguous: the version is part of the name
@@ -210,6 +213,34 @@ def test_registry_lists_every_scorer_and_rejects_unknown_names():
         load_scorer("pickscore=")
     with pytest.raises(ValueError, match="takes no weights"):
         load_scorer("shapes=/some/path")
+    with pytest.raises(ValueError, match="takes no weights"):
+        load_scorer("shapes_color_area=/some/path")
+
+
+def test_color_area_is_a_gameable_proxy_of_faithfulness():
+    """shapes_color_area: 1 for a picture painted over in the shape's colour (which ``shapes`` scores
+    ~0), the shape's share of the image for a faithful render, and the pixel formula by hand."""
+    import numpy as np
+    from PIL import Image
+
+    from diffusion_dpo.data import synthetic
+
+    prompt = "a red circle on a blue background"
+    proxy, truth = load_scorer("shapes_color_area"), load_scorer("shapes")
+    painted = Image.new("RGB", (32, 32), synthetic.COLORS["red"])
+    render = synthetic.render(synthetic.parse_caption(prompt), np.random.default_rng(0), 32)
+    p_painted, p_render = proxy([painted, render], [prompt] * 2).tolist()
+    t_painted, t_render = truth([painted, render], [prompt] * 2).tolist()
+    assert p_painted == pytest.approx(1.0)
+    assert t_painted < 0.05 and t_render > 0.7  # the proxy's best image is the truth's worst
+    assert 0.1 < p_render < 0.5  # a faithful render: about the circle's share of the picture
+    # by hand: half the pixels pure red, half at RGB distance 0.25 from red -> (1 + e^-0.5) / 2
+    half = np.zeros((2, 2, 3), dtype=np.uint8)
+    half[:] = synthetic.COLORS["red"]
+    half[1] = np.array(synthetic.COLORS["red"]) + np.array([0, 0, 64])  # 64/255 ≈ 0.251 away in blue
+    d = 64 / 255
+    expected = (1 + np.exp(-(d**2) / (2 * 0.25**2))) / 2
+    assert proxy([Image.fromarray(half)], [prompt]).item() == pytest.approx(expected, rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------

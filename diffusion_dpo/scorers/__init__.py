@@ -14,6 +14,8 @@ clip_score      100 · max(cos, 0)  (torchmetrics CLIPScore)            openai/c
 aesthetic       LAION aesthetic predictor v2, 1–10 rating scale        sac+logos+ava1-l14-linearMSE.pth
 image_reward    ImageReward, standardised (mean 0, std 1)              THUDM/ImageReward ImageReward.pt
 shapes          programmatic faithfulness on the synthetic shapes      (no weights)
+shapes_color_   share of the image in the shape's named colour: a      (no weights)
+area            deliberately gameable proxy of ``shapes``
 ==============  =====================================================  ===============================
 
 Heavy libraries (transformers, open_clip) are imported only when a scorer is loaded.
@@ -76,11 +78,15 @@ def _image_reward(source, **kw):
 
 
 def _shapes(source, **kw):
-    if source is not None:
-        raise ValueError(f"the 'shapes' scorer is programmatic and takes no weights; got 'shapes={source}'")
     from .shapes import ShapesScorer
 
     return ShapesScorer(**kw)
+
+
+def _shapes_color_area(source, **kw):
+    from .shapes import ShapesColorAreaScorer
+
+    return ShapesColorAreaScorer(**kw)
 
 
 #: scorer name -> loader ``(source: str | None, *, device, dtype, batch_size) -> Scorer``.
@@ -92,6 +98,7 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
     "aesthetic": _aesthetic,
     "image_reward": _image_reward,
     "shapes": _shapes,
+    "shapes_color_area": _shapes_color_area,
 }
 
 
@@ -123,15 +130,19 @@ REQUIRED_FILES: dict[str, Callable[[str | None], list[WeightFiles]]] = {
     "aesthetic": _files("aesthetic"),
     "image_reward": _files("image_reward"),
     "shapes": lambda source: [],
+    "shapes_color_area": lambda source: [],
 }
+
+#: scorers computed by code alone: they take no ``=PATH``
+PROGRAMMATIC = ("shapes", "shapes_color_area")
 
 
 def _parse(spec: str) -> tuple[str, str | None]:
     name, source = parse_spec(spec)
     if name not in SCORERS:
         raise ValueError(f"unknown scorer {name!r} in spec {spec!r}; available: {', '.join(SCORERS)}")
-    if name == "shapes" and source is not None:
-        raise ValueError(f"the 'shapes' scorer is programmatic and takes no weights; got 'shapes={source}'")
+    if name in PROGRAMMATIC and source is not None:
+        raise ValueError(f"the '{name}' scorer is programmatic and takes no weights; got '{spec}'")
     return name, source
 
 
