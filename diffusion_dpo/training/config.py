@@ -80,6 +80,12 @@ class TrainConfig:
         "Stop (with a checkpoint and examples of bad rows) once the rows read are strong evidence that "
         "more than this share of rows is bad, or a whole epoch's share exceeds it.",
     )
+    no_audit_pairs: bool = _f(
+        False,
+        "Skip the start-up shortcut audit, which reads the file headers of up to 256 pairs (a few seconds at "
+        "most) and warns when size, format, JPEG quality or bytes per pixel alone predicts the winner, or the "
+        "labels favour one position. The full audit: python data/audit_pairs.py --dataset NAME.",
+    )
     # --- objective ---
     objective: str = _f(
         "dpo",

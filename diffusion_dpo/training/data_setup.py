@@ -246,6 +246,10 @@ def build_train_data(
             streaming=cfg.streaming, keep_ties=cfg.keep_ties, max_samples=cfg.max_train_samples,
             cache_dir=cfg.cache_dir, on_bad_example=cfg.on_bad_example,
         )  # fmt: skip
+        if not cfg.no_audit_pairs and process_index == 0:
+            from diffusion_dpo.data.audit import startup_audit
+
+            startup_audit(rows, stats, dataset_name=cfg.dataset_name)  # warns; never raises
     common = dict(
         stats=stats, streaming=cfg.streaming, num_processes=num_processes, process_index=process_index,
         num_workers=cfg.dataloader_num_workers,
