@@ -8,8 +8,8 @@ reads them unchanged:
   (West-of-N, Pace et al. 2024, arXiv 2401.12086), or every pair whose scores differ by a margin. The
   model then learns from differences among images it actually draws, rather than another model's.
 - **Correction pairs** (``data/correction_pairs.py``): a given image of a caption is chosen over the
-  model's own sample for that caption, the pairs of SPIN-Diffusion (Yuan et al. 2024, arXiv
-  2402.10210), here trained with the Diffusion-DPO loss.
+  model's own sample for that caption, the pairs of SPIN-Diffusion (Yuan et al.,
+  NeurIPS 2024), here trained with the Diffusion-DPO loss.
 
 The selection is pure functions of score arrays (:func:`combine_scores`, :func:`select_pairs`,
 :func:`mine`), so it is tested on hand-made numbers. Score conventions: higher is better; two images
