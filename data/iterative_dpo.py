@@ -30,7 +30,7 @@ evaluation suite's report of the last round).
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import logging
 import sys
@@ -102,28 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
 # the entry points the rounds are made of, run in this process
 
 
-def _load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _experiment():
+    """``data/synthetic_experiment.py``: its runners of the entry points in this process and its
+    base-model stages."""
+    if str(ROOT / "data") not in sys.path:
+        sys.path.insert(0, str(ROOT / "data"))
+    return importlib.import_module("synthetic_experiment")
 
 
 def run_mine_pairs(argv: list[str]) -> dict:
-    return _load_script(ROOT / "data" / "mine_pairs.py").main(argv)
+    return _experiment()._load_script(ROOT / "data" / "mine_pairs.py").main(argv)
 
 
 def run_train_sd(argv: list[str]) -> dict:
-    from diffusion_dpo.training.distributed import reset_accelerate_state
-
-    reset_accelerate_state()  # accelerate keeps process-wide singletons; each round is a fresh run
-    summary = _load_script(ROOT / "train_sd.py").main(argv)
-    summary.pop("models", None)
-    return summary
+    return _experiment().run_train_sd(argv)
 
 
 def run_evaluate(argv: list[str]) -> dict:
-    return _load_script(ROOT / "eval" / "evaluate.py").main(argv)
+    return _experiment().run_evaluate(argv)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,7 +151,7 @@ def ensure_base(model: str) -> None:
     so ``data/synthetic_experiment.py --output_dir outputs/synthetic --resume`` reuses them."""
     if Path(model) != SYNTHETIC_BASE or (SYNTHETIC_BASE / "model_index.json").is_file():
         return
-    experiment = _load_script(ROOT / "data" / "synthetic_experiment.py")
+    experiment = _experiment()
     print(f"building the pretrained base at {SYNTHETIC_BASE} with the synthetic experiment's first stages")
     stages = experiment.Stages(["data", "vae", "base"], SYNTHETIC_OUT / "stages.json", resume=True)
     SYNTHETIC_OUT.mkdir(parents=True, exist_ok=True)

@@ -140,16 +140,9 @@ def _check_arguments(args) -> None:
 
 def _check_scorers(specs: list[str]) -> None:
     # Before any image is generated: a typo or missing weights found after an hour of sampling costs an hour.
-    from diffusion_dpo.scorers import MissingWeightsError, check_scorer
+    from diffusion_dpo.scorers import missing_scorer_weights
 
-    missing = []
-    for spec in specs:
-        try:
-            check_scorer(spec)
-        except MissingWeightsError as err:
-            missing.append(str(err))
-        except ValueError as err:
-            raise ValueError(f"--scorer {spec!r}: {err}") from err
+    missing = missing_scorer_weights(specs)
     if missing:
         raise MiningError("\n".join(missing))
 

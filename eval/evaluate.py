@@ -26,10 +26,10 @@ import numpy as np
 
 from diffusion_dpo.evaluation.generate import (
     DTYPES,
-    GenerationSettings,
     ModelLoadError,
     generate_images,
     parse_model_spec,
+    settings_from_args,
 )
 from diffusion_dpo.evaluation.prompts import load_prompts
 from diffusion_dpo.evaluation.report import EvalResults, summarize_results, write_report
@@ -111,16 +111,9 @@ def _check_scorers(specs: list[str]) -> None:
 
     Raises ValueError for a malformed spec, EvaluationError naming every scorer whose files are missing.
     """
-    from diffusion_dpo.scorers import MissingWeightsError, check_scorer
+    from diffusion_dpo.scorers import missing_scorer_weights
 
-    missing = []
-    for spec in specs:
-        try:
-            check_scorer(spec)
-        except MissingWeightsError as err:
-            missing.append(str(err))
-        except ValueError as err:
-            raise ValueError(f"--scorer {spec!r}: {err}") from err
+    missing = missing_scorer_weights(specs)
     if missing:
         raise EvaluationError("\n".join(missing))  # one line per scorer
 
@@ -248,14 +241,7 @@ def _run(parser: argparse.ArgumentParser, args) -> dict:
             raise ValueError(f"--model names must be unique, got {names}")
         if args.num_images_per_prompt < 1:
             raise ValueError(f"--num_images_per_prompt must be >= 1, got {args.num_images_per_prompt}")
-        settings = GenerationSettings(
-            num_inference_steps=args.num_inference_steps,
-            guidance_scale=args.guidance_scale,
-            resolution=args.resolution,
-            negative_prompt=args.negative_prompt,
-            dtype=args.dtype,
-            device_type=args.device.split(":")[0],
-        )
+        settings = settings_from_args(args)
         prompt_set = load_prompts(
             args.prompts,
             prompt_column=args.prompt_column,

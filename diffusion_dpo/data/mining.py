@@ -259,18 +259,11 @@ def add_generation_arguments(parser) -> None:
 
 def generation_settings(args):
     """:class:`GenerationSettings` from the flags of :func:`add_generation_arguments` (ValueError if bad)."""
-    from diffusion_dpo.evaluation.generate import GenerationSettings
+    from diffusion_dpo.evaluation.generate import settings_from_args
 
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-    return GenerationSettings(
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        resolution=args.resolution,
-        negative_prompt=args.negative_prompt,
-        dtype=args.dtype,
-        device_type=args.device.split(":")[0],
-    )
+    return settings_from_args(args)
 
 
 def _cuda() -> bool:

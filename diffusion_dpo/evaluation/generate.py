@@ -72,6 +72,20 @@ class GenerationSettings:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
 
 
+def settings_from_args(args) -> GenerationSettings:
+    """:class:`GenerationSettings` from a command line's generation flags (``--num_inference_steps``,
+    ``--guidance_scale``, ``--resolution``, ``--negative_prompt``, ``--dtype``, ``--device``), as
+    ``eval/evaluate.py``, ``data/mine_pairs.py`` and ``data/correction_pairs.py`` name them."""
+    return GenerationSettings(
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        resolution=args.resolution,
+        negative_prompt=args.negative_prompt,
+        dtype=args.dtype,
+        device_type=args.device.split(":")[0],
+    )
+
+
 def _find_key(tree, key: str):
     # training_config.yaml may nest the model section; take the first match, depth-first
     if isinstance(tree, dict):

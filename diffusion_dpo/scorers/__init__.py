@@ -39,6 +39,7 @@ __all__ = [
     "WeightFiles",
     "check_scorer",
     "load_scorer",
+    "missing_scorer_weights",
     "parse_spec",
     "required_files",
 ]
@@ -161,6 +162,21 @@ def check_scorer(spec: str) -> None:
     """
     name, _ = _parse(spec)
     check_weight_files(name, required_files(spec))
+
+
+def missing_scorer_weights(specs: list[str]) -> list[str]:
+    """:func:`check_scorer` for every spec of a run, before any work: raises ``ValueError`` naming the
+    ``--scorer`` whose spec is malformed or unknown, and returns the message of each scorer whose weight
+    files are missing (empty when all are there), so one error can name them all."""
+    missing = []
+    for spec in specs:
+        try:
+            check_scorer(spec)
+        except MissingWeightsError as err:
+            missing.append(str(err))
+        except ValueError as err:
+            raise ValueError(f"--scorer {spec!r}: {err}") from err
+    return missing
 
 
 def load_scorer(
