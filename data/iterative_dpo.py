@@ -308,13 +308,9 @@ def run(args) -> dict:
     args.heldout_scorer = args.heldout_scorer or ["shapes"]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prompts, heldout = (
-        (Path(args.prompts) if args.prompts else None),
-        (Path(args.heldout_prompts) if args.heldout_prompts else None),
-    )
-    if prompts is None or heldout is None:
-        world_train, world_heldout = default_prompts(out)
-        prompts, heldout = prompts or world_train, heldout or world_heldout
+    world_train, world_heldout = default_prompts(out)  # the shapes world's, where none are given
+    prompts = Path(args.prompts) if args.prompts else world_train
+    heldout = Path(args.heldout_prompts) if args.heldout_prompts else world_heldout
     ensure_base(args.model)
     scorers = list(dict.fromkeys([*args.mining_scorer, *args.heldout_scorer]))
     images = Path(args.cache_dir) if args.cache_dir else out / "images"  # mining and evaluation, every round

@@ -50,8 +50,8 @@ from PIL import Image
 from diffusion_dpo.data.pairs import (
     ORDERED_COLUMNS,
     PICKAPIC_COLUMNS,
-    _detect_pair_schema,
     column_names,
+    detect_pair_schema,
     label_problem,
     load_rows,
     resolve_image_path,
@@ -714,7 +714,7 @@ class PairReader:
                  streaming: bool = False, cache_dir: str | None = None):  # fmt: skip
         source = load_rows(dataset_name, split, streaming=streaming, cache_dir=cache_dir)
         self.description = source.description
-        self.schema = _detect_pair_schema(column_names(source), source.description)
+        self.schema = detect_pair_schema(column_names(source), source.description)
         self.base_dir = source.base_dir
         rows = source.rows.select_columns(
             list(ORDERED_COLUMNS if self.schema == "ordered" else PICKAPIC_COLUMNS)

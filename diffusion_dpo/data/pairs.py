@@ -219,7 +219,7 @@ def column_names(source: RowSource) -> list[str]:
     return list(names)
 
 
-def _detect_pair_schema(names: list[str], description: str) -> str:
+def detect_pair_schema(names: list[str], description: str) -> str:
     """'ordered' or 'pickapic', or a ValueError naming the missing columns, the found ones and the source."""
     if set(ORDERED_COLUMNS) <= set(names):
         return "ordered"
@@ -346,7 +346,7 @@ def load_pair_dataset(
     check_on_bad_example(on_bad_example)
     stats = stats if stats is not None else PairStats()
     source = load_rows(dataset_name, split, streaming=streaming, cache_dir=cache_dir, **load_kwargs)
-    schema = _detect_pair_schema(column_names(source), source.description)
+    schema = detect_pair_schema(column_names(source), source.description)
     needed = list(ORDERED_COLUMNS if schema == "ordered" else PICKAPIC_COLUMNS)
     rows = source.rows.select_columns(needed)
     normalizer = _PairNormalizer(schema, source.base_dir)
