@@ -115,7 +115,9 @@ def step_flops(cfg, cached: bool) -> int:
     )  # fmt: skip
     models = setup_models(meta_cfg, "meta")
     batch = make_batch(
-        meta_cfg, models.components.is_sdxl, cached_shapes(models, cfg.resolution) if cached else None
+        meta_cfg,
+        models.components.family.micro_conditioning,
+        cached_shapes(models, cfg.resolution) if cached else None,
     )
 
     def step():
@@ -182,7 +184,7 @@ def run(spec: dict) -> dict:
     models.unet = unet
     params = list(unet.parameters())
     shapes = cached_shapes(models, cfg.resolution) if spec["cached_latents"] else None
-    batch = make_batch(cfg, models.components.is_sdxl, shapes)
+    batch = make_batch(cfg, models.components.family.micro_conditioning, shapes)
     setup_seconds = time.perf_counter() - started
     if cuda:
         torch.cuda.synchronize()

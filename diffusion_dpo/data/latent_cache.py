@@ -401,10 +401,15 @@ def write_latent_cache(
         pretrained_model_name_or_path, revision, variant, vae_model_name_or_path, frozen_dtype=dtype,
         load_unet=False,
     )  # fmt: skip
+    if not components.family.supports_latent_cache:
+        raise ValueError(
+            f"{pretrained_model_name_or_path} is a {components.family.label} model: latent caches support "
+            "SD1.x/2.x and SDXL only so far; train it from the images"
+        )
     components.vae.to(device)
     for encoder in components.text_encoders:
         encoder.to(device)
-    sdxl = components.is_sdxl
+    sdxl = components.family.micro_conditioning
     dtypes = {
         "latents": _name_of(next(components.vae.parameters()).dtype),
         "text": _name_of(next(components.text_encoders[0].parameters()).dtype),

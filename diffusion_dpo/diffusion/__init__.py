@@ -1,5 +1,6 @@
-"""Diffusion objectives: the log-ratio surrogate, DPO/SFT/KTO pieces, implicit-reward accuracy, and
-the per-row random draws of a training step."""
+"""Diffusion objectives: the log-ratio surrogate, DPO/SFT/KTO pieces, implicit-reward accuracy, the
+forward processes of the model families (DDPM, rectified flow), and the per-row random draws of a
+training step."""
 
 from diffusion_dpo.diffusion.draws import RowDraws, draw_for_rows, heldout_noise, row_generator
 from diffusion_dpo.diffusion.objective import (
@@ -14,9 +15,13 @@ from diffusion_dpo.diffusion.objective import (
     per_sample_mse,
     sft_losses,
 )
+from diffusion_dpo.diffusion.processes import DDPMProcess, FlowMatchProcess, as_process
 
 __all__ = [
+    "DDPMProcess",
+    "FlowMatchProcess",
     "RowDraws",
+    "as_process",
     "adapters_disabled",
     "denoising_errors",
     "denoising_target",

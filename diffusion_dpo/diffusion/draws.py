@@ -14,6 +14,7 @@ posterior noise of each of its images. Nothing comes from the global RNG, so:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,7 @@ def row_generator(*key: int) -> torch.Generator:
 class RowDraws:
     """What one micro-batch draws, on the CPU in float32 (move with ``.to``)."""
 
-    timesteps: Tensor  # [B] long, t ~ U{0..T-1}
+    timesteps: Tensor  # [B] long in {0..T-1}: uniform (DDPM) or the flow process's σ draw
     noise: Tensor  # [B, C, h, w], ε ~ N(0, I), shared by both images of a pair
     posterior: Tensor  # [K, B, C, h, w]: N(0, I) for the VAE posterior sample of each of K images
 
@@ -56,18 +57,23 @@ def draw_for_rows(
     latent_shape: tuple[int, int, int],
     num_train_timesteps: int,
     images_per_row: int,
+    sample_timestep: Callable[[torch.Generator], Tensor] | None = None,
 ) -> RowDraws:
     """Draw timestep, noise and posterior noise for each row ``(seed, epoch, index)``.
 
     ``indices`` ``[B]``: the rows' indices in the epoch (unique within an epoch, across processes).
     ``latent_shape``: ``(C, h, w)`` of one image's latents. ``images_per_row``: 2 for a pair
-    (winner, loser), 1 for KTO and SFT.
+    (winner, loser), 1 for KTO and SFT. ``sample_timestep``: the process's timestep draw from a
+    generator (``[1]`` long; a flow model's weighting scheme); None: uniform over ``num_train_timesteps``.
     """
     timesteps, noise, posterior = [], [], []
     index_list = indices.tolist() if isinstance(indices, Tensor) else list(indices)
     for index in index_list:
         g = row_generator(seed, epoch, index, _PURPOSE_TRAIN)
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        if sample_timestep is None:
+            timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        else:
+            timesteps.append(sample_timestep(g))
         noise.append(torch.randn(latent_shape, generator=g))
         posterior.append(torch.randn((images_per_row, *latent_shape), generator=g))
     return RowDraws(torch.cat(timesteps), torch.stack(noise), torch.stack(posterior, dim=1))

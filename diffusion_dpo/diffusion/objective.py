@@ -6,8 +6,11 @@ The project convention lives here and nowhere else: for an image ``x`` noised to
 
     logratio(x) = −0.5 · (eθ − eref),   eθ = mean over C×H×W of (fθ(x_t, t) − target)²
 
-where ``target`` is ``ε`` for epsilon-prediction and the velocity for v-prediction models, and
-``eref`` is the same error under the frozen reference. With it, the shared core's sigmoid loss at
+where ``target`` is ``ε`` for epsilon-prediction, the velocity for v-prediction models and ``ε − x0``
+for flow-matching models (SD3), and ``eref`` is the same error under the frozen reference. How a
+family noises, what it predicts and how its denoiser is called is its process's business
+(:mod:`diffusion_dpo.diffusion.processes`): every ``noise_scheduler`` argument below takes a process,
+or a bare DDPM-style diffusers scheduler for a UNet. With it, the shared core's sigmoid loss at
 ``β = beta_dpo`` is exactly the loss of the Diffusion-DPO paper's ``train.py``.
 """
 
@@ -19,20 +22,15 @@ from collections.abc import Iterator
 import torch
 
 from diffusion_dpo.diffusion.draws import heldout_noise
+from diffusion_dpo.diffusion.processes import as_process
 
 Tensor = torch.Tensor
 
 
 def denoising_target(noise_scheduler, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
-    """What the UNet is trained to predict: ``ε`` (epsilon) or the velocity (v-prediction)."""
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return noise
-    if prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    raise ValueError(
-        f"scheduler prediction_type={prediction_type!r} is not supported; use 'epsilon' or 'v_prediction'"
-    )
+    """What the denoiser is trained to predict: ``ε`` (epsilon), the velocity (v-prediction), or the flow
+    velocity ``ε − x0`` (flow matching). ``noise_scheduler``: a process or a DDPM-style scheduler."""
+    return as_process(noise_scheduler).target(latents, noise, timesteps)
 
 
 def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
@@ -68,17 +66,23 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
         base.enable_adapters()
 
 
-def _reference_prediction(unet, ref_unet, noisy, timesteps, hidden, cond) -> Tensor:
+def _reference_prediction(process, unet, ref_unet, noisy, timesteps, hidden, cond) -> Tensor:
     with torch.no_grad():
         if ref_unet is None:
             # adapters are switched on the inner module, the call goes through the wrapper: a sharded
             # engine (FSDP) can only run the module through it
             with adapters_disabled(unet):
-                return unet(noisy, timesteps, hidden, added_cond_kwargs=cond).sample
+                return process.predict(unet, noisy, timesteps, hidden, cond)
         # The frozen reference may be kept in the low-precision weight dtype to save memory.
         dtype = next(ref_unet.parameters()).dtype
         ref_cond = None if cond is None else {k: v.to(dtype) for k, v in cond.items()}
-        return ref_unet(noisy.to(dtype), timesteps, hidden.to(dtype), added_cond_kwargs=ref_cond).sample
+        return process.predict(ref_unet, noisy.to(dtype), timesteps, hidden.to(dtype), ref_cond)
+
+
+def _weighted(errors: Tensor, process, timesteps: Tensor) -> Tensor:
+    # a flow process may weight the error by σ (off by default: docs/sd3.md#sigma-weighting)
+    weights = process.error_weights(timesteps)
+    return errors if weights is None else errors * weights.to(errors.device, errors.dtype)
 
 
 def denoising_errors(
@@ -97,13 +101,17 @@ def denoising_errors(
     ``[N]``. Returns ``(model_errors, ref_errors)``, each ``[N]`` float32; the reference is run under
     ``no_grad`` on identical inputs (``ref_unet=None``: the same UNet with LoRA adapters disabled).
     """
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = denoising_target(noise_scheduler, latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
+    process = as_process(noise_scheduler)
+    noisy = process.add_noise(latents, noise, timesteps)
+    target = process.target(latents, noise, timesteps)
+    pred = process.predict(unet, noisy, timesteps, encoder_hidden_states, added_cond_kwargs)
     ref_pred = _reference_prediction(
-        unet, ref_unet, noisy, timesteps, encoder_hidden_states, added_cond_kwargs
+        process, unet, ref_unet, noisy, timesteps, encoder_hidden_states, added_cond_kwargs
     )
-    return per_sample_mse(pred, target), per_sample_mse(ref_pred, target)
+    return (
+        _weighted(per_sample_mse(pred, target), process, timesteps),
+        _weighted(per_sample_mse(ref_pred, target), process, timesteps),
+    )
 
 
 def _repeat_for_pair(x: Tensor, batch: int) -> Tensor:
@@ -285,7 +293,8 @@ def sft_losses(
     added_cond_kwargs: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Plain denoising MSE on the preferred images (the paper's SFT baseline): ``[B]``."""
-    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = denoising_target(noise_scheduler, latents, noise, timesteps)
-    pred = unet(noisy, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs).sample
-    return per_sample_mse(pred, target)
+    process = as_process(noise_scheduler)
+    noisy = process.add_noise(latents, noise, timesteps)
+    target = process.target(latents, noise, timesteps)
+    pred = process.predict(unet, noisy, timesteps, encoder_hidden_states, added_cond_kwargs)
+    return _weighted(per_sample_mse(pred, target), process, timesteps)

@@ -237,14 +237,17 @@ def check_cached_image(path: Path, size: tuple[int, int] | None = None) -> str |
 def default_image_size(spec: ModelSpec) -> tuple[int, int] | None:
     """``(width, height)`` a local pipeline renders when no resolution is given, None if unknown.
 
-    As diffusers' SD/SDXL pipelines compute it: ``unet.sample_size * 2 ** (len(vae.block_out_channels)
-    - 1)``. Hub ids are not read (their configs may not be downloaded yet).
+    As diffusers' SD/SDXL/SD3 pipelines compute it: the denoiser's ``sample_size * 2 **
+    (len(vae.block_out_channels) - 1)``. Hub ids are not read (their configs may not be downloaded yet).
     """
+    from diffusion_dpo.models.families import family_for_index
+
     folder = Path(spec.base if spec.kind == "lora" else spec.source).expanduser()
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
+        family = family_for_index(json.loads((folder / "model_index.json").read_text()), str(folder))
+        denoiser = json.loads((folder / family.denoiser_subfolder / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
-        side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        side = int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, KeyError, TypeError, ValueError):  # not local, or an unusual layout: skip the check
         return None
     return side, side
@@ -254,11 +257,17 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "fp32"):
     """Load a text-to-image pipeline for ``spec`` onto ``device`` in ``dtype`` (LoRA: base + adapter)."""
     from diffusers import DiffusionPipeline
 
+    from diffusion_dpo.models.families import pipeline_load_kwargs
     from diffusion_dpo.models.loading import dtype_kwargs
+    from diffusion_dpo.training.saving import trained_family_options
 
     source = spec.base if spec.kind == "lora" else spec.source
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, **dtype_kwargs(DTYPES[dtype]))
+        # SD3 without T5 (saved so, or a LoRA trained so) samples without it, as trained
+        parts = pipeline_load_kwargs(
+            source, trained_family_options(spec.source) if spec.kind == "lora" else None
+        )
+        pipe = DiffusionPipeline.from_pretrained(source, **parts, **dtype_kwargs(DTYPES[dtype]))
         if spec.kind == "lora":
             pipe.load_lora_weights(spec.source)
     except Exception as err:  # hub and loading errors come in many types; name the model

@@ -1,4 +1,4 @@
-"""Load Stable Diffusion (SD1.x/2.x) and SDXL components and turn captions/images into UNet inputs.
+"""Load Stable Diffusion (SD1.x/2.x, SDXL, SD3) components and turn captions/images into denoiser inputs.
 
 Everything goes through ``from_pretrained``, so a hub id (e.g. ``runwayml/stable-diffusion-v1-5``,
 ``stabilityai/stable-diffusion-xl-base-1.0``) and a local diffusers folder take the same path.
@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion_dpo.models.families import ModelFamily, SDFamily, SDXLFamily, family_for_index
+
 logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
@@ -21,17 +23,19 @@ Tensor = torch.Tensor
 
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion pipeline the trainer needs (SDXL: two tokenizers/encoders)."""
+    """The parts of a Stable Diffusion pipeline the trainer needs, and the family that knows how to use
+    them (SDXL: two tokenizers/encoders; SD3: two CLIPs and T5, and a transformer as ``unet``)."""
 
-    unet: torch.nn.Module | None  # None when loaded with load_unet=False
+    unet: torch.nn.Module | None  # the denoiser (UNet or transformer); None when loaded with load_unet=False
     vae: torch.nn.Module
     noise_scheduler: object
     tokenizers: list = field(default_factory=list)
     text_encoders: list = field(default_factory=list)
+    family: ModelFamily | None = None  # None: told by the number of text encoders (1: SD, 2: SDXL)
 
-    @property
-    def is_sdxl(self) -> bool:
-        return len(self.text_encoders) == 2
+    def __post_init__(self):
+        if self.family is None:
+            self.family = SDXLFamily() if len(self.text_encoders) == 2 else SDFamily()
 
 
 def read_model_index(pretrained_model_name_or_path: str, revision: str | None = None) -> dict:
@@ -109,50 +113,39 @@ def load_components(
     frozen_dtype: torch.dtype = torch.float32,
     unet_dtype: torch.dtype = torch.float32,
     load_unet: bool = True,
+    family_options: dict | None = None,
 ) -> SDComponents:
-    """Load UNet, VAE, DDPM noise scheduler, tokenizer(s) and text encoder(s) on CPU.
+    """Load the denoiser (UNet or transformer), VAE, training noise scheduler, tokenizer(s) and text
+    encoder(s) on CPU, as the model's family (:mod:`diffusion_dpo.models.families`, recognised from
+    ``model_index.json``) says.
 
     Each part is loaded in the dtype it is used in (casting after loading makes diffusers warn):
-    the UNet in ``unet_dtype``, the frozen text encoders and VAE in ``frozen_dtype``, except SDXL's
-    own VAE, which overflows in fp16 and stays fp32. SDXL is recognised by a second text encoder in
-    ``model_index.json``. ``vae_model_name_or_path`` swaps in another VAE (e.g.
-    ``madebyollin/sdxl-vae-fp16-fix``, which is stable in fp16). ``load_unet=False`` leaves the UNet
-    out (``unet`` is None), for encoding data only.
+    the denoiser in ``unet_dtype``, the frozen text encoders and VAE in ``frozen_dtype``, except SDXL's
+    own VAE, which overflows in fp16 and stays fp32. ``vae_model_name_or_path`` swaps in another VAE
+    (e.g. ``madebyollin/sdxl-vae-fp16-fix``, which is stable in fp16). ``load_unet=False`` leaves the
+    denoiser out (``unet`` is None), for encoding data only. ``family_options``: ``drop_t5``,
+    ``max_sequence_length`` and the flow process's options (SD3).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL
 
     index = read_model_index(pretrained_model_name_or_path, revision)
-    sdxl = "text_encoder_2" in index and index["text_encoder_2"][0] is not None
-    vae_dtype = torch.float32 if (sdxl and not vae_model_name_or_path) else frozen_dtype
-    kw = dict(revision=revision)
-    encoder_kw = dict(variant=variant, **kw, **dtype_kwargs(frozen_dtype, "transformers"))
+    family = family_for_index(index, pretrained_model_name_or_path, **(family_options or {}))
+    vae_dtype = family.vae_dtype(frozen_dtype, own_vae=not vae_model_name_or_path)
     src = pretrained_model_name_or_path
     with quiet_loading():
-        # The DDPM scheduler defines the forward process q used in training, whatever sampler is saved.
-        noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **kw)
-        tokenizers = [AutoTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)]
-        text_encoders = [CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **encoder_kw)]
-        if sdxl:
-            tokenizers.append(AutoTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw))
-            text_encoders.append(
-                CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **encoder_kw)
-            )
+        noise_scheduler = family.load_noise_scheduler(src, revision=revision)
+        tokenizers, text_encoders = family.load_text_encoders(src, revision, variant, frozen_dtype)
         if vae_model_name_or_path:
             vae = AutoencoderKL.from_pretrained(vae_model_name_or_path, **dtype_kwargs(vae_dtype))
         else:
             vae = AutoencoderKL.from_pretrained(
-                src, subfolder="vae", variant=variant, **kw, **dtype_kwargs(vae_dtype)
+                src, subfolder="vae", variant=variant, revision=revision, **dtype_kwargs(vae_dtype)
             )
-        unet = None
-        if load_unet:
-            unet = UNet2DConditionModel.from_pretrained(
-                src, subfolder="unet", variant=variant, **kw, **dtype_kwargs(unet_dtype)
-            )
+        unet = family.load_denoiser(src, unet_dtype, revision, variant) if load_unet else None
     logger.info(
-        "loaded %s (%s): UNet in %s, text encoder%s in %s, VAE in %s",
-        src, "SDXL" if sdxl else "SD", _name(unet_dtype) if load_unet else "(not loaded)", "s" if sdxl else "",
-        _name(frozen_dtype), _name(vae_dtype),
+        "loaded %s (%s): %s in %s, text encoder%s in %s, VAE in %s",
+        src, family.label, family.denoiser_label, _name(unet_dtype) if load_unet else "(not loaded)",
+        "s" if len(text_encoders) > 1 else "", _name(frozen_dtype), _name(vae_dtype),
     )  # fmt: skip
     for module in [vae, *text_encoders]:
         module.requires_grad_(False)
@@ -163,6 +156,7 @@ def load_components(
         noise_scheduler=noise_scheduler,
         tokenizers=tokenizers,
         text_encoders=text_encoders,
+        family=family,
     )
 
 
@@ -174,31 +168,11 @@ def _name(dtype: torch.dtype) -> str:
 def encode_prompts(
     components: SDComponents, captions: list[str], device: torch.device | str
 ) -> tuple[Tensor, Tensor | None]:
-    """Captions → ``(encoder_hidden_states [B, L, D], pooled [B, D] or None)``.
-
-    SD1.x/2.x: the last hidden state of the one CLIP text encoder. SDXL (MATH.md §4): the penultimate
-    hidden states of both encoders concatenated on the feature axis, and the pooled (projected)
-    output of the second encoder.
-    """
-
-    def token_ids(tokenizer):
-        return tokenizer(
-            captions,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-
-    if not components.is_sdxl:
-        return components.text_encoders[0](token_ids(components.tokenizers[0]))[0], None
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
-        ids = token_ids(tokenizer)
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the second encoder)
-    return torch.cat(hidden, dim=-1), pooled
+    """Captions → ``(encoder_hidden_states [B, L, D], pooled [B, D] or None)``, as the family encodes
+    them. SD1.x/2.x: the last hidden state of the one CLIP text encoder. SDXL (MATH.md §4): the
+    penultimate hidden states of both encoders concatenated on the feature axis, and the pooled
+    (projected) output of the second encoder. SD3: :mod:`diffusion_dpo.models.families.sd3`."""
+    return components.family.encode_prompts(components, captions, device)
 
 
 def sdxl_time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, resolution: int) -> Tensor:
@@ -226,13 +200,29 @@ def encode_images(
     """
     dtype = next(vae.parameters()).dtype
     dist = vae.encode(pixel_values.to(dtype)).latent_dist
+    shift = getattr(vae.config, "shift_factor", None)
     if posterior_noise is None:
-        return dist.sample() * vae.config.scaling_factor
-    return posterior_latents(dist.mean, dist.std, posterior_noise, vae.config.scaling_factor)
+        return scaled_latents(dist.sample(), vae.config.scaling_factor, shift)
+    return posterior_latents(dist.mean, dist.std, posterior_noise, vae.config.scaling_factor, shift)
 
 
-def posterior_latents(mean: Tensor, std: Tensor, posterior_noise: Tensor, scaling_factor: float) -> Tensor:
-    """Scaled latents ``(mean + std · noise) · scaling_factor`` ``[N, C, h, w]`` of VAE posteriors
-    ``N(mean, std²)``, computed in ``mean``'s dtype: :func:`encode_images` and a batch read from a latent
-    cache (:mod:`diffusion_dpo.data.latent_cache`, which stores ``mean`` and ``std``) take this one path."""
-    return (mean + std * posterior_noise.to(mean.device, mean.dtype)) * scaling_factor
+def scaled_latents(z: Tensor, scaling_factor: float, shift_factor: float | None = None) -> Tensor:
+    """The denoiser's latents of VAE latents ``z``: ``z · scaling_factor``, or ``(z − shift_factor) ·
+    scaling_factor`` for VAEs with a shift (SD3's)."""
+    return z * scaling_factor if shift_factor is None else (z - shift_factor) * scaling_factor
+
+
+def posterior_latents(
+    mean: Tensor,
+    std: Tensor,
+    posterior_noise: Tensor,
+    scaling_factor: float,
+    shift_factor: float | None = None,
+) -> Tensor:
+    """Scaled latents of a sample ``mean + std · noise`` ``[N, C, h, w]`` of VAE posteriors
+    ``N(mean, std²)`` (:func:`scaled_latents`), computed in ``mean``'s dtype: :func:`encode_images` and a
+    batch read from a latent cache (:mod:`diffusion_dpo.data.latent_cache`, which stores ``mean`` and
+    ``std``) take this one path."""
+    return scaled_latents(
+        mean + std * posterior_noise.to(mean.device, mean.dtype), scaling_factor, shift_factor
+    )

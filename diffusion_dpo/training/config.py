@@ -34,6 +34,15 @@ class TrainConfig:
     vae_model_name_or_path: str | None = _f(
         None, "Another VAE, e.g. madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE is unstable in fp16)."
     )
+    drop_t5: bool = _f(
+        False,
+        "SD3/SD3.5: train (and sample) without the T5 text encoder, whose states become zeros as in the "
+        "pipeline without it; saves its memory (4.7B parameters in SD3.5).",
+    )
+    max_sequence_length: int = _f(
+        77,
+        "SD3/SD3.5: T5 tokens per caption (diffusers' SD3 training scripts: 77; the pipeline samples with 256).",
+    )
     # --- data ---
     dataset_name: str = _f(
         None,
@@ -110,6 +119,23 @@ class TrainConfig:
     )
     snr_value: float = _f(
         0.5, "MaPO: γ of the score s(L) = γL/(exp(γL) − 1) of a denoising error L (the authors' --snr_value)."
+    )
+    weighting_scheme: str = _f(
+        "logit_normal",
+        "Flow models (SD3): how training draws σ, as in diffusers' SD3 scripts: logit_normal or mode; cosmap, "
+        "sigma_sqrt and none draw uniformly (cosmap and sigma_sqrt also name the loss weight that "
+        "--flow_error_weighting scheme applies).",
+        choices=("logit_normal", "mode", "cosmap", "sigma_sqrt", "none"),
+    )
+    logit_mean: float = _f(0.0, "Flow models: mean of the logit_normal σ draw.")
+    logit_std: float = _f(1.0, "Flow models: standard deviation of the logit_normal σ draw.")
+    mode_scale: float = _f(1.29, "Flow models: scale of the mode σ draw.")
+    flow_error_weighting: str = _f(
+        "none",
+        "Flow models: weight of each image's velocity error: none (a constant β, as public flow-DPO code "
+        "uses), epsilon ((1−σ)², the error in ε-space as for SD1.5), or scheme (diffusers' SD3 loss weight "
+        "of --weighting_scheme). docs/sd3.md says why none is the default.",
+        choices=("none", "epsilon", "scheme"),
     )
     # --- optimisation ---
     output_dir: str = _f("outputs/run", "Where checkpoints, metrics.jsonl and the final model are written.")
@@ -263,10 +289,23 @@ class TrainConfig:
             raise ValueError(
                 f"--use_8bit_adam brings its own kernels; drop --adam_implementation {self.adam_implementation}"
             )
-        for name in ("mixed_precision", "objective", "loss_type", "on_bad_example", "adam_implementation"):
+        if self.max_sequence_length < 1:
+            raise ValueError(f"--max_sequence_length must be >= 1, got {self.max_sequence_length}")
+        for name in (
+            "mixed_precision", "objective", "loss_type", "on_bad_example", "adam_implementation",
+            "weighting_scheme", "flow_error_weighting",
+        ):  # fmt: skip
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
+    def family_options(self) -> dict:
+        """What the model family is built with (:func:`diffusion_dpo.models.families.family_for_index`)."""
+        return dict(
+            drop_t5=self.drop_t5, max_sequence_length=self.max_sequence_length,
+            weighting_scheme=self.weighting_scheme, logit_mean=self.logit_mean, logit_std=self.logit_std,
+            mode_scale=self.mode_scale, error_weighting=self.flow_error_weighting,
+        )  # fmt: skip
 
     def to_dict(self) -> dict:
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}

@@ -110,6 +110,8 @@ def is_caption_image_dataset(dataset_name: str, split: str = "train", cache_dir:
 
 
 def _load_cached_rows(cfg: TrainConfig, is_sdxl: bool):
+    # caches hold SD1.x/2.x and SDXL data only (SDComponents.family.supports_latent_cache), so SDXL
+    # is exactly the family with micro-conditioning here
     """(rows, transform, collate, load-time stats) of a latent cache (``--latents_cache``): the rows of the
     source it was made from, in the same positions, so that everything after is as for images."""
     from diffusion_dpo.data import latent_cache
@@ -222,12 +224,19 @@ class TrainData:
 
 
 def build_train_data(
-    cfg: TrainConfig, is_sdxl: bool, num_processes: int = 1, process_index: int = 0
+    cfg: TrainConfig,
+    micro_conditioning: bool = False,
+    num_processes: int = 1,
+    process_index: int = 0,
+    *,
+    is_sdxl: bool | None = None,
 ) -> TrainData:
     """This process's training rows: shuffled pairs (or unpaired images for ``objective: kto``; for
     ``sft`` also plain ``caption, image`` datasets, e.g. to pretrain a base model), map-style or streamed;
     from the images, or from a latent cache (``--latents_cache``) whose batches carry latents and text
-    embeddings instead of pixels."""
+    embeddings instead of pixels. ``micro_conditioning`` (the family's; ``is_sdxl`` is its older name):
+    rows also carry each image's original size and crop (SDXL)."""
+    is_sdxl = micro_conditioning if is_sdxl is None else is_sdxl
     from diffusion_dpo.data.order import ShardedBatchSampler
     from diffusion_dpo.data.stream import ShuffledStream, StreamCollate
     from diffusion_dpo.data.transforms import make_torch_dataset
@@ -283,7 +292,8 @@ def build_train_data(
 
 def build_validation_dataloader(cfg: TrainConfig, is_sdxl: bool) -> torch.utils.data.DataLoader:
     """Held-out pairs in a fixed order, center-cropped, no flips, no caption dropout; a bad held-out
-    row is an error (held-out numbers must mean the same from run to run)."""
+    row is an error (held-out numbers must mean the same from run to run). ``is_sdxl``: the family's
+    micro-conditioning (rows carry sizes and crops)."""
     return make_loader(
         cfg.validation_dataset_name, split=cfg.validation_split, resolution=cfg.resolution,
         batch_size=cfg.train_batch_size, sdxl=is_sdxl, seed=cfg.seed, cache_dir=cfg.cache_dir,

@@ -191,7 +191,7 @@ def train(cfg: TrainConfig) -> dict:
     with dist.frozen_parts_loading(accelerator):
         models = setup_models(cfg, accelerator.device)
     data = build_train_data(
-        cfg, models.components.is_sdxl, accelerator.num_processes, accelerator.process_index
+        cfg, models.components.family.micro_conditioning, accelerator.num_processes, accelerator.process_index
     )
     lr = cfg.learning_rate
     if cfg.scale_lr:
@@ -225,7 +225,7 @@ def train(cfg: TrainConfig) -> dict:
     heldout = None
     if cfg.validation_dataset_name:
         heldout = encode_heldout_pairs(
-            models, build_validation_dataloader(cfg, models.components.is_sdxl), cfg.num_validation_pairs,
+            models, build_validation_dataloader(cfg, models.components.family.micro_conditioning), cfg.num_validation_pairs,
             cfg.resolution,
         )  # fmt: skip
 
@@ -270,7 +270,8 @@ def train(cfg: TrainConfig) -> dict:
     total_batch = cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     logger.info(
         "training %s (%s%s) for %d steps on %d process(es); total batch %d, lr %.3g",
-        cfg.effective_objective, "LoRA" if cfg.use_lora else "full", ", SDXL" if models.components.is_sdxl else "",
+        cfg.effective_objective, "LoRA" if cfg.use_lora else "full",
+        "" if models.components.family.label == "SD" else f", {models.components.family.label}",
         cfg.max_train_steps, accelerator.num_processes, total_batch, lr,
     )  # fmt: skip
     progress = tqdm(

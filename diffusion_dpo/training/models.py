@@ -6,25 +6,33 @@ from dataclasses import dataclass
 
 import torch
 
+from diffusion_dpo.models.families import SDFamily
 from diffusion_dpo.models.loading import (
     SDComponents,
-    dtype_kwargs,
     encode_prompts,
     load_components,
-    sdxl_time_ids,
 )
 from diffusion_dpo.training.config import TrainConfig
 
 Tensor = torch.Tensor
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+#: SD1.x/2.x and SDXL's UNet targets; each family names its own (``family.lora_target_modules``)
+LORA_TARGET_MODULES = list(SDFamily.lora_target_modules)
 
 
 @dataclass
 class Models:
-    components: SDComponents  # frozen VAE, text encoders, tokenizers, noise scheduler, and the unet
-    unet: torch.nn.Module  # the trained UNet (LoRA-wrapped or full)
+    """What a step needs. ``unet`` is the family's denoiser: a UNet, or SD3's transformer."""
+
+    components: SDComponents  # frozen VAE, text encoders, tokenizers, noise scheduler, family, and the unet
+    unet: torch.nn.Module  # the trained denoiser (LoRA-wrapped or full)
     ref_unet: torch.nn.Module | None  # frozen reference; None for LoRA (adapters disabled instead)
     weight_dtype: torch.dtype
+    #: the forward process (:mod:`diffusion_dpo.diffusion.processes`); None: the family's default
+    process: object | None = None
+
+    def __post_init__(self):
+        if self.process is None:
+            self.process = self.components.family.process(self.components.noise_scheduler)
 
 
 def weight_dtype_for(mixed_precision: str) -> torch.dtype:
@@ -59,7 +67,14 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
     components = load_components(
         cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path,
         frozen_dtype=weight_dtype, unet_dtype=weight_dtype if cfg.use_lora else torch.float32,
+        family_options=cfg.family_options(),
     )  # fmt: skip
+    family = components.family
+    if cfg.latents_cache and not family.supports_latent_cache:
+        raise ValueError(
+            f"--latents_cache: caches of {family.label} models are not supported yet (SD1.x/2.x and SDXL "
+            "are); train from --dataset_name"
+        )
     unet = components.unet
     components.vae.to(device)
     for encoder in components.text_encoders:
@@ -76,7 +91,7 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
                 r=cfg.rank,
                 lora_alpha=cfg.lora_alpha or cfg.rank,
                 init_lora_weights="gaussian",
-                target_modules=LORA_TARGET_MODULES,
+                target_modules=list(family.lora_target_modules),
             )
         )
         for p in unet.parameters():  # trainable adapters in fp32, as the diffusers LoRA scripts do
@@ -86,14 +101,8 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
         unet.to(device)
         unet.requires_grad_(True)
         if cfg.effective_objective not in ("sft", "mapo"):  # objectives trained without a reference
-            from diffusers import UNet2DConditionModel
-
-            ref_unet = UNet2DConditionModel.from_pretrained(
-                cfg.pretrained_model_name_or_path,
-                subfolder="unet",
-                revision=cfg.revision,
-                variant=cfg.variant,
-                **dtype_kwargs(weight_dtype),
+            ref_unet = family.load_denoiser(
+                cfg.pretrained_model_name_or_path, weight_dtype, cfg.revision, cfg.variant
             )
             ref_unet.requires_grad_(False)
             ref_unet.train(reference_runs_in_train_mode(ref_unet))
@@ -134,11 +143,6 @@ def check_xformers(device: torch.device | str) -> None:
 
 
 def conditioning(models: Models, captions: list[str], device) -> tuple[Tensor, Tensor | None]:
-    """Captions → (encoder hidden states in the weight dtype, SDXL pooled embeddings or None)."""
+    """Captions → (encoder hidden states in the weight dtype, pooled embeddings (SDXL, SD3) or None)."""
     hidden, pooled = encode_prompts(models.components, captions, device)
     return hidden.to(models.weight_dtype), pooled
-
-
-def sdxl_cond(pooled: Tensor, sizes: Tensor, crops: Tensor, resolution: int, dtype) -> dict[str, Tensor]:
-    """SDXL's ``added_cond_kwargs`` from pooled text embeddings and per-image sizes/crops ``[N, 2]``."""
-    return {"text_embeds": pooled.to(dtype), "time_ids": sdxl_time_ids(sizes, crops, resolution).to(dtype)}

@@ -18,9 +18,8 @@ CONFIG_FILE = "training_config.yaml"
 
 
 def pipeline_class(components: SDComponents):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if components.is_sdxl else StableDiffusionPipeline
+    """The diffusers pipeline class of the components' family (SD, SDXL, SD3)."""
+    return components.family.pipeline_class()
 
 
 def pipeline_parts(comps: SDComponents, unet: torch.nn.Module, dtype: torch.dtype | None = None) -> dict:
@@ -32,11 +31,17 @@ def pipeline_parts(comps: SDComponents, unet: torch.nn.Module, dtype: torch.dtyp
         # diffusers' .to(dtype) warns about modules to keep in fp32, even when the cast is to fp32
         return module.float() if dtype == torch.float32 else module.to(dtype)
 
-    parts = {"unet": unet, "vae": cast(comps.vae)}
-    for i, (tokenizer, encoder) in enumerate(zip(comps.tokenizers, comps.text_encoders, strict=True)):
-        suffix = "" if i == 0 else "_2"
-        parts[f"tokenizer{suffix}"], parts[f"text_encoder{suffix}"] = tokenizer, cast(encoder)
-    return parts
+    return comps.family.pipeline_parts(comps, unet, cast)
+
+
+def trained_family_options(output_dir: str | Path) -> dict:
+    """The family options a trainer output was trained with (SD3: ``drop_t5``, ``max_sequence_length``),
+    from its ``training_config.yaml``; {} for any other pipeline folder or hub id."""
+    path = Path(output_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    saved = yaml.safe_load(path.read_text()) or {}
+    return {key: saved[key] for key in ("drop_t5", "max_sequence_length") if key in saved}
 
 
 def save_final_model(
@@ -52,22 +57,21 @@ def save_final_model(
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pipeline_cls = pipeline_class(models.components)
+    family = models.components.family
+    pipeline_cls = family.pipeline_class()
     if state_dict is not None and not cfg.use_lora:
-        from diffusers import UNet2DConditionModel
-
-        whole = UNet2DConditionModel.from_config(unet.config)
+        whole = family.denoiser_class().from_config(unet.config)
         whole.load_state_dict(state_dict, strict=True)
         unet = whole
     if cfg.use_lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state_dict))
+        lora_state = get_peft_model_state_dict(unet, state_dict=state_dict)
         pipeline_cls.save_lora_weights(
-            out, unet_lora_layers=lora_state, safe_serialization=True,
-            # without it diffusers reloads the adapter at alpha = rank, i.e. scale 1, whatever was trained
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            out, safe_serialization=True,
+            # the metadata: without it diffusers reloads the adapter at alpha = rank, i.e. scale 1,
+            # whatever was trained
+            **family.lora_save_kwargs(lora_state, unet.peft_config["default"].to_dict()),
         )  # fmt: skip
     else:
         # the saved pipeline is fp32, whatever precision the frozen parts were run in
@@ -90,6 +94,8 @@ def load_trained_pipeline(
     fp16)."""
     from diffusers import AutoencoderKL, DiffusionPipeline
 
+    from diffusion_dpo.models.families import pipeline_load_kwargs
+
     out = Path(output_dir)
     lora = not (out / "model_index.json").is_file()
     if lora and not (out / "pytorch_lora_weights.safetensors").is_file():
@@ -100,6 +106,8 @@ def load_trained_pipeline(
     parts = {}
     if vae_dtype is not None and vae_dtype != torch_dtype:  # loaded in its dtype, not cast after
         parts["vae"] = AutoencoderKL.from_pretrained(source, subfolder="vae", **dtype_kwargs(vae_dtype))
+    # SD3 trained without T5: loaded without it, as trained
+    parts.update(pipeline_load_kwargs(source, trained_family_options(out)))
     pipe = DiffusionPipeline.from_pretrained(source, **parts, **dtype_kwargs(torch_dtype))
     if lora:
         pipe.load_lora_weights(out)
@@ -117,6 +125,8 @@ def decode_latents(pipe, latents: torch.Tensor) -> list:
         mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
         std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
         latents = latents * std / config.scaling_factor + mean
+    elif getattr(config, "shift_factor", None) is not None:  # SD3's VAE
+        latents = latents / config.scaling_factor + config.shift_factor
     else:
         latents = latents / config.scaling_factor
     images = vae.decode(latents).sample
@@ -132,21 +142,26 @@ def sample_images(
     steps: int,
     seed: int,
     autocast_dtype: torch.dtype | None = None,
+    pipeline_kwargs: dict | None = None,
 ) -> list[Path]:
     """One image per prompt from ``torch.Generator("cpu").manual_seed(seed + i)`` (the same noise on any
     device), written as PNGs to ``out_dir``. ``autocast_dtype``: run the denoiser under autocast in the
     run's precision (bf16 or fp16, never autocast's fp16 default in a bf16 run); the VAE always
-    decodes outside autocast, in its own dtype."""
+    decodes outside autocast, in its own dtype. ``pipeline_kwargs``: extra keywords of the pipeline
+    call (default: the family's, e.g. SD3's T5 length)."""
+    from diffusion_dpo.models.families import family_for_pipeline
+
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    device_type = pipe.unet.device.type
+    device_type = pipe.device.type
+    extra = family_for_pipeline(pipe).sampling_kwargs() if pipeline_kwargs is None else pipeline_kwargs
     paths = []
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(seed + i)
         with torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             latents = pipe(
                 prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=gen,
-                output_type="latent",
+                output_type="latent", **extra,
             ).images  # fmt: skip
         path = out_dir / f"{i:02d}.png"
         decode_latents(pipe, latents)[0].save(path)
@@ -172,6 +187,7 @@ def validation_images(
             pipe, cfg.validation_prompts, Path(cfg.output_dir) / "validation" / f"step-{step}",
             cfg.resolution, cfg.num_inference_steps, cfg.seed,
             autocast_dtype=models.weight_dtype if models.weight_dtype != torch.float32 else None,
+            pipeline_kwargs=comps.family.sampling_kwargs(),
         )  # fmt: skip
     finally:
         unet.train(was_training)
@@ -182,12 +198,17 @@ def validation_images(
 def final_samples(cfg: TrainConfig, models: Models, device) -> list[Path]:
     """Sample the validation prompts with the saved result, loaded back as users load it, on the
     training device and in the run's precision, into ``output_dir/samples``."""
-    sdxl_own_vae = models.components.is_sdxl and not cfg.vae_model_name_or_path  # overflows in fp16
+    # SDXL's own VAE overflows in fp16: the family keeps it in fp32 whatever the run's precision
+    vae_dtype = models.components.family.vae_dtype(
+        models.weight_dtype, own_vae=not cfg.vae_model_name_or_path
+    )
     with quiet_loading():
         pipe = load_trained_pipeline(
-            cfg.output_dir, models.weight_dtype, vae_dtype=torch.float32 if sdxl_own_vae else None
+            cfg.output_dir,
+            models.weight_dtype,
+            vae_dtype=vae_dtype if vae_dtype != models.weight_dtype else None,
         ).to(device)
     return sample_images(
         pipe, cfg.validation_prompts, Path(cfg.output_dir) / "samples", cfg.resolution,
-        cfg.num_inference_steps, cfg.seed,
+        cfg.num_inference_steps, cfg.seed, pipeline_kwargs=models.components.family.sampling_kwargs(),
     )  # fmt: skip

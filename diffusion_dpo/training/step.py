@@ -34,7 +34,7 @@ from diffusion_dpo.losses import (
 )
 from diffusion_dpo.models.loading import encode_images, latent_shape, posterior_latents
 from diffusion_dpo.training.config import TrainConfig
-from diffusion_dpo.training.models import Models, conditioning, sdxl_cond
+from diffusion_dpo.training.models import Models, conditioning
 
 Tensor = torch.Tensor
 
@@ -64,7 +64,10 @@ def _unet_inputs(
     if "prompt_embeds" in batch:  # cached
         mean = torch.cat([batch[f"latents_mean{s}"] for s in suffixes]).to(device)
         std = torch.cat([batch[f"latents_std{s}"] for s in suffixes]).to(device)
-        latents = posterior_latents(mean, std, posterior_noise, models.components.vae.config.scaling_factor)
+        vae_config = models.components.vae.config
+        latents = posterior_latents(
+            mean, std, posterior_noise, vae_config.scaling_factor, getattr(vae_config, "shift_factor", None)
+        )
         hidden = batch["prompt_embeds"].to(device, models.weight_dtype)
         pooled = batch["pooled_prompt_embeds"].to(device) if "pooled_prompt_embeds" in batch else None
     else:
@@ -95,10 +98,10 @@ def compute_batch_loss(
     ``all_reduce_sum``: sums a tensor over processes (KTO's reference point is the mean over the
     whole global batch, docs/objectives.md#kto); None in a single process.
     """
-    comps = models.components
+    comps, process = models.components, models.process
     device = next(models.unet.parameters()).device
     objective = cfg.effective_objective
-    T = comps.noise_scheduler.config.num_train_timesteps
+    T = process.num_train_timesteps
     n = len(batch["captions"])
     valid = batch["valid"].to(device) if "valid" in batch else torch.ones(n, dtype=torch.bool, device=device)
 
@@ -109,27 +112,22 @@ def compute_batch_loss(
         suffixes = ["" if "pixel_values" in batch else "_w"]
     draws = draw_for_rows(
         cfg.seed, batch.get("epoch", 0), batch["indices"], _latent_shape(comps.vae, batch, suffixes[0]), T,
-        images_per_row=len(suffixes),
+        images_per_row=len(suffixes), sample_timestep=process.sample_timestep,
     ).to(device, models.weight_dtype)  # fmt: skip
     latents, hidden, pooled = _unet_inputs(models, batch, suffixes, draws.posterior.flatten(0, 1), device)
-    cond = None
-    if comps.is_sdxl:
-        sizes = torch.cat([batch[f"original_sizes{s}"] for s in suffixes]).to(device)  # [K·B, 2]
-        crops = torch.cat([batch[f"crop_top_lefts{s}"] for s in suffixes]).to(device)
-        cond = sdxl_cond(
-            torch.cat([pooled] * len(suffixes)), sizes, crops, cfg.resolution, models.weight_dtype
-        )
+    # SDXL's pooled text and size/crop ids, SD3's pooled projections: [K·B, ...], winners first
+    cond = comps.family.added_conditioning(
+        pooled, batch, suffixes, cfg.resolution, models.weight_dtype, device
+    )
 
     if objective == "sft":
-        losses = sft_losses(
-            models.unet, comps.noise_scheduler, latents, hidden, draws.noise, draws.timesteps, cond
-        )
+        losses = sft_losses(models.unet, process, latents, hidden, draws.noise, draws.timesteps, cond)
         mean = masked_mean(losses.detach(), valid)
         return _summed_over_valid(losses, valid), {"loss": mean, "mse/model_chosen": mean}
 
     if objective == "kto":
         model_err, ref_err = denoising_errors(
-            models.unet, models.ref_unet, comps.noise_scheduler, latents, hidden, draws.noise,
+            models.unet, models.ref_unet, process, latents, hidden, draws.noise,
             draws.timesteps, cond,
         )  # fmt: skip
         logratios = logratios_from_errors(model_err, ref_err)  # [B]
@@ -159,7 +157,7 @@ def compute_batch_loss(
     if objective == "mapo":
         # docs/objectives.md#mapo: no reference forward at all (a LoRA run does not run its adapters-disabled base)
         model_err = pair_model_errors(
-            models.unet, comps.noise_scheduler, latents_w, latents_l, hidden, draws.noise, draws.timesteps,
+            models.unet, process, latents_w, latents_l, hidden, draws.noise, draws.timesteps,
             cond,
         )  # fmt: skip
         losses, chosen_scores, rejected_scores = mapo_loss(
@@ -179,7 +177,7 @@ def compute_batch_loss(
         return _summed_over_valid(losses, valid), metrics
 
     model_err, ref_err = pair_denoising_errors(
-        models.unet, models.ref_unet, comps.noise_scheduler, latents_w, latents_l, hidden, draws.noise,
+        models.unet, models.ref_unet, process, latents_w, latents_l, hidden, draws.noise,
         draws.timesteps, cond,
     )  # fmt: skip
     logratios = logratios_from_errors(model_err, ref_err)  # [2B], winners first

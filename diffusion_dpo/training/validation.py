@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from diffusion_dpo.diffusion import implicit_reward_scores
-from diffusion_dpo.models.loading import SDComponents
-from diffusion_dpo.training.models import Models, conditioning, sdxl_cond
+from diffusion_dpo.models.loading import SDComponents, scaled_latents
+from diffusion_dpo.training.models import Models, conditioning
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
 class HeldOutPairs:
     """Held-out pairs encoded once: latents and conditioning for the implicit-reward accuracy."""
 
-    latents_w: Tensor  # [N, 4, h, w]
+    latents_w: Tensor  # [N, C, h, w]
     latents_l: Tensor
     hidden: Tensor  # [N, L, D]
     cond: dict[str, Tensor] | None
@@ -37,31 +37,35 @@ class HeldOutPairs:
 def encode_heldout_pairs(models: Models, loader, max_pairs: int, resolution: int) -> HeldOutPairs:
     """Encode up to ``max_pairs`` pairs once (VAE posterior mean, so every evaluation sees the same latents)."""
     comps = models.components
+    family = comps.family
     device = next(models.unet.parameters()).device
-    parts: dict[str, list] = {"w": [], "l": [], "h": [], "p": [], "sizes": [], "crops": []}
+    shift = getattr(comps.vae.config, "shift_factor", None)
+    parts: dict[str, list] = {"w": [], "l": [], "h": [], "cond_w": [], "cond_l": []}
     n = 0
     for batch in loader:
         dtype = next(comps.vae.parameters()).dtype
         for key, px in (("w", batch["pixel_values_w"]), ("l", batch["pixel_values_l"])):
             dist = comps.vae.encode(px.to(device, dtype)).latent_dist
-            parts[key].append((dist.mean * comps.vae.config.scaling_factor).to(models.weight_dtype))
+            latents = scaled_latents(dist.mean, comps.vae.config.scaling_factor, shift)
+            parts[key].append(latents.to(models.weight_dtype))
         hidden, pooled = conditioning(models, batch["captions"], device)
         parts["h"].append(hidden)
-        if comps.is_sdxl:
-            parts["p"].append(pooled)
-            parts["sizes"].append(torch.cat([batch["original_sizes_w"], batch["original_sizes_l"]], dim=1))
-            parts["crops"].append(torch.cat([batch["crop_top_lefts_w"], batch["crop_top_lefts_l"]], dim=1))
+        for suffix in ("_w", "_l"):  # the family's extra inputs (SDXL, SD3), per image
+            cond = family.added_conditioning(pooled, batch, [suffix], resolution, models.weight_dtype, device)
+            if cond is not None:
+                parts[f"cond{suffix}"].append(cond)
         n += len(batch["captions"])
         if n >= max_pairs:
             break
     if n == 0:
         raise ValueError("the validation dataset yielded no pairs")
-    cat = {k: torch.cat(v)[:max_pairs] if v else None for k, v in parts.items()}
+    cat = {k: torch.cat(v)[:max_pairs] for k, v in parts.items() if k in ("w", "l", "h")}
     cond = None
-    if comps.is_sdxl:
-        sizes = torch.cat([cat["sizes"][:, :2], cat["sizes"][:, 2:]]).to(device)  # [2N, 2], winners first
-        crops = torch.cat([cat["crops"][:, :2], cat["crops"][:, 2:]]).to(device)
-        cond = sdxl_cond(torch.cat([cat["p"], cat["p"]]), sizes, crops, resolution, models.weight_dtype)
+    if parts["cond_w"]:  # [2N, ...]: winners then losers
+        cond = {
+            key: torch.cat([torch.cat([c[key] for c in parts[f"cond{s}"]])[:max_pairs] for s in ("_w", "_l")])
+            for key in parts["cond_w"][0]
+        }
     return HeldOutPairs(cat["w"], cat["l"], cat["h"], cond)
 
 
@@ -99,7 +103,7 @@ def heldout_accuracy(
             cond = {k: v[rows.to(v.device)] for k, v in pairs.cond.items()}
         with torch.autocast(device.type, enabled=False):
             scores = implicit_reward_scores(
-                models.unet, models.ref_unet, models.components.noise_scheduler,
+                models.unet, models.ref_unet, models.process,
                 pairs.latents_w[idx], pairs.latents_l[idx], pairs.hidden[idx],
                 timesteps=tuple(timesteps), seed=seed, added_cond_kwargs=cond, pair_indices=idx,
             )  # fmt: skip
@@ -112,19 +116,22 @@ def heldout_accuracy(
     return (total[0] / total[1]).item()
 
 
-def _components_from_pipeline(pipe) -> SDComponents:
-    from diffusers import DDPMScheduler
-
-    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
-    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
-    for module in (pipe.vae, *encoders, pipe.unet):
+def _components_from_pipeline(pipe, family) -> SDComponents:
+    names = ["", "_2", "_3"]
+    tokenizers = [getattr(pipe, f"tokenizer{s}") for s in names if getattr(pipe, f"tokenizer{s}", None)]
+    encoders = [getattr(pipe, f"text_encoder{s}") for s in names if getattr(pipe, f"text_encoder{s}", None)]
+    denoiser = getattr(pipe, family.denoiser_subfolder)
+    for module in (pipe.vae, *encoders, denoiser):
         module.requires_grad_(False).eval()
+    if getattr(family, "joint_attention_dim", 0) is None:  # SD3 without T5 pads its states with zeros
+        family.joint_attention_dim = denoiser.config.joint_attention_dim
     return SDComponents(
-        unet=pipe.unet,
+        unet=denoiser,
         vae=pipe.vae,
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        noise_scheduler=family.noise_scheduler_from_config(pipe.scheduler.config),
         tokenizers=tokenizers,
         text_encoders=encoders,
+        family=family,
     )
 
 
@@ -153,19 +160,23 @@ def heldout_implicit_accuracy(
         resolution: image size; default: the UNet's ``sample_size`` × the VAE's scale factor.
         max_pairs, timesteps, seed: which pairs, at which fixed timesteps, with which seeded noise.
     """
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from diffusers import DiffusionPipeline
 
+    from diffusion_dpo.models.families import family_for_pipeline
     from diffusion_dpo.training.data_setup import make_loader
-    from diffusion_dpo.training.saving import load_trained_pipeline
+    from diffusion_dpo.training.saving import load_trained_pipeline, trained_family_options
 
     pipe = load_trained_pipeline(model)
-    components = _components_from_pipeline(pipe)
+    family = family_for_pipeline(pipe, **trained_family_options(model))
+    components = _components_from_pipeline(pipe, family)
     ref_unet = None
     if reference is not None:
         ref_index = DiffusionPipeline.load_config(str(reference))
-        if "unet" not in ref_index:
-            raise ValueError(f"reference {reference} is not a pipeline with a UNet")
-        ref_unet = UNet2DConditionModel.from_pretrained(reference, subfolder="unet").to(device).eval()
+        if family.denoiser_subfolder not in ref_index:
+            raise ValueError(
+                f"reference {reference} is not a pipeline with a {family.denoiser_subfolder} like {model}'s"
+            )
+        ref_unet = family.load_denoiser(reference, torch.float32).to(device).eval()
     elif not getattr(components.unet, "_hf_peft_config_loaded", False):
         raise ValueError(f"{model} is not a LoRA output, so a reference model must be given (reference=...)")
     for module in (components.unet, components.vae, *components.text_encoders):
@@ -178,7 +189,12 @@ def heldout_implicit_accuracy(
             2 ** (len(components.vae.config.block_out_channels) - 1)
         )
     loader = make_loader(
-        pairs, split=split, resolution=resolution, batch_size=batch_size, sdxl=components.is_sdxl, seed=seed
+        pairs,
+        split=split,
+        resolution=resolution,
+        batch_size=batch_size,
+        sdxl=family.micro_conditioning,
+        seed=seed,
     )
     encoded = encode_heldout_pairs(models, loader, max_pairs, resolution)
     return heldout_accuracy(models, encoded, timesteps, seed, batch_size)

@@ -1,0 +1,67 @@
+"""SDXL: two CLIP text encoders (penultimate states concatenated, the second one's pooled projection),
+a UNet with size/crop micro-conditioning (MATH.md §4), DDPM."""
+
+from __future__ import annotations
+
+import torch
+
+from diffusion_dpo.models.families.base import ModelFamily, _has, clip_token_ids
+
+Tensor = torch.Tensor
+
+
+class SDXLFamily(ModelFamily):
+    name = "sdxl"
+    label = "SDXL"
+    pipeline_class_name = "StableDiffusionXLPipeline"
+    micro_conditioning = True
+
+    @classmethod
+    def matches(cls, index: dict) -> bool:
+        return index.get("_class_name") == cls.pipeline_class_name or (
+            _has(index, "unet") and _has(index, "text_encoder_2")
+        )
+
+    def load_text_encoders(self, source, revision=None, variant=None, dtype=torch.float32):
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        from diffusion_dpo.models.loading import dtype_kwargs
+
+        tokenizers, encoders = super().load_text_encoders(source, revision, variant, dtype)
+        tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision))
+        encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(
+                source,
+                subfolder="text_encoder_2",
+                revision=revision,
+                variant=variant,
+                **dtype_kwargs(dtype, "transformers"),
+            )  # fmt: skip
+        )
+        return tokenizers, encoders
+
+    def vae_dtype(self, frozen_dtype, own_vae):
+        # SDXL's own VAE overflows in fp16 (madebyollin/sdxl-vae-fp16-fix does not)
+        return torch.float32 if own_vae else frozen_dtype
+
+    def encode_prompts(self, components, captions, device):
+        """The penultimate hidden states of both encoders concatenated on the feature axis, and the
+        pooled (projected) output of the second encoder."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(components.tokenizers, components.text_encoders, strict=True):
+            out = encoder(clip_token_ids(tokenizer, captions, device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the second encoder)
+        return torch.cat(hidden, dim=-1), pooled
+
+    def added_conditioning(self, pooled, batch, suffixes, resolution, dtype, device):
+        """``{"text_embeds", "time_ids"}`` for the images of ``suffixes`` stacked (winners first)."""
+        from diffusion_dpo.models.loading import sdxl_time_ids
+
+        sizes = torch.cat([batch[f"original_sizes{s}"] for s in suffixes]).to(device)  # [K·B, 2]
+        crops = torch.cat([batch[f"crop_top_lefts{s}"] for s in suffixes]).to(device)
+        pooled = torch.cat([pooled] * len(suffixes))
+        return {
+            "text_embeds": pooled.to(dtype),
+            "time_ids": sdxl_time_ids(sizes, crops, resolution).to(dtype),
+        }
