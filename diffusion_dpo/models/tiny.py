@@ -253,10 +253,212 @@ def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32)
     )
 
 
-def save_tiny_pipeline(path: str | Path, sdxl: bool = False, seed: int = 0, resolution: int = 32) -> Path:
-    """Build a tiny pipeline and write it as a diffusers folder that ``from_pretrained`` loads."""
+#: ``save_tiny_pipeline(arch=...)`` values and the names they are logged under.
+TINY_ARCHS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3"}
+
+
+def save_tiny_pipeline(
+    path: str | Path, sdxl: bool = False, seed: int = 0, resolution: int = 32, arch: str | None = None
+) -> Path:
+    """Build a tiny pipeline and write it as a diffusers folder that ``from_pretrained`` loads.
+
+    ``arch`` is one of :data:`TINY_ARCHS` ("sd15", "sdxl", "sd3"); without it, ``sdxl`` chooses
+    between SDXL and SD1.5 as before.
+    """
+    if arch is None:
+        arch = "sdxl" if sdxl else "sd15"
+    elif arch not in TINY_ARCHS:
+        raise ValueError(f"arch must be one of {tuple(TINY_ARCHS)}, got {arch!r}")
+    elif sdxl and arch != "sdxl":
+        raise ValueError(f"sdxl=True contradicts arch={arch!r}")
     path = Path(path)
-    pipe = build_tiny_pipeline(sdxl=sdxl, seed=seed, resolution=resolution)
+    if arch == "sd3":
+        pipe = build_tiny_sd3_pipeline(seed=seed, resolution=resolution)
+    else:
+        pipe = build_tiny_pipeline(sdxl=arch == "sdxl", seed=seed, resolution=resolution)
     pipe.save_pretrained(path)
-    logger.info("wrote a tiny %s pipeline to %s", "SDXL" if sdxl else "SD1.5", path)
+    logger.info("wrote a tiny %s pipeline to %s", TINY_ARCHS[arch], path)
     return path
+
+
+# --- Stable Diffusion 3 --------------------------------------------------------------------------
+
+#: Width of the tiny T5 encoder, and so the transformer's ``joint_attention_dim``. SD3 pads the two
+#: CLIP encoders' concatenated states (2 × TEXT_HIDDEN wide) with zeros to T5's width; a narrower T5
+#: would make ``encode_prompt`` crop them instead (``F.pad`` with a negative pad), dropping the second
+#: CLIP encoder's states, so T5 is at least as wide as both CLIP encoders together.
+T5_HIDDEN = 2 * TEXT_HIDDEN
+#: Longest T5 sequence the tokenizer accepts without warnings (a real T5 tokenizer's 512). SD3 pads T5
+#: ids to the pipeline's ``max_sequence_length`` (default 256); pass a short one (e.g.
+#: ``TEXT_MAX_LENGTH``) for fast tiny runs.
+T5_MODEL_MAX_LENGTH = 512
+
+
+def write_tiny_t5_tokenizer(path: str | Path, words: tuple[str, ...] | list[str] = TINY_WORDS) -> Path:
+    """Write a T5 (Unigram, SentencePiece-style) tokenizer in which each of ``words`` is one token.
+
+    The vocabulary is T5's layout (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2), then "▁word" pieces and single
+    ASCII characters: a whole word outscores its spelling, and any other word falls back to characters
+    (non-ASCII ones to ``<unk>``), so every caption can be tokenized. ``</s>`` is appended to each
+    sequence, as T5 does. Built from a ``tokenizers.Tokenizer`` so that it works with transformers 4
+    (``T5TokenizerFast``) and 5 (where that name is the tokenizers-backed ``T5Tokenizer``).
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + word, -1.0) for word in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    # The pre-tokenizer and decoder of transformers' own T5 tokenizer.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    T5TokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,  # no <extra_id_N> sentinels: they are for span corruption, not for encoding prompts
+        model_max_length=T5_MODEL_MAX_LENGTH,
+    ).save_pretrained(path)
+    return path
+
+
+def tiny_sd3_transformer_config(sample_size: int = 16) -> dict:
+    """A two-block SD3Transformer2DModel config (≈0.3M parameters) for 16-channel latents.
+
+    The inner width (4 heads × 16) equals T5_HIDDEN: SD3 projects the joint text states to it
+    (``caption_projection_dim`` must be the inner width), and the pooled input is the two CLIP
+    encoders' projections concatenated.
+    """
+    patch_size = 2
+    return dict(
+        sample_size=sample_size,
+        patch_size=patch_size,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=4,
+        joint_attention_dim=T5_HIDDEN,
+        caption_projection_dim=4 * 16,
+        pooled_projection_dim=2 * TEXT_HIDDEN,
+        # Position embeddings are cropped from a max_size² grid; leave room for twice the resolution.
+        pos_embed_max_size=max(32, 2 * sample_size // patch_size),
+    )
+
+
+def tiny_sd3_vae_config() -> dict:
+    """:func:`tiny_vae_config` with SD3's 16 latent channels and no quant convolutions (as SD3's VAE)."""
+    config = tiny_vae_config()
+    config.update(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+    return config
+
+
+@torch.no_grad()
+def _latent_mean_std(vae, resolution: int) -> tuple[float, float]:
+    """Mean and std of the VAE's posterior means over synthetic renders (the images of :func:`_latent_std`)."""
+    import numpy as np
+
+    from diffusion_dpo.data import synthetic
+
+    rng = np.random.default_rng(0)
+    images = [synthetic.render(synthetic.sample_spec(rng), rng, resolution) for _ in range(32)]
+    pixels = torch.stack(
+        [torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1 for im in images]
+    )
+    means = vae.encode(pixels).latent_dist.mean
+    return float(means.mean()), float(means.std())
+
+
+def _build_tiny_sd3_vae(resolution: int):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(**tiny_sd3_vae_config())
+    with torch.no_grad():
+        # Nearly deterministic posterior, as in build_tiny_pipeline; without quant_conv the
+        # log-variance rows are those of the encoder's last convolution.
+        latent = vae.config.latent_channels
+        vae.encoder.conv_out.weight[latent:].zero_()
+        vae.encoder.conv_out.bias[latent:].fill_(-12.0)
+    # SD3 normalises latents as (z - shift_factor) * scaling_factor (its VAE: 0.0609, 1.5305): centre
+    # and scale them to zero mean and unit variance on the images this model is for.
+    mean, std = _latent_mean_std(vae, resolution)
+    vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
+    return vae
+
+
+def _tiny_t5_encoder(tokenizer):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=T5_HIDDEN,
+        d_ff=2 * T5_HIDDEN,
+        d_kv=T5_HIDDEN // 4,
+        num_heads=4,
+        num_layers=2,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, SD3's text_encoder_3
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    encoder = T5EncoderModel(config)
+    with torch.no_grad():
+        # Unit-scale token embeddings so that the random encoder keeps words apart (see
+        # _separate_word_embeddings). T5 has no position embeddings (relative attention biases), and
+        # transformers already draws T5's at std 1; re-draw anyway so this does not hang on its init.
+        encoder.get_input_embeddings().weight.normal_(0.0, 1.0)
+    return encoder
+
+
+def build_tiny_sd3_pipeline(seed: int = 0, resolution: int = 32, t5: bool = True):
+    """Build a tiny SD3-shaped diffusers pipeline (MMDiT, 16-channel VAE, 2 CLIP + T5) with random weights.
+
+    With ``t5=False`` the pipeline has no third text encoder, as SD3 allows: it feeds zeros in place of
+    the T5 states.
+    """
+    import tempfile
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5TokenizerFast
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(tmp))
+    vocab_size = len(tokenizer)
+    transformer = SD3Transformer2DModel(**tiny_sd3_transformer_config(sample_size=resolution // 2))
+    vae = _build_tiny_sd3_vae(resolution)
+    text_encoders = [
+        CLIPTextModelWithProjection(_text_config(vocab_size, projection_dim=TEXT_HIDDEN)) for _ in range(2)
+    ]
+    for encoder in text_encoders:
+        _separate_word_embeddings(encoder)
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer_3 = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(tmp))
+        text_encoder_3 = _tiny_t5_encoder(tokenizer_3)
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+        vae=vae,
+        text_encoder=text_encoders[0],
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoders[1],
+        tokenizer_2=tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
