@@ -320,6 +320,23 @@ def test_sd3_trains_saves_and_the_output_loads_in_the_sd3_pipeline(
     if use_lora:
         assert not (image == plain).all()  # the adapter changes what the pipeline draws
 
+    # the evaluation suite generates from the output (a LoRA on its base, or the pipeline folder) at
+    # the pipeline's default size, read from the transformer's config
+    from diffusion_dpo.evaluation.generate import (
+        GenerationSettings,
+        default_image_size,
+        generate_images,
+        resolve_model,
+    )
+
+    spec = resolve_model("trained", str(out))
+    assert default_image_size(spec) == (32, 32)
+    paths, made = generate_images(
+        spec, ["a red circle"], [0, 1], GenerationSettings(num_inference_steps=2, guidance_scale=2.0),
+        tmp_path / "images", progress=False,
+    )  # fmt: skip
+    assert made == 2 and all(p.is_file() for p in paths[0])
+
 
 def test_sd3_without_t5_resumes_exactly_and_saves_a_pipeline_without_t5(tmp_path, tiny_sd3_path, pairs_path):
     from diffusers import DiffusionPipeline
@@ -344,3 +361,21 @@ def test_sd3_without_t5_resumes_exactly_and_saves_a_pipeline_without_t5(tmp_path
     assert pipe.text_encoder_3 is None
     with pytest.raises(ValueError):  # what a plain load says about such a folder: we pass the Nones
         DiffusionPipeline.from_pretrained(tmp_path / "straight")
+
+
+def test_flow_sigma_draws_belong_to_rows_whatever_the_batching(tiny_sd3_path):
+    """A row's σ is drawn from its own (seed, epoch, index) generator, like its noise: 2 processes with
+    2 rows each draw what 1 process with 4 rows draws (checked end to end with accelerate launch in
+    the issue's note), and rows draw distinct levels."""
+    comps = load_components(str(tiny_sd3_path), load_unet=False)
+    process = comps.family.process(comps.noise_scheduler)
+
+    def draws(indices):
+        return draw_for_rows(0, 2, indices, (16, 4, 4), 1000, 2, sample_timestep=process.sample_timestep)
+
+    whole, first, second = draws([7, 3, 11, 0]), draws([7, 3]), draws([11, 0])
+    assert torch.equal(whole.timesteps, torch.cat([first.timesteps, second.timesteps]))
+    assert torch.equal(whole.noise, torch.cat([first.noise, second.noise]))
+    assert len(set(whole.timesteps.tolist())) == 4
+    # and not the uniform DDPM draw of the same generators
+    assert not torch.equal(whole.timesteps, draw_for_rows(0, 2, [7, 3, 11, 0], (16, 4, 4), 1000, 2).timesteps)
