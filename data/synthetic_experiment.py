@@ -35,6 +35,14 @@ evaluation) is repeated per seed under OUTPUT_DIR/seed-S and the final numbers o
 prompts are reported with their seed-to-seed spread, and DPO against SFT head to head.
 
     python data/synthetic_experiment.py --world imperfect --tune --seeds 0 1 2 --output_dir outputs/imperfect
+
+--arch sd3 runs the shapes world's stages on a tiny Stable Diffusion 3-shaped model instead
+(diffusion_dpo.models.tiny.build_tiny_sd3_pipeline: an MMDiT transformer on 16-channel latents, two
+tiny CLIPs and a tiny T5, rectified flow): the VAE is fitted with 16 latent channels and SD3's latent
+normalisation ((z − shift)·scale), the base is pretrained by flow matching, and DPO, SFT and KTO train
+through configs/synthetic_sd3_*.yaml (their own β and learning rates, measured there).
+
+    python data/synthetic_experiment.py --arch sd3 --output_dir outputs/synthetic_sd3 [--quick]
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +67,11 @@ from diffusion_dpo.experiment import plots, results  # noqa: E402
 logger = logging.getLogger("synthetic_experiment")
 
 CONFIGS = ROOT / "configs"
+#: ``--arch``: the tiny model family the stages build and train, and the prefix of its stage configs
+#: (``configs/PREFIX{pretrain,dpo,sft,kto,...}.yaml``).
+ARCH_CONFIG_PREFIX = {"sd15": "synthetic_", "sd3": "synthetic_sd3_"}
+#: How each arch samples at evaluation (the footer of the results table).
+ARCH_SAMPLER = {"sd15": "DDIM", "sd3": "flow-matching Euler"}
 METHODS = results.METHODS  # ("dpo", "sft", "kto")
 WORLD_METHODS = {"shapes": METHODS, "imperfect": ("dpo", "sft", "kto", "ipo", "mapo")}
 #: Methods trained through another method's config: IPO is the dpo objective with --loss_type ipo.
@@ -81,6 +94,8 @@ CAPTION_NOISE = 0.3
 #: The base UNet predicts the velocity (as SD 2.x does): a tiny epsilon-prediction UNet needs many more
 #: steps than a laptop has before its samples from pure noise look like anything.
 PREDICTION_TYPE = "v_prediction"
+#: What each arch's denoiser predicts (results.json's settings); SD3 is a flow model: the velocity ε − x0.
+ARCH_PREDICTION = {"sd15": PREDICTION_TYPE, "sd3": "flow_matching"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +112,7 @@ class Scale:
     train_steps: dict[str, int | None]  # per stage: base, dpo, sft, kto
     validation_steps: int | None  # held-out implicit accuracy every N steps (DPO, KTO); None: config's
     images_per_prompt: int  # evaluation seeds per held-out prompt
-    inference_steps: int  # DDIM steps at evaluation
+    inference_steps: int  # sampler steps at evaluation (DDIM; flow-matching Euler for SD3)
     guidance_scale: float
 
 
@@ -127,6 +142,16 @@ QUICK = Scale(
     inference_steps=10,
     guidance_scale=3.0,
 )
+#: --arch sd3: the same data and evaluation sizes, its own training lengths (the stage configs
+#: configs/synthetic_sd3_*.yaml hold the full scale's).
+SD3_FULL = replace(FULL, train_steps={"base": None, "dpo": None, "sft": None, "kto": None})
+SD3_QUICK = replace(QUICK, train_steps={"base": 400, "dpo": 100, "sft": 40, "kto": 40})
+SCALES = {("sd15", False): FULL, ("sd15", True): QUICK, ("sd3", False): SD3_FULL, ("sd3", True): SD3_QUICK}
+
+
+def scale_for(arch: str, quick: bool) -> Scale:
+    """The run size of ``--arch`` at the full scale or ``--quick``."""
+    return SCALES[(arch, quick)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,6 +175,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a reduced run (minutes): direction, not size")
     parser.add_argument(
+        "--arch", choices=tuple(ARCH_CONFIG_PREFIX), default="sd15",
+        help="the tiny model: sd15 (UNet, DDPM v-prediction) or sd3 (MMDiT, rectified flow, 2 CLIPs + T5; "
+        "shapes world only)",
+    )  # fmt: skip
+    parser.add_argument(
         "--num_threads", type=int, default=2, help="torch CPU threads (the reported timings used 2)"
     )
     parser.add_argument("--device", default="cpu", help="torch device for the evaluation")
@@ -161,6 +191,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--num_threads must be >= 1, got {args.num_threads}")
     if args.tune and args.world != "imperfect":
         parser.error("--tune needs --world imperfect (the shapes world's prompts have no validation split)")
+    if args.arch != "sd15" and args.world != "shapes":
+        parser.error(
+            f"--arch {args.arch} runs the shapes world only (its hyperparameters were measured there)"
+        )
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct, got {args.seeds}")
     return args
@@ -295,11 +329,13 @@ def write_data(paths: dict[str, Path], scale: Scale, seed: int, world: str = "sh
     )
 
 
-def build_initial_pipeline(path: Path, scale: Scale, seed: int) -> None:
-    """Fit the VAE and save the untrained SD-shaped pipeline (random UNet) that pretraining starts from."""
+def build_initial_pipeline(path: Path, scale: Scale, seed: int, arch: str = "sd15") -> None:
+    """Fit the VAE and save the untrained SD-shaped pipeline (random UNet, or for ``arch="sd3"`` random
+    MMDiT) that pretraining starts from."""
     import numpy as np
 
     from diffusion_dpo.experiment.vae import (
+        ARCH_LATENT_CHANNELS,
         build_base_pipeline,
         fit_vae,
         images_to_tensor,
@@ -310,7 +346,7 @@ def build_initial_pipeline(path: Path, scale: Scale, seed: int) -> None:
     rng = np.random.default_rng(seed + 4)
     specs = [synthetic.sample_spec(rng) for _ in range(scale.n_vae_images)]
     pixels = images_to_tensor([synthetic.render(s, rng, RESOLUTION) for s in specs])
-    vae = fit_vae(pixels, steps=scale.vae_steps, seed=seed)
+    vae = fit_vae(pixels, steps=scale.vae_steps, seed=seed, latent_channels=ARCH_LATENT_CHANNELS[arch])
     n = min(128, len(specs))
     renders = tensor_to_images(pixels[:n])
     recons = tensor_to_images(reconstruct(vae, pixels[:n]))
@@ -323,25 +359,45 @@ def build_initial_pipeline(path: Path, scale: Scale, seed: int) -> None:
         "vae_reconstruction_faithfulness": mean_faithfulness(recons),
         "vae_scaling_factor": round(float(vae.config.scaling_factor), 6),
     }
+    if arch == "sd3":
+        check["vae_shift_factor"] = round(float(vae.config.shift_factor), 6)
     print(
         f"  faithfulness of {n} renders {check['render_faithfulness']:.3f}, of their VAE reconstructions "
         f"{check['vae_reconstruction_faithfulness']:.3f} (the ceiling for generated images); latent "
         f"scaling factor {check['vae_scaling_factor']:.4f}"
+        + (f", shift factor {check['vae_shift_factor']:.4f}" if "vae_shift_factor" in check else "")
     )
     build_base_pipeline(
-        vae, seed=seed, resolution=RESOLUTION, prediction_type=PREDICTION_TYPE
+        vae, seed=seed, resolution=RESOLUTION, prediction_type=PREDICTION_TYPE, arch=arch
     ).save_pretrained(path)
     (path / "vae_check.json").write_text(json.dumps(check, indent=2) + "\n")
 
 
+def stage_config(name: str, arch: str = "sd15") -> Path:
+    """The config of stage ``name`` (base, dpo, sft, kto, ipo, mapo) for ``arch``:
+    ``configs/synthetic_NAME.yaml`` (sd15) or ``configs/synthetic_sd3_NAME.yaml`` (sd3); the base's is
+    ``..._pretrain.yaml``, IPO's the dpo one."""
+    config = "pretrain" if name == "base" else METHOD_CONFIG.get(name, (name,))[0]
+    return CONFIGS / f"{ARCH_CONFIG_PREFIX[arch]}{config}.yaml"
+
+
 def train_stage(
-    name: str, model: Path, dataset: Path, out: Path, scale: Scale, seed: int, extra=(), hparams=None
+    name: str,
+    model: Path,
+    dataset: Path,
+    out: Path,
+    scale: Scale,
+    seed: int,
+    extra=(),
+    hparams=None,
+    arch: str = "sd15",
 ) -> dict:
-    """``train_sd.py --config configs/synthetic_NAME.yaml`` with this run's paths, seed and sizes, and
-    ``hparams`` (e.g. ``{"learning_rate": 1e-4, "beta_dpo": 1000}``) over the config's values."""
-    config, method_flags = METHOD_CONFIG.get(name, (name, ()))
+    """``train_sd.py --config configs/synthetic_NAME.yaml`` (:func:`stage_config` of ``arch``) with this
+    run's paths, seed and sizes, and ``hparams`` (e.g. ``{"learning_rate": 1e-4, "beta_dpo": 1000}``)
+    over the config's values."""
+    method_flags = METHOD_CONFIG.get(name, (name, ()))[1]
     argv = [
-        "--config", str(CONFIGS / f"synthetic_{'pretrain' if name == 'base' else config}.yaml"),
+        "--config", str(stage_config(name, arch)),
         "--pretrained_model_name_or_path", str(model),
         "--dataset_name", str(dataset),
         "--output_dir", str(out),
@@ -373,7 +429,8 @@ def evaluate(
     split: str = "heldout",
 ) -> None:
     """``eval/evaluate.py``: the ``split`` prompts (``heldout`` or ``validation``) with every model from
-    seeds ``seed..seed+S-1``; the first model is the baseline."""
+    seeds ``seed..seed+S-1``; the first model is the baseline (trainer outputs are sampled as
+    trained: SD3 with its T5 length, ``evaluation.generate.trained_sampling_kwargs``)."""
     run_evaluate([
         *(arg for name, path in models.items() for arg in ("--model", f"{name}={path}")),
         "--prompts", str(data[f"{split}_prompts"]),
@@ -461,16 +518,19 @@ def _validation_flags(data: dict[str, Path], scale: Scale, world: str) -> list[s
 
 def prepare_seed(args, seed: int, out: Path, scale: Scale, stages: Stages) -> tuple[dict, dict]:
     """Stages data, vae and base of one seed; returns (data paths, model paths)."""
+    arch = getattr(args, "arch", "sd15")
     data = data_paths(out / "data")
     models = {name: out / "models" / name for name in ("init", "base", *WORLD_METHODS[args.world])}
     stages.run("data", "writing the synthetic datasets", write_data, data, scale, seed, args.world)
     stages.run(
-        "vae", f"fitting the tiny VAE ({scale.vae_steps} steps) and building the untrained pipeline",
-        build_initial_pipeline, models["init"], scale, seed,
+        "vae", f"fitting the tiny {'SD3 (16-channel) ' if arch == 'sd3' else ''}VAE ({scale.vae_steps} steps) "
+        "and building the untrained pipeline",
+        build_initial_pipeline, models["init"], scale, seed, arch=arch,
     )  # fmt: skip
     stages.run(
-        "base", "pretraining the base UNet on noisy captions (train_sd.py, configs/synthetic_pretrain.yaml)",
-        train_stage, "base", models["init"], data["captions"], models["base"], scale, seed,
+        "base", f"pretraining the base {'transformer' if arch == 'sd3' else 'UNet'} on noisy captions "
+        f"(train_sd.py, configs/{stage_config('base', arch).name})",
+        train_stage, "base", models["init"], data["captions"], models["base"], scale, seed, arch=arch,
     )  # fmt: skip
     return data, models
 
@@ -482,15 +542,16 @@ def finish_seed(
     writes the seed's ``results.json``."""
     import torch
 
+    arch = getattr(args, "arch", "sd15")
     methods = WORLD_METHODS[args.world]
     datasets = {"kto": data["unpaired"]}
     for m in methods:
         extra = [] if m in NO_REFERENCE else _validation_flags(data, scale, args.world)
         stages.run(
-            m, f"{TITLES[m]}, from the base (train_sd.py, configs/synthetic_{METHOD_CONFIG.get(m, (m,))[0]}.yaml)"
+            m, f"{TITLES[m]}, from the base (train_sd.py, configs/{stage_config(m, arch).name})"
             + (f" with {hparams[m]}" if hparams.get(m) else ""),
             train_stage, m, models["base"], datasets.get(m, data["pairs"]), models[m], scale, seed, extra,
-            hparams.get(m),
+            hparams.get(m), arch=arch,
         )  # fmt: skip
     eval_dir = out / "eval"
     stages.run(
@@ -521,9 +582,10 @@ def finish_seed(
         "settings": {
             "seed": seed,
             "world": args.world,
+            "arch": arch,
             "quick": args.quick,
             "caption_noise": CAPTION_NOISE,
-            "prediction_type": PREDICTION_TYPE,
+            "prediction_type": ARCH_PREDICTION[arch],
             **(
                 {
                     "annotator_agreement": synthetic.PICKAPIC_AGREEMENT,
@@ -547,7 +609,7 @@ def finish_seed(
     first = table[methods[0]]
     footer = (
         f"{first['n']} (prompt, seed) pairs on {first['n_prompts']} held-out prompts, "
-        f"{scale.inference_steps} DDIM steps, guidance {scale.guidance_scale}; total time {total:.0f} s "
+        f"{scale.inference_steps} {ARCH_SAMPLER[arch]} steps, guidance {scale.guidance_scale}; total time {total:.0f} s "
         f"({args.num_threads} torch threads)."
     )
     markdown = (
@@ -614,7 +676,7 @@ def args_out(args) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
-    scale = QUICK if args.quick else FULL
+    scale = scale_for(args.arch, args.quick)
     out = args_out(args)
     out.mkdir(parents=True, exist_ok=True)
     seeds = args.seeds if args.seeds is not None else [args.seed]
@@ -622,7 +684,8 @@ def run(args: argparse.Namespace) -> dict:
     methods = WORLD_METHODS[args.world]
     stage_names = ["data", "vae", "base", *methods, "evaluate", "report"]
     print(
-        f"synthetic preference experiment ({args.world} world, {'quick' if args.quick else 'full'}), seeds "
+        f"synthetic preference experiment ({args.world} world, tiny {args.arch}, "
+        f"{'quick' if args.quick else 'full'}), seeds "
         f"{seeds}, {args.num_threads} torch threads, output in {out}"
     )
     started = time.time()
@@ -643,6 +706,7 @@ def run(args: argparse.Namespace) -> dict:
     record["seconds"] = round(time.time() - started, 1)
     record["settings"] = {
         "world": args.world,
+        "arch": args.arch,
         "seeds": seeds,
         "quick": args.quick,
         "hyperparameters": hparams,
