@@ -253,6 +253,24 @@ def default_image_size(spec: ModelSpec) -> tuple[int, int] | None:
     return side, side
 
 
+def trained_sampling_kwargs(spec: ModelSpec) -> dict:
+    """The pipeline-call keywords a trainer output was trained for (SD3: its T5 ``max_sequence_length``;
+    the pipeline's own default is 256 tokens), from its ``training_config.yaml``; {} for any other model,
+    which samples with its pipeline's defaults."""
+    from diffusion_dpo.models.families import family_for_index
+    from diffusion_dpo.models.loading import read_model_index
+    from diffusion_dpo.training.saving import trained_family_options
+
+    options = trained_family_options(spec.source)
+    if not options:
+        return {}
+    base = spec.base if spec.kind == "lora" else spec.source
+    try:
+        return family_for_index(read_model_index(str(base)), str(base), **options).sampling_kwargs()
+    except (FileNotFoundError, ValueError):  # load_pipeline says what is wrong with the model
+        return {}
+
+
 def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "fp32"):
     """Load a text-to-image pipeline for ``spec`` onto ``device`` in ``dtype`` (LoRA: base + adapter)."""
     from diffusers import DiffusionPipeline
@@ -305,6 +323,9 @@ def generate_images(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     identity = model_identity(spec)
+    sampling = trained_sampling_kwargs(spec)
+    if sampling:  # part of what makes the image (SD3: T5 tokens); absent for UNet models, as before
+        identity = {**identity, "sampling": sampling}
     paths = [
         [cached_image_path(cache_dir, image_key(identity, prompt, seed, settings)) for seed in seeds]
         for prompt in prompts
@@ -360,6 +381,7 @@ def generate_images(
                     guidance_scale=settings.guidance_scale,
                     output_type="pil",
                     **size_kwargs,
+                    **sampling,
                 )
             flagged += sum(bool(x) for x in (getattr(out, "nsfw_content_detected", None) or []))
             for (path, _), image in zip(chunk, out.images, strict=True):
