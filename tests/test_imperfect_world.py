@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from trainer_runs import load_synthetic_experiment
 
 from diffusion_dpo.data import synthetic
 from diffusion_dpo.experiment import results
@@ -124,24 +125,11 @@ def test_seed_aggregation_reports_mean_spread_and_each_seeds_interval(tmp_path):
     assert "head to head" in text and "0.700 ± 0.141" in text.split("head to head")[1]
 
 
-def _experiment(monkeypatch):
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location(
-        "synthetic_experiment", ROOT / "data/synthetic_experiment.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tuning_gives_every_method_the_same_trials_and_never_sees_the_heldout_prompts(tmp_path, monkeypatch):
     """--tune trains SEARCH's trials from the base and ranks them on the validation prompts only: no
     trial's arguments and no evaluation of the tuning names a held-out file, every method gets the same
     number of trials, and the trial with the best validation win rate is the one chosen."""
-    exp = _experiment(monkeypatch)
+    exp = load_synthetic_experiment(monkeypatch)
     data = exp.data_paths(tmp_path / "data")
     models = {"base": tmp_path / "models/base"}
     trained, evaluated = [], []

@@ -4,7 +4,6 @@ which tiny base the embedded default builds, and sampling SD3 outputs as they we
 
 Slow (``pytest -m slow``): the --quick SD3 experiment end to end, DPO against the base."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from trainer_runs import load_synthetic_experiment
 
 from diffusion_dpo.data import synthetic
 from diffusion_dpo.experiment.vae import build_base_pipeline, fit_vae, images_to_tensor
@@ -21,16 +21,6 @@ from diffusion_dpo.training.tiny_assets import tiny_base_arch
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _experiment(monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "synthetic_experiment", ROOT / "data/synthetic_experiment.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _pixels(n: int = 12, seed: int = 0) -> torch.Tensor:
@@ -77,7 +67,7 @@ def test_build_base_pipeline_sd3_puts_the_fitted_vae_in(vae16):
 
 
 def test_arch_argument_and_the_sd3_stage_configs(monkeypatch):
-    exp = _experiment(monkeypatch)
+    exp = load_synthetic_experiment(monkeypatch)
     assert exp.parse_args(["--output_dir", "x"]).arch == "sd15"
     args = exp.parse_args(["--output_dir", "x", "--arch", "sd3", "--quick"])
     assert args.arch == "sd3" and exp.scale_for("sd3", True) is exp.SD3_QUICK

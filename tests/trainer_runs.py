@@ -26,3 +26,18 @@ def tiny_run_flags(model, data, out, **overrides) -> list[str]:
         adam_weight_decay=0.0, checkpointing_steps=100, seed=0,
     )  # fmt: skip
     return flags({**values, **overrides})
+
+
+def load_synthetic_experiment(monkeypatch):
+    """``data/synthetic_experiment.py`` imported as a module (it is a script, not part of the package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "synthetic_experiment", Path(__file__).resolve().parents[1] / "data/synthetic_experiment.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
