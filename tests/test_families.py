@@ -344,7 +344,8 @@ def test_sd3_without_t5_resumes_exactly_and_saves_a_pipeline_without_t5(tmp_path
     from diffusion_dpo.training.saving import load_trained_pipeline
 
     common = dict(max_train_steps=4, checkpointing_steps=2, train_batch_size=2, drop_t5=True)
-    straight = _sd3_run(tiny_sd3_path, pairs_path, tmp_path / "straight", **common)["models"]
+    summary = _sd3_run(tiny_sd3_path, pairs_path, tmp_path / "straight", **common)
+    straight = summary["models"]
     assert len(straight.components.text_encoders) == 2
     reset_accelerate()
     _sd3_run(tiny_sd3_path, pairs_path, tmp_path / "resumed", **{**common, "max_train_steps": 2})
@@ -359,6 +360,12 @@ def test_sd3_without_t5_resumes_exactly_and_saves_a_pipeline_without_t5(tmp_path
     assert index["text_encoder_3"] == [None, None]  # trained without T5, saved without it
     pipe = load_trained_pipeline(tmp_path / "straight")
     assert pipe.text_encoder_3 is None
+    # the run's summary tells users how to load it
+    from diffusion_dpo.training.summary import describe_run
+
+    cfg = parse_config(tiny_run_flags(tiny_sd3_path, pairs_path, tmp_path / "straight", drop_t5=True))
+    hint = describe_run(cfg, summary)
+    assert "text_encoder_3=None, tokenizer_3=None" in hint
     with pytest.raises(ValueError):  # what a plain load says about such a folder: we pass the Nones
         DiffusionPipeline.from_pretrained(tmp_path / "straight")
 

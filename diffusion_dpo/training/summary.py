@@ -64,13 +64,16 @@ def describe_run(cfg: TrainConfig, summary: dict) -> str:
             f"  skipped: {skipped_steps} non-finite optimizer steps, {skipped_rows} bad rows "
             f"(first: {summary.get('data/bad_rows', [])[:3]})."
         )
+    # trained without T5 (SD3 --drop_t5): loaded without it, as trained; diffusers needs to be told
+    no_t5 = ", text_encoder_3=None, tokenizer_3=None" if cfg.drop_t5 else ""
     if cfg.use_lora:
         lines.append(
             f"  model: LoRA weights in {out}/pytorch_lora_weights.safetensors; load them with "
-            f"DiffusionPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r}).load_lora_weights({str(out)!r})"
+            f"DiffusionPipeline.from_pretrained({cfg.pretrained_model_name_or_path!r}{no_t5})"
+            f".load_lora_weights({str(out)!r})"
         )
     else:
-        lines.append(f"  model: {out} (DiffusionPipeline.from_pretrained({str(out)!r}))")
+        lines.append(f"  model: {out} (DiffusionPipeline.from_pretrained({str(out)!r}{no_t5}))")
     samples = sorted((out / "samples").glob("*.png")) if (out / "samples").is_dir() else []
     if samples:
         lines.append(f"  samples: {len(samples)} images of the validation prompts in {out / 'samples'}")
