@@ -33,7 +33,7 @@ import numpy as np
 from diffusion_dpo.data import mining
 from diffusion_dpo.evaluation.generate import DTYPES, ModelLoadError, generate_images, resolve_model
 from diffusion_dpo.evaluation.prompts import load_prompts
-from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key
+from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key, scorer_if_needed
 
 logger = logging.getLogger("mine_pairs")
 
@@ -160,25 +160,16 @@ def _score(args, prompts: list[str], seeds: list[int], paths, cache_dir: Path):
 
     A scorer is loaded only when one of its scores is missing from its cache.
     """
-    from diffusion_dpo.scorers import load_scorer
-
     flat_prompts = [prompt for prompt in prompts for _ in seeds]  # prompt-major, as paths
     flat_paths = [path for row in paths for path in row]
     keys = [score_key(path, prompt) for path, prompt in zip(flat_paths, flat_prompts)]
     out, n_scored = [], 0
     for spec in args.scorer:
         cache = ScoreCache.for_scorer(cache_dir / "scores", spec, args.scorer_dtype)
-        scorer = None
-        if any(key not in cache for key in keys):
-            try:
-                scorer = load_scorer(
-                    spec,
-                    device=args.device,
-                    dtype=DTYPES[args.scorer_dtype],
-                    batch_size=args.scorer_batch_size,
-                )
-            except (ValueError, OSError) as err:  # incl. MissingWeightsError; e.g. a corrupt checkpoint
-                raise MiningError(f"--scorer {spec!r}: {' '.join(str(err).split())}") from err
+        scorer = scorer_if_needed(
+            spec, any(key not in cache for key in keys), device=args.device, dtype=DTYPES[args.scorer_dtype],
+            batch_size=args.scorer_batch_size, error=MiningError,
+        )  # fmt: skip
         values, n_new = score_files(
             scorer, flat_paths, flat_prompts, keys, cache, chunk_size=4 * args.scorer_batch_size
         )

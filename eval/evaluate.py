@@ -33,7 +33,7 @@ from diffusion_dpo.evaluation.generate import (
 )
 from diffusion_dpo.evaluation.prompts import load_prompts
 from diffusion_dpo.evaluation.report import EvalResults, summarize_results, write_report
-from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key
+from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key, scorer_if_needed
 
 logger = logging.getLogger("evaluate")
 
@@ -124,7 +124,7 @@ def _score_all(args, models, prompts, seeds, image_paths, cache_dir: Path):
     A scorer is loaded only if one of its scores is not cached; a NaN or infinite score stops the run
     (summaries of NaN are meaningless) after the finite ones are cached.
     """
-    from diffusion_dpo.scorers import load_scorer, parse_spec
+    from diffusion_dpo.scorers import parse_spec
 
     flat_prompts = [p for p in prompts for _ in seeds]  # [P*S], prompt-major like paths
     flat_paths = {name: [path for row in rows for path in row] for name, rows in image_paths.items()}
@@ -141,17 +141,10 @@ def _score_all(args, models, prompts, seeds, image_paths, cache_dir: Path):
         cache = ScoreCache.for_scorer(cache_dir / "scores", spec, args.scorer_dtype)
         n_todo = len({k for ks in keys.values() for k in ks if k not in cache})
         logger.info("scorer %s: %d of %d scores cached in %s", name, n_all - n_todo, n_all, cache.path)
-        scorer = None
-        if n_todo:
-            try:
-                scorer = load_scorer(
-                    spec,
-                    device=args.device,
-                    dtype=DTYPES[args.scorer_dtype],
-                    batch_size=args.scorer_batch_size,
-                )
-            except (ValueError, OSError) as err:  # incl. MissingWeightsError; e.g. a corrupt checkpoint
-                raise EvaluationError(f"--scorer {spec!r}: {' '.join(str(err).split())}") from err
+        scorer = scorer_if_needed(
+            spec, n_todo > 0, device=args.device, dtype=DTYPES[args.scorer_dtype],
+            batch_size=args.scorer_batch_size, error=EvaluationError,
+        )  # fmt: skip
         reuse[name] = {}
         for m in models:
             values, n_new = score_files(

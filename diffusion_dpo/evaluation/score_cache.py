@@ -179,3 +179,17 @@ def score_files(
         fresh.update(got)
     scores = np.array([fresh[k] if k in fresh else cache.scores[k] for k in keys], dtype=np.float64)
     return scores, len(jobs)
+
+
+def scorer_if_needed(spec: str, needed: bool, *, device, dtype, batch_size: int, error: type = ValueError):
+    """The scorer of ``spec``, loaded only when ``needed`` (some score is missing from its cache), else
+    None. A load failure (missing weights, a corrupt checkpoint) is raised as ``error`` naming
+    ``--scorer spec``, on one line."""
+    if not needed:
+        return None
+    from diffusion_dpo.scorers import load_scorer
+
+    try:
+        return load_scorer(spec, device=device, dtype=dtype, batch_size=batch_size)
+    except (ValueError, OSError) as err:  # incl. MissingWeightsError
+        raise error(f"--scorer {spec!r}: {' '.join(str(err).split())}") from err
