@@ -31,6 +31,7 @@ from pathlib import Path
 from diffusion_dpo.data import mining
 from diffusion_dpo.data.pairs import load_rows, resolve_image_path
 from diffusion_dpo.data.transforms import decode_image, image_bytes
+from diffusion_dpo.evaluation.cli import run_script
 from diffusion_dpo.evaluation.generate import ModelLoadError, generate_images, resolve_model
 
 logger = logging.getLogger("correction_pairs")
@@ -61,14 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     Bad arguments or data exit with usage and status 2; a model that does not load with one
     ``error:`` line and status 1.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        return _run(parser, args)
-    except ModelLoadError as err:
-        parser.exit(1, f"{parser.prog}: error: {' '.join(str(err).split())}\n")
+    return run_script(build_parser(), argv, _run, (ModelLoadError,))
 
 
 def read_captioned_rows(args):

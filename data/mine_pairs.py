@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusion_dpo.data import mining
+from diffusion_dpo.evaluation.cli import run_script
 from diffusion_dpo.evaluation.generate import DTYPES, ModelLoadError, generate_images, resolve_model
 from diffusion_dpo.evaluation.prompts import load_prompts
 from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key, scorer_if_needed
@@ -112,14 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     that does not load, a NaN score) with one ``error:`` line and status 1. Work done before the fault
     stays cached for the rerun.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        return _run(parser, args)
-    except (MiningError, ModelLoadError) as err:
-        parser.exit(1, "".join(f"{parser.prog}: error: {line}\n" for line in str(err).splitlines()))
+    return run_script(build_parser(), argv, _run, (MiningError, ModelLoadError))
 
 
 def _check_arguments(args) -> None:

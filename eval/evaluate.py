@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_dpo.evaluation.cli import run_script
 from diffusion_dpo.evaluation.generate import (
     DTYPES,
     ModelLoadError,
@@ -215,15 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     that does not load, a NaN score) exits with one ``error:`` line and status 1. Work done before
     the fault stays cached for the rerun.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        return _run(parser, args)
-    except (EvaluationError, ModelLoadError) as err:
-        lines = str(err).splitlines()
-        parser.exit(1, "".join(f"{parser.prog}: error: {line}\n" for line in lines))
+    return run_script(build_parser(), argv, _run, (EvaluationError, ModelLoadError))
 
 
 def _run(parser: argparse.ArgumentParser, args) -> dict:
