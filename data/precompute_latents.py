@@ -6,12 +6,13 @@
 
 writes OUTPUT_DIR/shard-*.arrow (per pair: the VAE posterior mean and std of both images, unflipped
 and flipped, and the caption's text embeddings; SDXL adds the pooled embedding, original sizes and
-crops), empty_prompt.safetensors (for caption dropout) and manifest.json (model, resolution, source,
-counts). Row i of the cache is row i of the dataset as the trainer loads it (ties dropped unless
---keep_ties; pairs with a bad label_0 left out); an image that does not decode is kept as a row
-marked bad, which training skips and counts as it would from the images. The trainer refuses a cache
-made with another model, resolution or tie policy. An interrupted run resumes when rerun (its complete
-shards are kept). See diffusion_dpo/data/latent_cache.py for the format.
+crops, SD3 the pooled embedding), empty_prompt.safetensors (for caption dropout) and manifest.json
+(model, resolution, source, counts). Row i of the cache is row i of the dataset as the trainer loads
+it (ties dropped unless --keep_ties; pairs with a bad label_0 left out); an image that does not decode
+is kept as a row marked bad, which training skips and counts as it would from the images. The trainer
+refuses a cache made with another model, resolution, tie policy or, for SD3, T5 setting (--drop_t5,
+--max_sequence_length). An interrupted run resumes when rerun (its complete shards are kept). See
+diffusion_dpo/data/latent_cache.py for the format.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variant", default=None, help="weight variant of the model files, e.g. fp16")
     parser.add_argument(
         "--vae_model_name_or_path", default=None, help="another VAE, as train_sd.py's flag of that name"
+    )
+    parser.add_argument(
+        "--drop_t5", action="store_true", help="SD3: encode captions without T5, as train_sd.py --drop_t5"
+    )
+    parser.add_argument(
+        "--max_sequence_length",
+        type=int,
+        default=None,
+        help="SD3: T5 tokens per caption, as train_sd.py's flag (default: its default, 77)",
     )
     parser.add_argument(
         "--dataset_name", required=True, help="pairs in any form train_sd.py's --dataset_name reads"
@@ -89,7 +99,7 @@ def main(argv=None) -> dict:
         args.output_dir, pretrained_model_name_or_path=args.pretrained_model_name_or_path,
         dataset_name=args.dataset_name, resolution=args.resolution, split=args.dataset_split,
         revision=args.revision, variant=args.variant, vae_model_name_or_path=args.vae_model_name_or_path,
-        keep_ties=args.keep_ties, hflip=not args.no_hflip, streaming=args.streaming, cache_dir=args.cache_dir,
+        drop_t5=args.drop_t5, max_sequence_length=args.max_sequence_length, keep_ties=args.keep_ties, hflip=not args.no_hflip, streaming=args.streaming, cache_dir=args.cache_dir,
         mixed_precision=args.mixed_precision, batch_size=args.batch_size, shard_size=args.shard_size,
         num_workers=args.dataloader_num_workers, device=device, overwrite=args.overwrite,
     )  # fmt: skip

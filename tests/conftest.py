@@ -28,6 +28,13 @@ def tiny_sdxl_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    from diffusion_dpo.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd3"), arch="sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
 def embedded_default_run(tmp_path_factory):
     """The README's first command, exactly as a new user runs it, from a fresh directory: it builds the
     tiny base model and the data, then trains (about two and a half minutes on 2 cores). Returns the

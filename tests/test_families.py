@@ -22,13 +22,6 @@ from diffusion_dpo.training.step import compute_batch_loss
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="session")
-def tiny_sd3_path(tmp_path_factory):
-    from diffusion_dpo.models.tiny import save_tiny_pipeline
-
-    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd3"), arch="sd3", seed=0)
-
-
 @pytest.fixture(scope="module")
 def pairs_path(tmp_path_factory):
     return synthetic.write_pair_dataset(tmp_path_factory.mktemp("pairs") / "pairs.parquet", 16, seed=0)

@@ -79,6 +79,23 @@ def sdxl_cache(tiny_sdxl_path, pairs_path, tmp_path_factory):
     return _write(tiny_sdxl_path, pairs_path, tmp_path_factory.mktemp("cache") / "sdxl")
 
 
+SD3_T5_LENGTH = 16  # the tiny T5's captions fit; the trainer's default (77) would only cost time
+
+
+@pytest.fixture(scope="module")
+def sd3_cache(tiny_sd3_path, pairs_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "sd3"
+    return _write(tiny_sd3_path, pairs_path, out, max_sequence_length=SD3_T5_LENGTH)
+
+
+def _arch(request, arch: str) -> tuple[str, str, dict]:
+    """(model path, its cache, the run's extra flags) of a parametrised family."""
+    model, cache = {"sd15": ("tiny_sd_path", "sd_cache"), "sdxl": ("tiny_sdxl_path", "sdxl_cache"),
+                    "sd3": ("tiny_sd3_path", "sd3_cache")}[arch]  # fmt: skip
+    flags = {"max_sequence_length": SD3_T5_LENGTH} if arch == "sd3" else {}
+    return request.getfixturevalue(model), request.getfixturevalue(cache), flags
+
+
 def _argv(model, out, **overrides):
     values = dict(
         pretrained_model_name_or_path=model,
@@ -109,7 +126,9 @@ def test_the_command_writes_the_rows_the_trainer_loads(sd_cache, pairs_path):
     assert manifest["complete"] and manifest["num_rows"] == 14
     assert manifest["shards"] == [f"shard-0000{i}.arrow" for i in range(4)]
     assert manifest["stats"]["ties_dropped"] == 2 and manifest["stats"]["bad_rows"] == 0
-    assert settings["resolution"] == RESOLUTION and settings["hflip"] and not settings["model"]["sdxl"]
+    assert settings["resolution"] == RESOLUTION and settings["hflip"] and settings["format"] == 2
+    assert settings["model"]["family"] == "sd" and not settings["model"]["micro_conditioning"]
+    assert settings["model"]["text_encoding"] == {}
     assert settings["source"]["dataset_name"] == str(pairs_path.resolve())
     assert settings["source"]["fingerprint"]
     assert manifest["vae_scaling_factor"] > 0
@@ -127,17 +146,16 @@ def _perturbed(models):
     return models
 
 
-@pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"])
-def test_cached_batches_give_the_image_batches_loss(
-    tmp_path, tiny_sd_path, tiny_sdxl_path, pairs_path, sd_cache, sdxl_cache, sdxl
-):
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3"])
+def test_cached_batches_give_the_image_batches_loss(request, tmp_path, pairs_path, arch):
     """(a) Row for row, two epochs of batches with flips and caption dropout on: the cached batch and the
-    image batch hold the same rows and give the same loss and metrics, the same latents and embeddings."""
+    image batch hold the same rows and give the same loss and metrics, the same latents and embeddings
+    (SD3: its shifted latents, both CLIPs and T5, and the pooled projection)."""
     from diffusion_dpo.training.step import _unet_inputs
 
-    model = tiny_sdxl_path if sdxl else tiny_sd_path
-    cache = sdxl_cache if sdxl else sd_cache
-    common = dict(proportion_empty_prompts=0.3)
+    model, cache, common = _arch(request, arch)
+    sdxl = arch == "sdxl"
+    common = dict(common, proportion_empty_prompts=0.3)
     from_images = _cfg(model, tmp_path / "a", dataset_name=pairs_path, **common)
     from_cache = _cfg(model, tmp_path / "b", latents_cache=cache, **common)
     models = _perturbed(setup_models(from_images, "cpu"))
@@ -184,19 +202,23 @@ def test_cached_batches_give_the_image_batches_loss(
     assert flips == {True, False} and dropped == {True, False}  # both cases of each draw were checked
 
 
+@pytest.mark.parametrize("arch", ["sd15", "sd3"])
 def test_a_run_from_the_cache_trains_the_weights_a_run_from_images_trains(
-    tmp_path, tiny_sd_path, pairs_path, sd_cache
+    request, tmp_path, pairs_path, arch
 ):
     """(b) Three optimizer steps through train(), flips and caption dropout on, gradient accumulation:
-    the final UNet weights agree to float tolerance, and so do the logged losses."""
-    common = dict(max_train_steps=3, train_batch_size=2, gradient_accumulation_steps=2)
-    images = train(_cfg(tiny_sd_path, tmp_path / "images", dataset_name=pairs_path, **common))
+    the final UNet (SD3: transformer) weights agree to float tolerance, and so do the logged losses."""
+    model, cache, flags = _arch(request, arch)
+    common = dict(flags, max_train_steps=3, train_batch_size=2, gradient_accumulation_steps=2)
+    images = train(_cfg(model, tmp_path / "images", dataset_name=pairs_path, **common))
     reset_accelerate()
-    cached = train(_cfg(tiny_sd_path, tmp_path / "cached", latents_cache=sd_cache, **common))
+    cached = train(_cfg(model, tmp_path / "cached", latents_cache=cache, **common))
     a, b = images["models"].unet.state_dict(), cached["models"].unet.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-    base = setup_models(_cfg(tiny_sd_path, tmp_path / "x", dataset_name=pairs_path), "cpu").unet.state_dict()
+    base = setup_models(
+        _cfg(model, tmp_path / "x", dataset_name=pairs_path, **flags), "cpu"
+    ).unet.state_dict()
     moved = sum(not torch.equal(base[k], a[k]) for k in a)
     assert moved > len(a) // 2  # the runs trained
     rows = [
@@ -206,16 +228,14 @@ def test_a_run_from_the_cache_trains_the_weights_a_run_from_images_trains(
     assert rows[0] == pytest.approx(rows[1], abs=1e-4)  # β-amplified float noise, as in the test above
 
 
-@pytest.mark.parametrize("sdxl", [False, True], ids=["sd15", "sdxl"])
-def test_caption_dropout_uses_the_empty_prompt_embedding(
-    tiny_sd_path, tiny_sdxl_path, sd_cache, sdxl_cache, tmp_path, sdxl
-):
-    """(c) A dropped caption trains on the empty caption's embeddings (hidden states, and SDXL's pooled
-    one) as the text encoder makes them; a kept one on its own caption's."""
-    model = tiny_sdxl_path if sdxl else tiny_sd_path
-    cache = open_latent_cache(sdxl_cache if sdxl else sd_cache)
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3"])
+def test_caption_dropout_uses_the_empty_prompt_embedding(request, tmp_path, arch):
+    """(c) A dropped caption trains on the empty caption's embeddings (hidden states, and SDXL's or SD3's
+    pooled one) as the text encoder(s) make them; a kept one on its own caption's."""
+    model, cache_dir, flags = _arch(request, arch)
+    cache = open_latent_cache(cache_dir)
     transform = CachedPairTransform(cache, seed=0, proportion_empty_prompts=0.5)
-    models = setup_models(_cfg(model, tmp_path / "o", latents_cache=str(cache.path)), "cpu")
+    models = setup_models(_cfg(model, tmp_path / "o", latents_cache=cache_dir, **flags), "cpu")
     rows = cache.rows()
     seen = set()
     for index in range(len(rows)):
@@ -226,7 +246,8 @@ def test_caption_dropout_uses_the_empty_prompt_embedding(
         assert example["caption"] == caption
         hidden, pooled = encode_prompts(models.components, [caption], "cpu")
         torch.testing.assert_close(example["prompt_embeds"], hidden[0], rtol=1e-5, atol=1e-5)
-        if sdxl:
+        assert ("pooled_prompt_embeds" in example) == (arch != "sd15")
+        if pooled is not None:
             torch.testing.assert_close(example["pooled_prompt_embeds"], pooled[0], rtol=1e-5, atol=1e-5)
     assert seen == {True, False}
     always = CachedPairTransform(cache, seed=0, proportion_empty_prompts=1.0)
@@ -265,6 +286,96 @@ def test_a_cache_of_another_model_resolution_or_setting_is_refused(
     with pytest.raises(ValueError, match="unflipped images only"):
         build_train_data(_cfg(tiny_sd_path, tmp_path / "o", latents_cache=unflipped), False)
     build_train_data(_cfg(tiny_sd_path, tmp_path / "o", latents_cache=unflipped, no_hflip=True), False)
+
+
+def test_an_sd3_cache_of_another_t5_setting_is_refused(tmp_path, tiny_sd3_path, sd3_cache):
+    """SD3's text embeddings depend on T5 and its length, not only on the model: a run with another
+    --max_sequence_length or with --drop_t5 is refused, naming both settings."""
+
+    def refused(**flags):
+        with pytest.raises(ValueError) as info:
+            build_train_data(_cfg(tiny_sd3_path, tmp_path / "o", latents_cache=sd3_cache, **flags), False)
+        return str(info.value)
+
+    message = refused(max_sequence_length=77)
+    assert "with T5 at --max_sequence_length 16" in message and "--max_sequence_length 77" in message
+    assert "without T5 (--drop_t5)" in refused(max_sequence_length=SD3_T5_LENGTH, drop_t5=True)
+    data = build_train_data(
+        _cfg(tiny_sd3_path, tmp_path / "o", latents_cache=sd3_cache, max_sequence_length=SD3_T5_LENGTH), False
+    )
+    data.start_epoch(0)
+    batch = next(iter(data.loader))
+    from transformers import AutoTokenizer
+
+    clip_positions = AutoTokenizer.from_pretrained(tiny_sd3_path, subfolder="tokenizer").model_max_length
+    assert batch["prompt_embeds"].shape[1] == clip_positions + SD3_T5_LENGTH  # CLIP's positions, then T5's
+    assert batch["pooled_prompt_embeds"].ndim == 2 and "original_sizes_w" not in batch
+
+
+def test_bf16_is_stored_as_its_16_bits_and_format_1_caches_still_read(
+    tmp_path, tiny_sd_path, pairs_path, sd_cache
+):
+    """Format 2 stores a bf16 array as its 16 bits (half of format 1's fp32 copy, both exact); a format-1
+    cache (the ``sdxl`` flag, bf16 as fp32) is still read, into the same values."""
+    import shutil
+
+    from diffusion_dpo.data.latent_cache import _from_bytes, _to_bytes
+
+    values = torch.randn(3, 5).to(torch.bfloat16)
+    stored = _to_bytes(values, "bfloat16")
+    assert len(stored) == values.numel() * 2
+    assert torch.equal(_from_bytes(stored, "bfloat16", (3, 5)), values)
+    as_fp32 = values.float().numpy().tobytes()  # what format 1 wrote
+    assert torch.equal(_from_bytes(as_fp32, "bfloat16", (3, 5), format_version=1), values)
+
+    bf16 = open_latent_cache(_write(tiny_sd_path, pairs_path, tmp_path / "bf16", mixed_precision="bf16"))
+    assert bf16.settings["dtypes"] == {"latents": "bfloat16", "text": "bfloat16"}
+    # (mean, std) x 2 flips x [4, 16, 16] in bf16
+    assert len(bf16.rows()[0]["latents_w"]) == 2 * 2 * 4 * 16 * 16 * 2
+    example = CachedPairTransform(bf16)(bf16.rows()[0], index=0)
+    assert example["latents_mean_w"].dtype == example["prompt_embeds"].dtype == torch.bfloat16
+
+    old = tmp_path / "format1"
+    shutil.copytree(sd_cache, old)
+    manifest = _manifest(str(old))
+    model = open_latent_cache(sd_cache).model_identity
+    manifest["settings"].update(format=1, model={**model, "sdxl": False})
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    data = build_train_data(_cfg(tiny_sd_path, tmp_path / "o", latents_cache=old), False)
+    new = build_train_data(_cfg(tiny_sd_path, tmp_path / "o", latents_cache=sd_cache), False)
+    for data_ in (data, new):
+        data_.start_epoch(0)
+    a, b = next(iter(data.loader)), next(iter(new.loader))
+    for key in ("latents_mean_w", "latents_std_l", "prompt_embeds"):
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_run_from_the_cache_keeps_its_encoders_off_the_device(tmp_path, tiny_sd_path, pairs_path, sd_cache):
+    """The step never encodes from a cache, so the VAE and text encoder stay in CPU memory (the meta
+    device stands in for a GPU); they visit the device for held-out pairs and validation images, which
+    a run from the cache still makes."""
+    from diffusion_dpo.training.models import encoders_on
+
+    cfg = _cfg(tiny_sd_path, tmp_path / "m", latents_cache=sd_cache)
+    models = setup_models(cfg, "meta")
+    assert next(models.unet.parameters()).device.type == "meta"
+    assert next(models.ref_unet.parameters()).device.type == "meta"
+    encoders = [models.components.vae, *models.components.text_encoders]
+    assert {next(m.parameters()).device.type for m in encoders} == {"cpu"}
+    images = setup_models(_cfg(tiny_sd_path, tmp_path / "m", dataset_name=pairs_path), "cpu")
+    with encoders_on(images, "cpu"):  # already there: nothing moves
+        pass
+    assert next(images.components.vae.parameters()).device.type == "cpu"
+
+    summary = train(
+        _cfg(
+            tiny_sd_path, tmp_path / "v", latents_cache=sd_cache, max_train_steps=2, validation_steps=2,
+            validation_prompts=["a red circle"], validation_dataset_name=pairs_path, num_validation_pairs=4,
+            num_inference_steps=2,
+        )
+    )  # fmt: skip
+    assert (tmp_path / "v" / "validation" / "step-2" / "00.png").is_file()
+    assert 0.0 <= summary["last_metrics"]["eval/implicit_acc"] <= 1.0
 
 
 def test_streaming_from_the_cache(tmp_path, tiny_sd_path, sd_cache):

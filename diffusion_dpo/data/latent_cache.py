@@ -9,8 +9,9 @@ writes a folder that ``train_sd.py --latents_cache DIR`` reads instead of the im
   out, as loading with ``on_bad_example="skip"`` does), so the trainer's order, resume position,
   process sharding and per-row draws apply unchanged;
 - ``empty_prompt.safetensors``: the embeddings of the empty caption, for caption dropout;
-- ``manifest.json``: what made the cache (model, resolution, flips, source, dtypes, shapes, counts).
-  The trainer refuses a cache made with another model, resolution, SDXL-ness or tie policy.
+- ``manifest.json``: what made the cache (model and family, how captions were encoded, resolution,
+  flips, source, dtypes, shapes, counts). The trainer refuses a cache made with another model,
+  resolution, text encoding (SD3's T5 and its length) or tie policy.
 
 Each row holds the VAE posterior's **mean and std**, not a sample: the trainer draws each row's
 posterior noise from ``(seed, epoch, row)`` (:mod:`diffusion_dpo.diffusion.draws`) and forms
@@ -23,13 +24,18 @@ crops: a random crop has one encoding per position, so ``--random_crop`` is refu
 Row columns: ``caption`` (str, as the trainer would use it: a blank caption is ``""``), ``bad`` (None,
 or why the row cannot be used: an image that does not decode, a caption that is not a string),
 ``latents_w``/``latents_l`` (bytes of ``[2 (mean, std), K, C, h, w]``, K = 2 orientations, unflipped
-first, or 1 with ``hflip=False``), ``prompt_embeds`` (bytes of ``[L, D]``) and for SDXL
-``pooled_prompt_embeds`` (bytes of ``[D]``), ``original_size_w``/``_l`` (h, w) and
-``crop_top_left_w``/``_l`` (``[K, 2]``). A bad row's byte columns are empty; the trainer treats it as
-the image path treats a bad row (a placeholder with ``on_bad_example="skip"``, else an error).
-Arrays are stored in the dtype they were computed in (bf16 as fp32, which holds it exactly) and turned
-back into it when read, so that a cached batch is the on-the-fly batch up to the batching of the
-encoders.
+first, or 1 with ``hflip=False``), ``prompt_embeds`` (bytes of ``[L, D]``), for families with a pooled
+text embedding (SDXL, SD3) ``pooled_prompt_embeds`` (bytes of ``[D]``), and for SDXL's
+micro-conditioning ``original_size_w``/``_l`` (h, w) and ``crop_top_left_w``/``_l`` (``[K, 2]``). A bad
+row's byte columns are empty; the trainer treats it as the image path treats a bad row (a placeholder
+with ``on_bad_example="skip"``, else an error). Arrays are stored in the dtype they were computed in
+(bf16 as its 16 bits; format 1 stored it as fp32) and turned back into it when read, so that a cached
+batch is the on-the-fly batch up to the batching of the encoders.
+
+Bytes per pair with ``--mixed_precision bf16``, both orientations: SD1.5 at 512 px 0.38 MB (latents
+0.26, text 0.12); SDXL at 1024 px 1.4 MB (2.4 MB with its own VAE, which runs in fp32); SD3 at 1024 px
+5.5 MB (16-channel latents 4.2, text of 77 CLIP + 77 T5 positions × 4096 1.3). ``--no_hflip`` halves
+the latents.
 """
 
 from __future__ import annotations
@@ -57,7 +63,9 @@ logger = logging.getLogger(__name__)
 
 Tensor = torch.Tensor
 
-FORMAT_VERSION = 1
+#: 2: bf16 arrays stored as their 16 bits (1: as fp32), the model's family named in the settings
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
 _SHARD = "shard-{:05d}.arrow"
@@ -72,18 +80,29 @@ def _name_of(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _stored_numpy_dtype(name: str) -> np.dtype:
-    # numpy has no bfloat16: bf16 values are stored as fp32, which represents every one of them exactly
+def _stored_numpy_dtype(name: str, format_version: int = FORMAT_VERSION) -> np.dtype:
+    # numpy has no bfloat16: bf16 values are stored as their 16 bits (int16), exactly and in half the
+    # space of format 1's fp32 copy
+    if name == "bfloat16":
+        return np.dtype("int16") if format_version >= 2 else np.dtype("float32")
     return np.dtype("float16") if name == "float16" else np.dtype("float32")
 
 
 def _to_bytes(tensor: Tensor, dtype_name: str) -> bytes:
-    return tensor.detach().cpu().float().numpy().astype(_stored_numpy_dtype(dtype_name)).tobytes()
+    tensor = tensor.detach().cpu().to(_DTYPES[dtype_name]).contiguous()
+    if dtype_name == "bfloat16":
+        return tensor.view(torch.int16).numpy().tobytes()
+    return tensor.numpy().tobytes()
 
 
-def _from_bytes(data: bytes, dtype_name: str, shape: tuple[int, ...]) -> Tensor:
-    array = np.frombuffer(data, dtype=_stored_numpy_dtype(dtype_name)).reshape(shape)
-    return torch.from_numpy(array.copy()).to(_DTYPES[dtype_name])
+def _from_bytes(
+    data: bytes, dtype_name: str, shape: tuple[int, ...], format_version: int = FORMAT_VERSION
+) -> Tensor:
+    stored = _stored_numpy_dtype(dtype_name, format_version)
+    tensor = torch.from_numpy(np.frombuffer(data, dtype=stored).reshape(shape).copy())
+    if stored == np.dtype("int16"):
+        return tensor.view(torch.bfloat16)
+    return tensor.to(_DTYPES[dtype_name])
 
 
 def normalise_source(name: str | os.PathLike | None) -> str | None:
@@ -108,6 +127,15 @@ def model_identity(
         "variant": variant,
         "vae_model_name_or_path": normalise_source(vae_model_name_or_path),
     }
+
+
+def _describe_text(settings: dict) -> str:
+    """How a family encodes captions, for errors: SD3's T5 and its length; nothing to say for the others."""
+    if not settings:
+        return "by the model's text encoder(s)"
+    if not settings.get("t5", True):
+        return "without T5 (--drop_t5)"
+    return f"with T5 at --max_sequence_length {settings['max_sequence_length']}"
 
 
 def _describe_model(identity: dict) -> str:
@@ -202,7 +230,7 @@ def _encode_batch(components, prepared: list[dict], device, dtypes: dict) -> lis
     return [rows[p["index"]] for p in prepared]
 
 
-def _schema(sdxl: bool):
+def _schema(micro_conditioning: bool, pooled: bool):
     import pyarrow as pa
 
     fields = [
@@ -212,8 +240,9 @@ def _schema(sdxl: bool):
         ("latents_l", pa.binary()),
         ("prompt_embeds", pa.binary()),
     ]
-    if sdxl:
+    if pooled:
         fields += [("pooled_prompt_embeds", pa.binary())]
+    if micro_conditioning:
         for suffix in _SUFFIXES:
             fields += [
                 (f"original_size{suffix}", pa.list_(pa.int64(), 2)),
@@ -227,11 +256,13 @@ class _ShardWriter:
     written under a temporary name and renamed once full (or at the end), so a shard file that exists is
     complete, and memory holds one batch of rows, not one shard."""
 
-    def __init__(self, output_dir: Path, first_shard: int, shard_size: int, sdxl: bool):
+    def __init__(
+        self, output_dir: Path, first_shard: int, shard_size: int, micro_conditioning: bool, pooled: bool
+    ):
         import pyarrow as pa
 
         self.output_dir, self.shard, self.shard_size = output_dir, first_shard, shard_size
-        self.schema = _schema(sdxl)
+        self.schema = _schema(micro_conditioning, pooled)
         self.rows_in_shard = 0
         self._sink = self._writer = None
         # what a bad row, which has no arrays, stores in each column
@@ -282,13 +313,18 @@ class _ShardWriter:
 
 
 def _settings(
-    *, model: dict, sdxl: bool, resolution: int, hflip: bool, dataset_name, split: str, keep_ties: bool,
+    *, model: dict, family, resolution: int, hflip: bool, dataset_name, split: str, keep_ties: bool,
     streaming: bool, fingerprint: str | None, dtypes: dict, shard_size: int,
 ) -> dict:  # fmt: skip
     """What decides a cache's content: an interrupted write resumes only into a cache of equal settings."""
     return {
         "format": FORMAT_VERSION,
-        "model": {**model, "sdxl": sdxl},
+        "model": {
+            **model,
+            "family": family.name,
+            "micro_conditioning": family.micro_conditioning,
+            "text_encoding": family.text_encoding_settings(),
+        },
         "resolution": resolution,
         "center_crop": True,
         "hflip": hflip,
@@ -352,6 +388,8 @@ def write_latent_cache(
     revision: str | None = None,
     variant: str | None = None,
     vae_model_name_or_path: str | None = None,
+    drop_t5: bool = False,
+    max_sequence_length: int | None = None,
     keep_ties: bool = False,
     hflip: bool = True,
     streaming: bool = False,
@@ -367,7 +405,9 @@ def write_latent_cache(
     reads) into a latent cache in ``output_dir`` (see the module docstring); returns its manifest.
 
     ``mixed_precision`` (no, fp16, bf16) picks the dtype the encoders run in, as the trainer's flag of
-    that name does (SDXL's own VAE stays fp32). ``batch_size``: pairs per encoder pass (the VAE sees
+    that name does (SDXL's own VAE stays fp32). ``drop_t5``, ``max_sequence_length``: SD3's T5, as the
+    trainer's flags of those names (a run trains from the cache only with the same). ``batch_size``: pairs
+    per encoder pass (the VAE sees
     2 images × 2 orientations of each). ``shard_size``: rows per shard file (a stream deals shards to its
     readers: keep more shards than processes × DataLoader workers). ``num_workers``: processes that
     decode images (map-style sources; a stream is read in order in this process). An interrupted run
@@ -399,23 +439,18 @@ def write_latent_cache(
     )  # fmt: skip
     components = load_components(
         pretrained_model_name_or_path, revision, variant, vae_model_name_or_path, frozen_dtype=dtype,
-        load_unet=False,
+        load_unet=False, family_options={"drop_t5": drop_t5, "max_sequence_length": max_sequence_length},
     )  # fmt: skip
-    if not components.family.supports_latent_cache:
-        raise ValueError(
-            f"{pretrained_model_name_or_path} is a {components.family.label} model: latent caches support "
-            "SD1.x/2.x and SDXL only so far; train it from the images"
-        )
+    family = components.family
     components.vae.to(device)
     for encoder in components.text_encoders:
         encoder.to(device)
-    sdxl = components.family.micro_conditioning
     dtypes = {
         "latents": _name_of(next(components.vae.parameters()).dtype),
         "text": _name_of(next(components.text_encoders[0].parameters()).dtype),
     }
     settings = _settings(
-        model=model_identity(pretrained_model_name_or_path, revision, variant, vae_model_name_or_path), sdxl=sdxl,
+        model=model_identity(pretrained_model_name_or_path, revision, variant, vae_model_name_or_path), family=family,
         resolution=resolution, hflip=hflip, dataset_name=dataset_name, split=split, keep_ties=keep_ties,
         streaming=streaming, fingerprint=getattr(rows, "_fingerprint", None), dtypes=dtypes, shard_size=shard_size,
     )  # fmt: skip
@@ -462,7 +497,12 @@ def write_latent_cache(
             collate_fn=list,
         )
         batches, total = iter(loader), len(rows) - start
-    writer, num_rows = _ShardWriter(output_dir, done_shards, shard_size, sdxl), start
+    writer, num_rows = (
+        _ShardWriter(
+            output_dir, done_shards, shard_size, family.micro_conditioning, empty_pooled is not None
+        ),
+        start,
+    )
     bad_examples = _bad_rows_of_shards(output_dir, done_shards)
     bad_count = len(bad_examples)
     with tqdm(total=total, initial=0, desc="encoding pairs", unit="pair") as progress:
@@ -532,6 +572,27 @@ class LatentCache:
     def num_rows(self) -> int:
         return self.manifest["num_rows"]
 
+    @property
+    def format_version(self) -> int:
+        return self.settings["format"]
+
+    @property
+    def micro_conditioning(self) -> bool:
+        """Rows carry SDXL's original sizes and crops (format 1 named this ``sdxl``)."""
+        model = self.settings["model"]
+        return model.get("micro_conditioning", model.get("sdxl", False))
+
+    @property
+    def text_encoding(self) -> dict:
+        """How captions were encoded beyond the model (SD3: T5 or not, its length); {} for the UNet families."""
+        return self.settings["model"].get("text_encoding", {})
+
+    @property
+    def model_identity(self) -> dict:
+        """The :func:`model_identity` the cache was made with."""
+        extra = ("family", "micro_conditioning", "text_encoding", "sdxl")
+        return {k: v for k, v in self.settings["model"].items() if k not in extra}
+
     def rows(self, streaming: bool = False):
         """The rows: a memory-mapped ``datasets.Dataset``, or with ``streaming`` a ``datasets.IterableDataset``
         with one shard per shard file."""
@@ -558,10 +619,10 @@ def open_latent_cache(path: str | os.PathLike) -> LatentCache:
             f"latent cache {path} {what}; make it with `python data/precompute_latents.py --output_dir {path} ...`"
         )
     manifest = json.loads(manifest_path.read_text())
-    if manifest.get("settings", {}).get("format") != FORMAT_VERSION:
+    if manifest.get("settings", {}).get("format") not in READABLE_FORMATS:
         raise ValueError(
             f"latent cache {path} has format {manifest.get('settings', {}).get('format')}, this trainer reads "
-            f"format {FORMAT_VERSION}: encode the dataset again"
+            f"formats {', '.join(map(str, READABLE_FORMATS))}: encode the dataset again"
         )
     if not manifest.get("complete"):
         raise ValueError(
@@ -579,25 +640,28 @@ def check_cache_fits(
     *,
     model: dict,
     resolution: int,
-    sdxl: bool,
+    text_encoding: dict,
     keep_ties: bool,
     hflip: bool,
     dataset_name: str | None = None,
     split: str | None = None,
 ) -> None:
-    """Raise ``ValueError`` naming both sides when the cache was made for another model, resolution or
-    data than this run's (``model`` from :func:`model_identity`)."""
+    """Raise ``ValueError`` naming both sides when the cache was made for another model, text encoding,
+    resolution or data than this run's (``model`` from :func:`model_identity`, ``text_encoding`` from
+    the run's family: ``ModelFamily.text_encoding_settings``)."""
     settings, where = cache.settings, f"latent cache {cache.path}"
-    made_with = {k: v for k, v in settings["model"].items() if k != "sdxl"}
+    made_with = cache.model_identity
     if made_with != model:
         raise ValueError(
             f"{where} was encoded with model {_describe_model(made_with)}, but this run trains "
             f"{_describe_model(model)}: latents and text embeddings belong to their VAE and text encoders. "
             "Encode the dataset with this model (data/precompute_latents.py), or train the cache's model"
         )
-    if settings["model"]["sdxl"] != sdxl:
+    if cache.text_encoding != text_encoding:
         raise ValueError(
-            f"{where} was encoded for {'SDXL' if settings['model']['sdxl'] else 'SD'}; this model is not"
+            f"{where} holds captions encoded {_describe_text(cache.text_encoding)}, but this run encodes them "
+            f"{_describe_text(text_encoding)}; encode the dataset again with this run's --drop_t5 and "
+            "--max_sequence_length (data/precompute_latents.py takes both), or train with the cache's"
         )
     if settings["resolution"] != resolution:
         raise ValueError(
@@ -635,8 +699,8 @@ class CachedPairTransform:
     dropout, then for each image (winner, loser) the three numbers of ``transform_image`` (crop top, crop
     left, flip). The flip picks the orientation, the dropout the empty caption's embeddings. Returns
     ``latents_mean_w``/``_l`` and ``latents_std_w``/``_l`` ``[C, h, w]``, ``prompt_embeds`` ``[L, D]``,
-    ``caption``, ``index``, ``bad`` None and for SDXL ``pooled_prompt_embeds`` ``[D]``,
-    ``original_size_w``/``_l``, ``crop_top_left_w``/``_l``.
+    ``caption``, ``index``, ``bad`` None, ``pooled_prompt_embeds`` ``[D]`` where the family has one (SDXL,
+    SD3) and for SDXL's micro-conditioning ``original_size_w``/``_l``, ``crop_top_left_w``/``_l``.
     """
 
     def __init__(
@@ -653,13 +717,14 @@ class CachedPairTransform:
         self.random_flip = random_flip
         self.proportion_empty_prompts = proportion_empty_prompts
         settings, shapes = cache.settings, cache.manifest["shapes"]
-        self.sdxl = settings["model"]["sdxl"]
+        self.micro_conditioning = cache.micro_conditioning
+        self.format_version = cache.format_version
         self.resolution = settings["resolution"]
         self.dtypes = settings["dtypes"]
         self.orientations = 2 if settings["hflip"] else 1
         self.latent_shape = tuple(shapes["latents"])
         self.text_shapes = {"prompt_embeds": tuple(shapes["prompt_embeds"])}
-        if self.sdxl:
+        if shapes.get("pooled_prompt_embeds") is not None:
             self.text_shapes["pooled_prompt_embeds"] = tuple(shapes["pooled_prompt_embeds"])
         self.empty = {k: v.to(_DTYPES[self.dtypes["text"]]) for k, v in cache.empty_prompt().items()}
 
@@ -669,29 +734,33 @@ class CachedPairTransform:
         dropped = rng.random() < self.proportion_empty_prompts
         out = {"caption": "" if dropped else row["caption"], "index": index, "bad": None}
         for key, shape in self.text_shapes.items():
-            out[key] = self.empty[key] if dropped else _from_bytes(row[key], self.dtypes["text"], shape)
+            out[key] = (
+                self.empty[key] if dropped
+                else _from_bytes(row[key], self.dtypes["text"], shape, self.format_version)
+            )  # fmt: skip
         for suffix in _SUFFIXES:
             _top, _left, flip_draw = rng.random(3)  # transform_image's draws; crops are center crops
             orientation = int(self.random_flip and flip_draw < 0.5)
             stats = _from_bytes(
-                row[f"latents{suffix}"], self.dtypes["latents"], (2, self.orientations, *self.latent_shape)
-            )
+                row[f"latents{suffix}"], self.dtypes["latents"], (2, self.orientations, *self.latent_shape),
+                self.format_version,
+            )  # fmt: skip
             out[f"latents_mean{suffix}"] = stats[0, orientation]
             out[f"latents_std{suffix}"] = stats[1, orientation]
-            if self.sdxl:
+            if self.micro_conditioning:
                 out[f"original_size{suffix}"] = tuple(row[f"original_size{suffix}"])
                 out[f"crop_top_left{suffix}"] = tuple(row[f"crop_top_left{suffix}"][orientation])
         return out
 
     def placeholder(self, index: int, reason: str) -> dict:
         """A bad row as it trains when skipped: the keys and shapes of ``__call__``, zeros, caption ``""``,
-        SDXL sizes (R, R) and crops (0, 0), ``bad`` = ``reason``."""
+        micro-conditioning sizes (R, R) and crops (0, 0), ``bad`` = ``reason``."""
         zeros = torch.zeros(self.latent_shape, dtype=_DTYPES[self.dtypes["latents"]])
         out = {"caption": "", "index": int(index), "bad": str(reason)}
         out.update({k: torch.zeros_like(v) for k, v in self.empty.items()})
         for suffix in _SUFFIXES:
             out[f"latents_mean{suffix}"], out[f"latents_std{suffix}"] = zeros, zeros
-            if self.sdxl:
+            if self.micro_conditioning:
                 out[f"original_size{suffix}"] = (self.resolution, self.resolution)
                 out[f"crop_top_left{suffix}"] = (0, 0)
         return out
@@ -703,8 +772,9 @@ _TENSOR_KEYS = ("latents_mean_w", "latents_std_w", "latents_mean_l", "latents_st
 def collate_cached_pairs(examples: list[dict]) -> dict:
     """Batch :class:`CachedPairTransform` outputs: ``latents_mean_w``/``_l``, ``latents_std_w``/``_l``
     ``[B, C, h, w]``, ``prompt_embeds`` ``[B, L, D]``, the keys of
-    :func:`~diffusion_dpo.data.transforms.collate_common` and for SDXL ``pooled_prompt_embeds`` ``[B, D]``,
-    ``original_sizes_w``/``_l`` and ``crop_top_lefts_w``/``_l`` ``[B, 2]`` long (as ``collate_pairs``)."""
+    :func:`~diffusion_dpo.data.transforms.collate_common`, ``pooled_prompt_embeds`` ``[B, D]`` where
+    there is one, and for SDXL ``original_sizes_w``/``_l`` and ``crop_top_lefts_w``/``_l`` ``[B, 2]``
+    long (as ``collate_pairs``)."""
     keys = _TENSOR_KEYS + (("pooled_prompt_embeds",) if "pooled_prompt_embeds" in examples[0] else ())
     batch = {key: torch.stack([e[key] for e in examples]) for key in keys}
     batch.update(collate_common(examples))

@@ -109,26 +109,31 @@ def is_caption_image_dataset(dataset_name: str, split: str = "train", cache_dir:
     return "image" in names and not names & {"jpg_0", "image_w", "label"}
 
 
-def _load_cached_rows(cfg: TrainConfig, is_sdxl: bool):
-    # caches hold SD1.x/2.x and SDXL data only (SDComponents.family.supports_latent_cache), so SDXL
-    # is exactly the family with micro-conditioning here
+def _load_cached_rows(cfg: TrainConfig):
     """(rows, transform, collate, load-time stats) of a latent cache (``--latents_cache``): the rows of the
     source it was made from, in the same positions, so that everything after is as for images."""
     from diffusion_dpo.data import latent_cache
     from diffusion_dpo.data.pairs import PairStats, bad_label_error, sample_rows
+    from diffusion_dpo.models.families import family_for_index
+    from diffusion_dpo.models.loading import read_model_index
     from diffusion_dpo.training.models import weight_dtype_for
 
     cache = latent_cache.open_latent_cache(cfg.latents_cache)
+    family = family_for_index(
+        read_model_index(cfg.pretrained_model_name_or_path, cfg.revision), cfg.pretrained_model_name_or_path,
+        **cfg.family_options(),
+    )  # fmt: skip
     latent_cache.check_cache_fits(
-        cache, resolution=cfg.resolution, sdxl=is_sdxl, keep_ties=cfg.keep_ties, hflip=not cfg.no_hflip,
+        cache, resolution=cfg.resolution, text_encoding=family.text_encoding_settings(),
+        keep_ties=cfg.keep_ties, hflip=not cfg.no_hflip,
         model=latent_cache.model_identity(
             cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path
         ),
         dataset_name=cfg.dataset_name, split=cfg.dataset_split,
     )  # fmt: skip
-    weight = str(weight_dtype_for(cfg.mixed_precision)).removeprefix("torch.")
-    own_sdxl_vae = is_sdxl and not cfg.vae_model_name_or_path  # kept in fp32 on the fly
-    expected = {"latents": "float32" if own_sdxl_vae else weight, "text": weight}
+    weight = weight_dtype_for(cfg.mixed_precision)
+    vae = family.vae_dtype(weight, own_vae=not cfg.vae_model_name_or_path)  # SDXL's own VAE: fp32
+    expected = {"latents": str(vae).removeprefix("torch."), "text": str(weight).removeprefix("torch.")}
     if cache.settings["dtypes"] != expected:
         logger.warning(
             "latent cache %s was encoded in %s; encoding on the fly in this run would use %s (--mixed_precision "
@@ -243,7 +248,7 @@ def build_train_data(
 
     objective = cfg.effective_objective
     if cfg.latents_cache:
-        rows, transform, collate, stats = _load_cached_rows(cfg, is_sdxl)
+        rows, transform, collate, stats = _load_cached_rows(cfg)
     else:
         images_only = objective == "sft" and is_caption_image_dataset(
             cfg.dataset_name, cfg.dataset_split, cfg.cache_dir

@@ -27,7 +27,7 @@ from diffusion_dpo.training import checkpoint as ckpt
 from diffusion_dpo.training import distributed as dist
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.guards import BadRows, NonFiniteSteps, PreemptionSignals, RunStopped
-from diffusion_dpo.training.models import setup_models
+from diffusion_dpo.training.models import encoders_on, setup_models
 from diffusion_dpo.training.optim import make_optimizer
 from diffusion_dpo.training.saving import final_samples, save_final_model, validation_images
 from diffusion_dpo.training.step import compute_batch_loss
@@ -224,10 +224,11 @@ def train(cfg: TrainConfig) -> dict:
 
     heldout = None
     if cfg.validation_dataset_name:
-        heldout = encode_heldout_pairs(
-            models, build_validation_dataloader(cfg, models.components.family.micro_conditioning), cfg.num_validation_pairs,
-            cfg.resolution,
-        )  # fmt: skip
+        with encoders_on(models, accelerator.device):
+            heldout = encode_heldout_pairs(
+                models, build_validation_dataloader(cfg, models.components.family.micro_conditioning),
+                cfg.num_validation_pairs, cfg.resolution,
+            )  # fmt: skip
 
     nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps)
     bad = BadRows(cfg.max_bad_row_fraction)
@@ -408,9 +409,10 @@ def train(cfg: TrainConfig) -> dict:
                 sample_now = cfg.validation_prompts and global_step % cfg.validation_steps == 0
                 if sample_now and not dist.params_sharded(accelerator):
                     if accelerator.is_main_process:
-                        validation_images(
-                            cfg, models, accelerator.unwrap_model(unet), global_step, accelerator.device
-                        )
+                        with encoders_on(models, accelerator.device):
+                            validation_images(
+                                cfg, models, accelerator.unwrap_model(unet), global_step, accelerator.device
+                            )
                     accelerator.wait_for_everyone()
                 if global_step >= cfg.max_train_steps:
                     break

@@ -29,8 +29,6 @@ class ModelFamily:
     denoiser_label = "UNet"  # in logs
     #: batches carry each image's original size and crop (SDXL's micro-conditioning)
     micro_conditioning = False
-    #: ``--latents_cache`` knows how to encode this family's data
-    supports_latent_cache = True
     #: peft LoRA targets (diffusers' LoRA training scripts for this family)
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
 
@@ -100,6 +98,11 @@ class ModelFamily:
         state of the one CLIP text encoder."""
         ids = clip_token_ids(components.tokenizers[0], captions, device)
         return components.text_encoders[0](ids)[0], None
+
+    def text_encoding_settings(self) -> dict:
+        """What, beyond the model, decides the text embeddings of a caption (a latent cache records it and
+        the trainer compares it): nothing for the UNet families."""
+        return {}
 
     def added_conditioning(self, pooled, batch: dict | None, suffixes, resolution: int, dtype, device):
         """The denoiser's extra inputs for ``len(suffixes)`` images per row (None: there are none).

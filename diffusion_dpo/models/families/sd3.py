@@ -34,7 +34,6 @@ class SD3Family(ModelFamily):
     denoiser_subfolder = "transformer"
     denoiser_class_name = "SD3Transformer2DModel"
     denoiser_label = "transformer"
-    supports_latent_cache = False
     # diffusers' SD3 LoRA scripts: the attention projections of both the image and the text stream
     lora_target_modules = (
         "attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -106,6 +105,9 @@ class SD3Family(ModelFamily):
             t5 = clip.new_zeros(len(captions), self.max_sequence_length, self.joint_attention_dim)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
+
+    def text_encoding_settings(self):
+        return {"t5": not self.drop_t5, "max_sequence_length": self.max_sequence_length}
 
     def added_conditioning(self, pooled, batch, suffixes, resolution, dtype, device):
         return {"pooled_projections": torch.cat([pooled] * len(suffixes)).to(dtype)}
