@@ -185,6 +185,13 @@ class TrainConfig:
         "8-bit AdamW from bitsandbytes (CUDA, optional package): optimizer states in 2 bytes per trained "
         "weight instead of 8.",
     )
+    use_adafactor: bool = _f(
+        False,
+        "Adafactor (transformers) instead of AdamW, as the paper's train.py --use_adafactor (its SDXL "
+        "runs): factored second moments and no first moment, so almost no optimizer state (AdamW: 8 "
+        "bytes per trained weight); the given learning rate (no relative step), update clipping at 1, "
+        "weight decay --adam_weight_decay.",
+    )
     channels_last: bool = _f(
         False, "Keep the UNets in channels-last memory format (often faster convolutions on recent GPUs)."
     )
@@ -288,6 +295,11 @@ class TrainConfig:
         if self.use_8bit_adam and self.adam_implementation != "auto":
             raise ValueError(
                 f"--use_8bit_adam brings its own kernels; drop --adam_implementation {self.adam_implementation}"
+            )
+        if self.use_adafactor and (self.use_8bit_adam or self.adam_implementation != "auto"):
+            raise ValueError(
+                "--use_adafactor replaces AdamW: drop --use_8bit_adam and --adam_implementation, which choose "
+                "AdamW's kernels"
             )
         if self.max_sequence_length < 1:
             raise ValueError(f"--max_sequence_length must be >= 1, got {self.max_sequence_length}")

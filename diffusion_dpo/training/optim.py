@@ -1,5 +1,6 @@
-"""The optimizer of the trained weights: AdamW with the kernels ``--adam_implementation`` picks, or
-bitsandbytes' 8-bit AdamW (``--use_8bit_adam``). The loop and the benchmark build it here."""
+"""The optimizer of the trained weights: AdamW with the kernels ``--adam_implementation`` picks,
+bitsandbytes' 8-bit AdamW (``--use_8bit_adam``) or Adafactor (``--use_adafactor``). The loop and the
+benchmark build it here."""
 
 from __future__ import annotations
 
@@ -30,8 +31,17 @@ def adam_kernel_kwargs(implementation: str, device: torch.device | str) -> dict:
 def make_optimizer(
     cfg: TrainConfig, params: Iterable[torch.nn.Parameter], lr: float, device: torch.device | str
 ) -> torch.optim.Optimizer:
-    """AdamW over ``params`` with ``cfg``'s betas, weight decay and ε at learning rate ``lr``."""
+    """AdamW over ``params`` with ``cfg``'s betas, weight decay and ε at learning rate ``lr``; or, with
+    ``--use_adafactor``, Adafactor set up as the paper's ``train.py`` does (``lr`` as given, no relative
+    step or parameter scaling, updates clipped at RMS 1, ``cfg``'s weight decay)."""
     params = list(params)
+    if cfg.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            params, lr=lr, weight_decay=cfg.adam_weight_decay, clip_threshold=1.0, scale_parameter=False,
+            relative_step=False,
+        )  # fmt: skip
     kwargs = dict(
         lr=lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
