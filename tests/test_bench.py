@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from diffusion_dpo.bench import cli
+from diffusion_dpo.bench import archs, cli
 from diffusion_dpo.bench.hardware import compute_precision, peak_tflops
-from diffusion_dpo.bench.measure import count_flops, make_batch, step_flops
+from diffusion_dpo.bench.measure import cached_shapes, count_flops, make_batch, step_flops
 from diffusion_dpo.training.config import TrainConfig, build_parser, parse_config
 from diffusion_dpo.training.loop import StepWindow
 from diffusion_dpo.training.models import check_xformers, setup_models
@@ -122,7 +122,7 @@ def test_meta_step_flops_equal_a_real_step_and_lora_needs_fewer(tiny_sd_path):
     )
     meta = step_flops(cfg, cached=False)
     models = setup_models(cfg, "cpu")
-    batch = make_batch(cfg, sdxl=False)
+    batch = make_batch(cfg, micro_conditioning=False)
 
     def step():
         loss, _ = compute_batch_loss(models, batch, cfg)
@@ -132,6 +132,110 @@ def test_meta_step_flops_equal_a_real_step_and_lora_needs_fewer(tiny_sd_path):
         assert count_flops(step) == meta > 0
     lora = step_flops(TrainConfig(**{**cfg.to_dict(), "use_lora": True}), cached=False)
     assert 0 < lora < meta  # no weight gradients for the frozen base
+
+
+# ---- SD3 architectures --------------------------------------------------------------------------------
+
+
+def test_tiny_sd3_runs_every_comparison_row(model_dir, tmp_path):
+    """The tiny SD3 model (MMDiT, two CLIPs and a T5) through every row: the flow objective, the
+    transformer's reference, LoRA on its attention projections, and batches from a cache with pooled
+    embeddings."""
+    out = tmp_path / "bench_sd3.json"
+    cli.main(["--arch", "tiny_sd3", *TINY_ARGS, "--model_dir", str(model_dir), "--output", str(out)])
+    assert (model_dir / "tiny_sd3" / "text_encoder_3").is_dir()  # T5 runs in the uncached rows
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["paper_baseline", "default", "full", "lora", "cached_latents", "mapo"]
+    for row in rows.values():
+        assert row["status"] == "ok", row.get("error")
+        assert row["pairs_per_s"] > 0 and row["flops_per_step"] > 0 and row["peak_memory_bytes"] > 0
+        assert "drop_t5" not in row["config"]  # the trainer's default: with T5
+    assert "reference transformer" in rows["paper_baseline"]["description"]
+    assert rows["paper_baseline"]["memory_breakdown_bytes"]["reference_unet"] > 0
+    for name in ("lora", "mapo"):
+        assert rows[name]["memory_breakdown_bytes"]["reference_unet"] == 0
+    assert 0 < rows["cached_latents"]["flops_per_step"] < rows["full"]["flops_per_step"]
+
+
+def test_sd3_step_flops_on_meta_equal_a_real_step_also_from_a_cache(model_dir):
+    """SD3's FLOPs counted on the meta device are those of the step run on CPU, from pixels and captions
+    (VAE, two CLIPs, T5) and from a cache, whose batches carry the pooled embeddings SD3 needs."""
+    path = archs.ensure_model("tiny_sd3", model_dir)
+    cfg = TrainConfig(
+        pretrained_model_name_or_path=str(path), dataset_name="x", resolution=32, train_batch_size=2
+    )
+    models = setup_models(cfg, "cpu")
+    assert not models.components.family.micro_conditioning
+    shapes = cached_shapes(models, cfg.resolution)
+    assert shapes["latent"][0] == 16 and shapes["pooled"] is not None  # SD3: both CLIPs' pooled outputs
+    for cached in (False, True):
+        batch = make_batch(cfg, micro_conditioning=False, shapes=shapes if cached else None)
+        assert ("pooled_prompt_embeds" in batch) is cached and "original_sizes_w" not in batch
+
+        def step(batch=batch):
+            loss, _ = compute_batch_loss(models, batch, cfg)
+            loss.backward()
+
+        with sdpa_kernel([SDPBackend.MATH]):
+            assert count_flops(step) == step_flops(cfg, cached=cached) > 0
+
+
+def test_sd35_medium_is_the_published_architecture_without_t5():
+    """The configs are the published ones (stabilityai/stable-diffusion-3.5-medium's config.json files);
+    the 2.2B-parameter transformer is only instantiated on the meta device here."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    t, v = archs.SD35_MEDIUM_TRANSFORMER, archs.SD35_VAE
+    published_transformer = {
+        "num_layers": 24, "num_attention_heads": 24, "attention_head_dim": 64, "joint_attention_dim": 4096,
+        "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "qk_norm": "rms_norm",
+        "dual_attention_layers": tuple(range(13)),
+    }  # fmt: skip
+    assert {k: t[k] for k in published_transformer} == published_transformer
+    published_vae = {
+        "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False,
+        "use_post_quant_conv": False, "force_upcast": True, "sample_size": 1024,
+        "block_out_channels": (128, 256, 512, 512),
+    }  # fmt: skip
+    assert {k: v[k] for k in published_vae} == published_vae
+    assert archs.SD35_SCHEDULE == {"num_train_timesteps": 1000, "shift": 3.0}
+    # the pooled projection is both CLIPs' projections concatenated (768 + 1280)
+    clip_l, clip_g = archs.CLIP_L_TEXT, archs.CLIP_G_TEXT
+    assert clip_l["projection_dim"] + clip_g["projection_dim"] == t["pooled_projection_dim"]
+    assert (clip_g["hidden_size"], clip_g["num_hidden_layers"], clip_g["hidden_act"]) == (1280, 32, "gelu")
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel.from_config(t)
+        pipe = archs.build_pipeline("sd35_medium")
+    assert 2.2e9 < sum(p.numel() for p in transformer.parameters()) < 2.5e9
+    assert len(transformer.transformer_blocks) == 24 and transformer.transformer_blocks[12].attn2 is not None
+    assert transformer.transformer_blocks[13].attn2 is None
+    assert pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+    assert all(isinstance(e, CLIPTextModelWithProjection) for e in (pipe.text_encoder, pipe.text_encoder_2))
+    assert dict(pipe.transformer.config)["dual_attention_layers"] == tuple(range(13))
+    arch = archs.ARCHS["sd35_medium"]
+    assert arch.family == "sd3" and arch.resolution == 1024 and "T5" in arch.description
+
+
+def test_sd35_medium_rows_train_without_t5_at_the_real_sequence_length(tmp_path):
+    """Every row (without building the model): --drop_t5 with 77 T5 positions; the paper baseline as for
+    SD1.5 (no gradient checkpointing, no VAE swap); not the SDXL memory preset."""
+    args = cli.build_parser().parse_args(["--arch", "sd35_medium", "--batch_pairs", "1"])
+    args.resolution = archs.default_resolution("sd35_medium")
+    rows = cli.build_rows(args, "cpu", tmp_path / "sd35_medium")
+    assert [r.name for r in rows] == ["paper_baseline", "default", "full", "lora", "cached_latents", "mapo"]
+    for row in rows:
+        assert row.train["drop_t5"] is True and row.train["max_sequence_length"] == 77
+        assert row.train["resolution"] == 1024 and "vae_model_name_or_path" not in row.train
+        TrainConfig(**row.train).validate()
+    paper = rows[0].train
+    assert paper["adam_implementation"] == "for_loop" and not paper.get("gradient_checkpointing")
+    with pytest.raises(ValueError, match="use --arch sdxl"):
+        cli.check_args(
+            cli.build_parser().parse_args(["--arch", "sd35_medium", "--preset", "sdxl_80gb"]), "cpu"
+        )
 
 
 def test_peak_table_and_precision():

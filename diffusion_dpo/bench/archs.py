@@ -3,14 +3,23 @@
 Speed and memory do not depend on the weights, so a diffusers folder holding the published
 architecture with random weights is timed exactly like the real checkpoint: the trainer loads it
 with the same ``from_pretrained`` calls. The configs below are copied from the published
-``config.json`` files (UNet, VAE, CLIP text encoders, noise schedule) of
-``runwayml/stable-diffusion-v1-5`` and ``stabilityai/stable-diffusion-xl-base-1.0``. The tokenizer is
-the project's tiny CLIP BPE tokenizer padded to 77 tokens: the text encoder sees sequences of the real
-length, and its cost does not depend on which token ids they hold.
+``config.json`` files (UNet or transformer, VAE, CLIP text encoders, noise schedule) of
+``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0`` and
+``stabilityai/stable-diffusion-3.5-medium``. The tokenizer is the project's tiny CLIP BPE tokenizer
+padded to 77 tokens: the text encoder sees sequences of the real length, and its cost does not depend
+on which token ids they hold.
+
+SD3.5 Medium is built without its third text encoder, T5-XXL (4.7B parameters, twice the
+transformer): the folder has no ``text_encoder_3``, as diffusers allows, and its rows train with
+``--drop_t5 --max_sequence_length 77``, so the transformer still sees the real sequence (77 CLIP and
+77 T5 positions, zeros in the T5 ones, as the pipeline feeds without T5). Its rows that encode
+captions at every step therefore leave out T5's forward (and its memory); the ``cached_latents`` row,
+which runs no text encoder, is exactly the real model's step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -137,21 +146,81 @@ SD_SCHEDULE = dict(
     steps_offset=1,
 )
 
-#: name -> (SDXL-shaped, default resolution, what it is)
+#: stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X: self-attention of the image
+#: tokens alongside the joint attention in blocks 0-12, RMS-normed queries and keys; 2.24B parameters)
+SD35_MEDIUM_TRANSFORMER = dict(
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=384,
+    dual_attention_layers=tuple(range(13)),
+    qk_norm="rms_norm",
+)
+
+#: stabilityai/stable-diffusion-3.5-medium vae/config.json: SDXL's VAE layout with 16 latent channels, no
+#: quant convolutions, latents normalised as (z − shift_factor)·scaling_factor
+SD35_VAE = dict(
+    SDXL_VAE,
+    latent_channels=16,
+    use_quant_conv=False,
+    use_post_quant_conv=False,
+    scaling_factor=1.5305,
+    shift_factor=0.0609,
+)
+
+#: stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler);
+#: its text_encoder and text_encoder_2 are CLIP_L_TEXT and CLIP_G_TEXT, both with projection
+SD35_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """An ``--arch``: what it is, and what every one of its rows is run with."""
+
+    #: its model family's name (diffusion_dpo.models.families): "sd", "sdxl" or "sd3"
+    family: str
+    #: the default image size
+    resolution: int
+    description: str
+    #: TrainConfig values every row of this arch runs with: how its folder must be loaded
+    train_options: dict = dataclasses.field(default_factory=dict)
+
+
 ARCHS = {
-    "tiny": (False, 64, "the test model: tiny SD1.5-shaped UNet/VAE/CLIP (diffusion_dpo.models.tiny)"),
-    "tiny_sdxl": (True, 64, "the test model, SDXL-shaped: two tiny CLIP encoders, add_time_ids"),
-    "sd15": (False, 512, "Stable Diffusion 1.5's UNet, VAE and CLIP ViT-L text encoder, random weights"),
-    "sdxl": (True, 1024, "SDXL base 1.0's UNet, VAE and CLIP ViT-L + bigG text encoders, random weights"),
-}
+    "tiny": Arch("sd", 64, "the test model: tiny SD1.5-shaped UNet/VAE/CLIP (diffusion_dpo.models.tiny)"),
+    "tiny_sdxl": Arch("sdxl", 64, "the test model, SDXL-shaped: two tiny CLIP encoders, add_time_ids"),
+    "tiny_sd3": Arch("sd3", 64, "the test model, SD3-shaped: tiny MMDiT, 16-channel VAE, two CLIPs and a T5"),
+    "sd15": Arch("sd", 512, "Stable Diffusion 1.5's UNet, VAE and CLIP ViT-L text encoder, random weights"),
+    "sdxl": Arch("sdxl", 1024, "SDXL base 1.0's UNet, VAE and CLIP ViT-L + bigG text encoders, random weights"),
+    "sd35_medium": Arch(
+        "sd3", 1024,
+        "SD3.5 Medium's MMDiT, VAE and CLIP ViT-L + bigG text encoders, random weights; without T5-XXL "
+        "(--drop_t5: zeros in its 77 positions), so the uncached rows leave out T5's forward",
+        {"drop_t5": True, "max_sequence_length": 77},
+    ),
+}  # fmt: skip
 
 
 def is_sdxl(arch: str) -> bool:
-    return ARCHS[arch][0]
+    return ARCHS[arch].family == "sdxl"
+
+
+def family(arch: str):
+    """The model family class of ``arch`` (what its rows call the denoiser)."""
+    from diffusion_dpo.models.families import FAMILIES
+
+    return next(f for f in FAMILIES if f.name == ARCHS[arch].family)
 
 
 def default_resolution(arch: str) -> int:
-    return ARCHS[arch][1]
+    return ARCHS[arch].resolution
 
 
 def _tokenizer(path: Path, max_length: int):
@@ -169,15 +238,31 @@ def build_pipeline(arch: str, seed: int = 0):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from diffusion_dpo.models.tiny import build_tiny_pipeline
+    from diffusion_dpo.models.tiny import build_tiny_pipeline, build_tiny_sd3_pipeline
 
     if arch in ("tiny", "tiny_sdxl"):
         return build_tiny_pipeline(sdxl=arch == "tiny_sdxl", seed=seed)
+    if arch == "tiny_sd3":  # with its tiny T5: the rows run SD3's whole text path
+        return build_tiny_sd3_pipeline(seed=seed)
     import tempfile
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tokenizer(Path(tmp), 77)
+    if arch == "sd35_medium":
+        from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER),
+            scheduler=FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULE),
+            vae=AutoencoderKL(**SD35_VAE),
+            text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L_TEXT)),
+            tokenizer=tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_TEXT)),
+            tokenizer_2=tokenizer,
+            text_encoder_3=None,  # T5-XXL is not built: see the module docstring
+            tokenizer_3=None,
+        )
     scheduler = DDPMScheduler(**SD_SCHEDULE)
     if arch == "sd15":
         from diffusers import StableDiffusionPipeline
@@ -221,7 +306,7 @@ def ensure_model(arch: str, model_dir: str | Path) -> Path:
         return path
     logger.info("building the %s model with random weights in %s (once)", arch, path)
     pipe = build_pipeline(arch)
-    if arch in ("sd15", "sdxl"):
+    if not arch.startswith("tiny"):
         pipe.to(torch.bfloat16)
     with quiet_loading():
         pipe.save_pretrained(path)
@@ -230,5 +315,5 @@ def ensure_model(arch: str, model_dir: str | Path) -> Path:
         # pass it separately, as configs/sdxl_lora.yaml does: this copy stands in for it
         with quiet_loading():
             pipe.vae.save_pretrained(path / "vae_fp16_safe")
-    marker.write_text(json.dumps({"arch": arch, "what": ARCHS[arch][2]}) + "\n")
+    marker.write_text(json.dumps({"arch": arch, "what": ARCHS[arch].description}) + "\n")
     return path

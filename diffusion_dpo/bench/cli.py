@@ -3,12 +3,14 @@
     python -m diffusion_dpo.bench --arch tiny --resolution 64 --batch_pairs 4    # CPU: minutes
     python -m diffusion_dpo.bench --arch sd15 --batch_pairs 16                    # GPU, bf16, 512 px
     python -m diffusion_dpo.bench --arch sdxl --preset sdxl_80gb                  # SDXL memory budget
+    python -m diffusion_dpo.bench --arch sd35_medium --batch_pairs 4              # GPU, SD3.5 Medium, 1024 px
 
 Rows (configurations), each measured in a fresh process (:mod:`diffusion_dpo.bench.measure`):
 
 - ``paper_baseline``: as the Diffusion-DPO paper's ``train.py`` runs it: VAE and text encoder at every
-  step, a separate full reference UNet in the precision of the trained one, PyTorch's default AdamW
-  (and, for SDXL, gradient checkpointing, which the paper's code turns on for SDXL);
+  step, a separate full reference UNet (SD3: transformer) in the precision of the trained one,
+  PyTorch's default AdamW (and, for SDXL, gradient checkpointing, which the paper's code turns on for
+  SDXL);
 - ``default``: what ``train_sd.py`` does with its defaults (its speed options that are on by default);
 - ``full``: the full fine-tune with the speed options given on this command line;
 - ``lora``: the same with LoRA (the reference is the UNet with adapters disabled: no second UNet);
@@ -16,7 +18,9 @@ Rows (configurations), each measured in a fresh process (:mod:`diffusion_dpo.ben
 
 Every row reports pairs per second (median over the timed optimizer steps after warm-up), peak memory,
 and on GPU the model FLOPs utilisation; and its speed-up and memory ratio against the baseline row.
-``--preset sdxl_80gb`` measures the memory budget of a full SDXL fine-tune instead.
+``--preset sdxl_80gb`` measures the memory budget of a full SDXL fine-tune instead. Every row of an arch
+runs with that arch's own options (``sd35_medium``: ``--drop_t5 --max_sequence_length 77``,
+:mod:`diffusion_dpo.bench.archs`).
 """
 
 from __future__ import annotations
@@ -135,6 +139,7 @@ def check_args(args, device: str) -> None:
 def build_rows(args, device: str, model_path: Path) -> list[Row]:
     """The configurations to measure, in order; the first is the baseline of the ratios."""
     sdxl = archs.is_sdxl(args.arch)
+    family = archs.family(args.arch)
     precision = args.mixed_precision
     if precision == "auto":
         precision = "bf16" if device == "cuda" else "no"
@@ -146,6 +151,7 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
         mixed_precision=precision,
         allow_tf32=args.allow_tf32,
         learning_rate=1e-6,
+        **archs.ARCHS[args.arch].train_options,
     )
     if sdxl:  # an fp16-safe VAE in the weight dtype, as configs/sdxl_lora.yaml and the paper's launcher use
         base["vae_model_name_or_path"] = str(model_path / "vae_fp16_safe")
@@ -184,7 +190,10 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
         ]  # fmt: skip
     else:
         paper = dict(base, adam_implementation="foreach" if device == "cuda" else "for_loop")
-        paper_note = "VAE + text encoder every step, separate reference UNet, PyTorch's default AdamW"
+        paper_note = (
+            f"VAE + text encoder every step, separate reference {family.denoiser_label}, "
+            "PyTorch's default AdamW"
+        )
         if sdxl:
             paper.update(gradient_checkpointing=True)
             paper_note += (
@@ -199,7 +208,8 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
         cached = "full from precomputed latents and text embeddings (no VAE, no text encoder in the step)"
         rows.append(Row("cached_latents", cached, dict(base, **speed), cached_latents=True))
         mapo = (
-            f"MaPO, full fine-tune without a reference UNet (no reference forward, no second copy); {given}"
+            f"MaPO, full fine-tune without a reference {family.denoiser_label} (no reference forward, no "
+            f"second copy); {given}"
         )
         rows.append(Row("mapo", mapo, dict(base, **speed, objective="mapo")))
     if args.rows:
@@ -331,7 +341,7 @@ def format_table(results: list[dict], args) -> str:
     device = ok[0]["device_name"] if ok else env["device"]
     threads = f", {ok[0]['torch_threads']} torch threads" if ok and env["device"] == "cpu" else ""
     lines = [
-        f"Diffusion-DPO training step, {args.arch} ({archs.ARCHS[args.arch][2]})",
+        f"Diffusion-DPO training step, {args.arch} ({archs.ARCHS[args.arch].description})",
         f"{cfg['resolution']} px, {cfg['train_batch_size']} pairs per step, mixed precision "
         f"{cfg['mixed_precision']}; median of {args.steps} optimizer steps after {args.warmup} warm-up",
         f"device: {device}{threads}; torch {env['torch']}; {env['date']}",

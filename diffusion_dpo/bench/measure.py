@@ -52,11 +52,13 @@ def _peak_rss() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def make_batch(cfg, sdxl: bool, shapes: dict | None = None) -> dict:
+def make_batch(cfg, micro_conditioning: bool, shapes: dict | None = None) -> dict:
     """One collated pair batch of ``cfg.train_batch_size`` rows, as the DataLoader gives it.
 
-    With ``shapes`` (:func:`cached_shapes`), a batch read from a latent cache (the VAE posteriors' mean
-    and std, the text embeddings) instead of pixels and captions.
+    ``micro_conditioning`` (the model family's, SDXL's): each image's original size and crop. With
+    ``shapes`` (:func:`cached_shapes`), a batch read from a latent cache (the VAE posteriors' mean and
+    std, the text embeddings and, where the family has them, SDXL's and SD3's pooled embeddings)
+    instead of pixels and captions.
     """
     cached = shapes is not None
     n, res = cfg.train_batch_size, cfg.resolution
@@ -74,19 +76,19 @@ def make_batch(cfg, sdxl: bool, shapes: dict | None = None) -> dict:
             batch[f"latents_std{s}"] = torch.full((n, *shapes["latent"]), 0.01)
         else:
             batch[f"pixel_values{s}"] = torch.rand((n, 3, res, res), generator=g) * 2 - 1
-        if sdxl:
+        if micro_conditioning:
             batch[f"original_sizes{s}"] = torch.tensor([[res, res]] * n)
             batch[f"crop_top_lefts{s}"] = torch.zeros((n, 2), dtype=torch.long)
     if cached:
         batch["prompt_embeds"] = torch.randn((n, *shapes["text"]), generator=g)
-        if sdxl:
+        if shapes["pooled"] is not None:
             batch["pooled_prompt_embeds"] = torch.randn((n, *shapes["pooled"]), generator=g)
     return batch
 
 
 def cached_shapes(models, resolution: int) -> dict:
     """What a latent cache holds per row for ``models``: ``latent`` ``(C, h, w)``, ``text`` ``(L, D)``
-    and, for SDXL, ``pooled`` ``(D',)``."""
+    and ``pooled`` ``(D',)`` (SDXL, SD3) or None (the family's ``encode_prompts`` has none)."""
     from diffusion_dpo.models.loading import encode_prompts, latent_shape
 
     comps = models.components
