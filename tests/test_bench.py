@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from diffusion_dpo.bench import archs, cli
 from diffusion_dpo.bench.hardware import compute_precision, peak_tflops
-from diffusion_dpo.bench.measure import cached_shapes, count_flops, make_batch, step_flops
+from diffusion_dpo.bench.measure import cached_shapes, count_flops, make_batch, memory_breakdown, step_flops
 from diffusion_dpo.training.config import TrainConfig, build_parser, parse_config
 from diffusion_dpo.training.loop import StepWindow
 from diffusion_dpo.training.models import check_xformers, setup_models
@@ -155,6 +155,19 @@ def test_tiny_sd3_runs_every_comparison_row(model_dir, tmp_path):
     for name in ("lora", "mapo"):
         assert rows[name]["memory_breakdown_bytes"]["reference_unet"] == 0
     assert 0 < rows["cached_latents"]["flops_per_step"] < rows["full"]["flops_per_step"]
+    assert rows["cached_latents"]["config"]["latents_cache"]  # set up as a run from a cache
+
+
+def test_a_cached_row_keeps_the_encoders_out_of_the_devices_memory(model_dir):
+    """A run from a cache keeps the VAE and text encoders (SD3: T5 too) in CPU memory, and the memory
+    breakdown counts what is on the step's device (the meta device stands in for a GPU)."""
+    path = archs.ensure_model("tiny_sd3", model_dir)
+    common = dict(pretrained_model_name_or_path=str(path), dataset_name="x", resolution=32)
+    for cache, frozen in ((None, True), ("(cached)", False)):
+        models = setup_models(TrainConfig(**common, latents_cache=cache), "meta")
+        breakdown = memory_breakdown(models, torch.optim.AdamW(models.unet.parameters()))
+        assert (breakdown["frozen_parts"] > 0) is frozen
+        assert breakdown["trained_weights"] == breakdown["reference_unet"] > 0
 
 
 def test_sd3_step_flops_on_meta_equal_a_real_step_also_from_a_cache(model_dir):
@@ -236,6 +249,34 @@ def test_sd35_medium_rows_train_without_t5_at_the_real_sequence_length(tmp_path)
         cli.check_args(
             cli.build_parser().parse_args(["--arch", "sd35_medium", "--preset", "sdxl_80gb"]), "cpu"
         )
+
+
+def test_sdxl_rows_use_the_papers_sdxl_optimizer_and_adafactor_is_an_option(tmp_path):
+    """The paper's train.py trains SDXL with Adafactor and gradient checkpointing: so does the SDXL
+    baseline row; the SDXL memory preset also measures Adafactor, and --use_adafactor reaches the
+    full and lora rows (and refuses AdamW's kernel flags)."""
+    args = cli.build_parser().parse_args(["--arch", "tiny_sdxl", "--batch_pairs", "2"])
+    args.resolution = 64
+    paper = cli.build_rows(args, "cpu", tmp_path / "m")[0]
+    assert paper.train["use_adafactor"] and paper.train["gradient_checkpointing"]
+    assert "adam_implementation" not in paper.train and "Adafactor" in paper.description
+    TrainConfig(**paper.train).validate()
+    args = cli.build_parser().parse_args(
+        ["--arch", "tiny_sdxl", "--preset", "sdxl_80gb", "--batch_pairs", "1"]
+    )
+    args.resolution = 64
+    budget = {r.name: r for r in cli.build_rows(args, "cpu", tmp_path / "m")}
+    assert budget["full_bf16_checkpointing_adafactor"].train["use_adafactor"]
+    args = cli.build_parser().parse_args(["--arch", "tiny", "--use_adafactor", "--batch_pairs", "2"])
+    args.resolution = 64
+    rows = {r.name: r for r in cli.build_rows(args, "cpu", tmp_path / "m")}
+    assert rows["full"].train["use_adafactor"] and rows["lora"].train["use_adafactor"]
+    assert not rows["paper_baseline"].train.get("use_adafactor")
+    bad = cli.build_parser().parse_args(
+        ["--arch", "tiny", "--use_adafactor", "--adam_implementation", "fused"]
+    )
+    with pytest.raises(ValueError, match="--use_adafactor replaces AdamW"):
+        cli.check_args(bad, "cpu")
 
 
 def test_peak_table_and_precision():

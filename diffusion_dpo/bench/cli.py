@@ -9,8 +9,8 @@ Rows (configurations), each measured in a fresh process (:mod:`diffusion_dpo.ben
 
 - ``paper_baseline``: as the Diffusion-DPO paper's ``train.py`` runs it: VAE and text encoder at every
   step, a separate full reference UNet (SD3: transformer) in the precision of the trained one,
-  PyTorch's default AdamW (and, for SDXL, gradient checkpointing, which the paper's code turns on for
-  SDXL);
+  PyTorch's default AdamW (for SDXL, Adafactor and gradient checkpointing, which the paper's code turns
+  on for SDXL);
 - ``default``: what ``train_sd.py`` does with its defaults (its speed options that are on by default);
 - ``full``: the full fine-tune with the speed options given on this command line;
 - ``lora``: the same with LoRA (the reference is the UNet with adapters disabled: no second UNet);
@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     speed.add_argument("--channels_last", action="store_true")
     speed.add_argument("--use_8bit_adam", action="store_true")
+    speed.add_argument("--use_adafactor", action="store_true")
     speed.add_argument(
         "--adam_implementation", choices=("auto", "fused", "foreach", "for_loop"), default=None
     )
@@ -126,6 +127,8 @@ def check_args(args, device: str) -> None:
         raise ValueError(
             f"--use_8bit_adam brings its own kernels; drop --adam_implementation {args.adam_implementation}"
         )
+    if args.use_adafactor and (args.use_8bit_adam or args.adam_implementation not in (None, "auto")):
+        raise ValueError("--use_adafactor replaces AdamW: drop --use_8bit_adam and --adam_implementation")
     if args.mixed_precision == "fp16" and device == "cpu":
         raise ValueError("--mixed_precision fp16 needs a CUDA GPU (CPU autocast runs bf16); use bf16 or no")
     if args.warmup < 0 or args.steps < 1:
@@ -161,6 +164,7 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
             gradient_checkpointing=args.gradient_checkpointing,
             enable_xformers_memory_efficient_attention=args.enable_xformers_memory_efficient_attention,
             compile_unet=args.compile, channels_last=args.channels_last, use_8bit_adam=args.use_8bit_adam,
+            use_adafactor=args.use_adafactor,
         ).items() if v
     }  # fmt: skip
     if args.adam_implementation:
@@ -186,27 +190,33 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
                 "full_bf16_checkpointing_8bit_adam", "+ bitsandbytes' 8-bit AdamW (2 bytes of state per weight)",
                 dict(budget, gradient_checkpointing=True, use_8bit_adam=True), skip=no_8bit,
             ),
+            Row(
+                "full_bf16_checkpointing_adafactor", "+ Adafactor instead (the paper's SDXL optimizer: factored "
+                "second moments, almost no state)", dict(budget, gradient_checkpointing=True, use_adafactor=True),
+            ),
             Row("lora_bf16_checkpointing", "LoRA for comparison", dict(budget, gradient_checkpointing=True, **lora)),
         ]  # fmt: skip
     else:
-        paper = dict(base, adam_implementation="foreach" if device == "cuda" else "for_loop")
-        paper_note = (
-            f"VAE + text encoder every step, separate reference {family.denoiser_label}, "
-            "PyTorch's default AdamW"
-        )
-        if sdxl:
-            paper.update(gradient_checkpointing=True)
-            paper_note += (
-                ", gradient checkpointing (the paper's SDXL set-up; it also offloads the reference to CPU)"
-            )
+        if sdxl:  # the paper's train.py turns both on for SDXL (and offloads the reference to CPU)
+            paper = dict(base, use_adafactor=True, gradient_checkpointing=True)
+            optimizer = "Adafactor, gradient checkpointing (the paper's SDXL set-up; it also offloads the reference to CPU)"
+        else:
+            paper = dict(base, adam_implementation="foreach" if device == "cuda" else "for_loop")
+            optimizer = "PyTorch's default AdamW"
+        paper_note = f"VAE + text encoder every step, separate reference {family.denoiser_label}, {optimizer}"
         rows = [
             Row("paper_baseline", paper_note, paper),
             Row("default", "train_sd.py's defaults", dict(base)),
             Row("full", f"full fine-tune; {given}", dict(base, **speed)),
             Row("lora", f"LoRA, reference = adapters disabled; {given}", dict(base, **speed, **lora)),
         ]
-        cached = "full from precomputed latents and text embeddings (no VAE, no text encoder in the step)"
-        rows.append(Row("cached_latents", cached, dict(base, **speed), cached_latents=True))
+        cached = (
+            "full from precomputed latents and text embeddings (no VAE, no text encoder in the step; both in "
+            "CPU memory, as a run from --latents_cache keeps them)"
+        )
+        # a (nominal) cache makes setup_models leave the encoders in CPU memory, as in a run from a cache
+        from_cache = dict(base, **speed, latents_cache="(synthetic cached batches of the benchmark)")
+        rows.append(Row("cached_latents", cached, from_cache, cached_latents=True))
         mapo = (
             f"MaPO, full fine-tune without a reference {family.denoiser_label} (no reference forward, no "
             f"second copy); {given}"

@@ -130,16 +130,19 @@ def step_flops(cfg, cached: bool) -> int:
 
 
 def memory_breakdown(models, optimizer) -> dict[str, int]:
-    """Bytes held by each part of a set-up: trained weights, their gradients (as large as the trained
-    weights), optimizer states (after a step), reference UNet, frozen parts (VAE, text encoders and,
-    for LoRA, the frozen base UNet)."""
+    """Bytes each part of a set-up holds on the step's device: trained weights, their gradients (as
+    large as the trained weights), optimizer states (after a step), reference UNet, frozen parts (VAE,
+    text encoders and, for LoRA, the frozen base UNet; not the encoders a run from a latent cache keeps
+    in CPU memory)."""
 
     def nbytes(tensors) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     trained = [p for p in models.unet.parameters() if p.requires_grad]
     frozen_unet = [p for p in models.unet.parameters() if not p.requires_grad]
-    frozen = [p for m in [models.components.vae, *models.components.text_encoders] for p in m.parameters()]
+    device = next(models.unet.parameters()).device
+    encoders = [models.components.vae, *models.components.text_encoders]
+    frozen = [p for m in encoders for p in m.parameters() if p.device == device]
     states = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
     return {
         "trained_weights": nbytes(trained),
