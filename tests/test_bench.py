@@ -405,3 +405,49 @@ def test_the_step_reads_the_gradient_norm_with_the_metrics_in_one_sync():
     import math
 
     assert math.isnan(StepWindow().reduce(_OneProcess(), stop=False)["grad_norm"])
+
+
+def test_the_data_preset_times_the_trainers_loader_from_images_streams_and_a_cache(model_dir, tmp_path):
+    """--preset data: every row runs the trainer's own DataLoader (built by build_train_data) over the
+    JPEG pairs it wrote, whole, streamed and from a latent cache encoded by the arch's model, with and
+    without workers, and delivers the batches it counts."""
+    out = tmp_path / "data.json"
+    argv = ["--preset", "data", "--arch", "tiny_sdxl", "--resolution", "32", "--source_size", "40"]
+    argv += ["--batch_pairs", "2", "--workers", "0,1", "--warmup", "1", "--steps", "2"]
+    cli.main([*argv, "--model_dir", str(model_dir), "--output", str(out)])
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == [
+        "images_w0", "images_streaming_w0", "cache_w0", "images_w1", "images_streaming_w1", "cache_w1",
+    ]  # fmt: skip
+    for row in rows.values():
+        assert row["status"] == "ok", row.get("error")
+        assert row["pairs"] == 4 and row["pairs_per_s"] > 0 and row["first_batch_seconds"] > 0
+        assert row["config"]["source_size"] == 40 and row["config"]["train_batch_size"] == 2
+    assert (
+        rows["cache_w1"]["config"]["source"] == "cache" and rows["images_streaming_w1"]["config"]["streaming"]
+    )
+    with pytest.raises(SystemExit, match="--workers must list"):
+        cli.main([*argv[:-6], "--workers", "-1"])
+    with pytest.raises(SystemExit, match="no row named"):
+        cli.main([*argv, "--rows", "images_w3"])
+
+
+def test_the_data_presets_jpegs_decode_at_their_size_and_are_untied_pairs(tmp_path):
+    """The source is Pick-a-Pic-shaped: captions, two JPEGs of the asked size, labels 0/1 summing to 1;
+    textured, so they are far larger than flat drawings would be."""
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from diffusion_dpo.bench.loading import worker_counts, write_jpeg_pairs
+
+    table = pq.read_table(write_jpeg_pairs(tmp_path / "p.parquet", 3, 96)).to_pylist()
+    assert len(table) == 3
+    for row in table:
+        for column in ("jpg_0", "jpg_1"):
+            image = Image.open(io.BytesIO(row[column]))
+            assert image.format == "JPEG" and image.size == (96, 96)
+            assert len(row[column]) > 96 * 96 / 4  # textured: over 2 bits per pixel
+        assert row["label_0"] + row["label_1"] == 1.0 and row["label_0"] in (0.0, 1.0)
+    assert worker_counts("0, 3") == [0, 3] and worker_counts(None)[0] == 0

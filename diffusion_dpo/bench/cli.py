@@ -67,9 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--arch", choices=sorted(archs.ARCHS), default="tiny", help="Model architecture (random weights)."
     )
     p.add_argument(
-        "--preset", choices=("compare", "sdxl_80gb"), default="compare",
+        "--preset", choices=("compare", "sdxl_80gb", "data"), default="compare",
         help="compare: paper_baseline, default, full, lora (and cached_latents). sdxl_80gb: a full SDXL "
-        "fine-tune's memory budget (bf16 reference, gradient checkpointing, fused or 8-bit AdamW).",
+        "fine-tune's memory budget (bf16 reference, gradient checkpointing, fused or 8-bit AdamW, "
+        "Adafactor). data: the trainer's DataLoader alone, from images (whole or streamed) and from a "
+        "latent cache, per --workers count: can it feed the step?",
     )  # fmt: skip
     p.add_argument(
         "--rows", default=None, help="Comma-separated names of the rows to measure (default: all)."
@@ -106,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads per row (default: torch's).")
+    data = p.add_argument_group("--preset data")
+    data.add_argument(
+        "--workers", default=None,
+        help="Comma-separated --dataloader_num_workers values (default: 0 and powers of two up to the CPUs).",
+    )  # fmt: skip
+    data.add_argument(
+        "--source_size", type=int, default=None,
+        help="Side of the source JPEGs, decoded and resized to --resolution (default: --resolution).",
+    )  # fmt: skip
     p.add_argument(
         "--model_dir", default="outputs/bench_models", help="Where the random-weight models are built, once."
     )
@@ -288,6 +299,10 @@ def run(args) -> list[dict]:
     if args.batch_pairs is None:
         args.batch_pairs = 1 if args.preset == "sdxl_80gb" else 4
     check_args(args, device)
+    if args.preset == "data":
+        from diffusion_dpo.bench import loading
+
+        return loading.run(args, device, _environment(device))
     model_path = archs.ensure_model(args.arch, args.model_dir)
     rows = build_rows(args, device, model_path)
     env = _environment(device)
@@ -407,7 +422,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results = run(args)
     except ValueError as err:
         sys.exit(f"error: {err}")
-    print(format_table(results, args))
+    if args.preset == "data":
+        from diffusion_dpo.bench import loading
+
+        print(loading.format_table(results, args))
+    else:
+        print(format_table(results, args))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
