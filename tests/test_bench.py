@@ -451,3 +451,38 @@ def test_the_data_presets_jpegs_decode_at_their_size_and_are_untied_pairs(tmp_pa
             assert len(row[column]) > 96 * 96 / 4  # textured: over 2 bits per pixel
         assert row["label_0"] + row["label_1"] == 1.0 and row["label_0"] in (0.0, 1.0)
     assert worker_counts("0, 3") == [0, 3] and worker_counts(None)[0] == 0
+
+
+def test_repeats_measure_the_rows_in_turn_and_report_each_rows_median_run(model_dir, monkeypatch):
+    """--repeats 3: the rows are measured in turn three times (a slow spell spreads over all of them),
+    and each row reports its run of median speed, whole, with the speeds of all three."""
+    from diffusion_dpo.bench import measure
+
+    order, speeds = [], {"paper_baseline": [10.0, 30.0, 20.0], "default": [5.0, 7.0, 6.0]}
+
+    def fake_measure(row, args, device, work):
+        order.append(row.name)
+        speed = speeds[row.name][order.count(row.name) - 1]
+        return {"status": "ok", "pairs_per_s": speed, "step_seconds_median": 1 / speed,
+                "peak_memory_bytes": int(speed), "device_name": "cpu", "memory_breakdown_bytes": {"x": 1},
+                "torch_threads": 1}  # fmt: skip
+
+    monkeypatch.setattr(cli, "_measure", fake_measure)
+    monkeypatch.setattr(measure, "step_flops", lambda cfg, cached: 1000)
+    args = [
+        "--arch",
+        "tiny",
+        "--rows",
+        "paper_baseline,default",
+        "--repeats",
+        "3",
+        "--model_dir",
+        str(model_dir),
+    ]
+    rows = {r["name"]: r for r in cli.main(args)}
+    assert order == ["paper_baseline", "default"] * 3
+    assert rows["paper_baseline"]["pairs_per_s"] == 20.0 and rows["paper_baseline"]["peak_memory_bytes"] == 20
+    assert rows["paper_baseline"]["pairs_per_s_of_repeats"] == [10.0, 30.0, 20.0]
+    assert rows["default"]["pairs_per_s"] == 6.0 and rows["default"]["speedup_vs_baseline"] == 0.3
+    with pytest.raises(SystemExit, match="--repeats >= 1"):
+        cli.main([*args[:-2], "--repeats", "0"])
