@@ -30,6 +30,7 @@ from diffusion_dpo.data import (
     row_rng,
 )
 from diffusion_dpo.data.transforms import TransformedDataset, TransformedIterableDataset
+from diffusion_dpo.models.loading import to_unit_range
 
 datasets.disable_progress_bars()
 
@@ -423,10 +424,12 @@ def test_center_crop_matches_an_independent_resize_and_crop():
     reference = (
         Image.open(io.BytesIO(row["image_w"])).resize((16, 8), Image.Resampling.BILINEAR).crop((4, 0, 12, 8))
     )
-    expected = torch.from_numpy(np.asarray(reference, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-    assert torch.allclose(out["pixel_values_w"], expected)
+    expected = torch.from_numpy(np.asarray(reference, dtype=np.uint8).copy()).permute(2, 0, 1)
+    assert out["pixel_values_w"].dtype == torch.uint8 and torch.equal(out["pixel_values_w"], expected)
     assert out["original_size_w"] == (12, 24) and out["crop_top_left_w"] == (0, 4)
-    assert out["pixel_values_w"].min() >= -1 and out["pixel_values_w"].max() <= 1
+    # what the step feeds the VAE: [-1, 1]
+    scaled = to_unit_range(out["pixel_values_w"])
+    assert torch.equal(scaled, expected.float() / 127.5 - 1) and scaled.min() >= -1 and scaled.max() <= 1
 
 
 def test_random_crop_and_flip_follow_the_row_rng():
@@ -443,10 +446,9 @@ def test_random_crop_and_flip_follow_the_row_rng():
         assert out["crop_top_left_w"] == (0, left)
         # The flip comes first, the crop's corner is in the flipped image.
         seen = resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip_draw < 0.5 else resized
-        expected = torch.from_numpy(np.asarray(seen.crop((left, 0, left + 8, 8)), dtype=np.float32))
-        expected = expected.permute(2, 0, 1) / 127.5 - 1
+        expected = torch.from_numpy(np.asarray(seen.crop((left, 0, left + 8, 8)), dtype=np.uint8).copy())
         flips.add(bool(flip_draw < 0.5))
-        assert torch.allclose(out["pixel_values_w"], expected)
+        assert torch.equal(out["pixel_values_w"], expected.permute(2, 0, 1))
     assert flips == {True, False}
 
 
@@ -462,9 +464,9 @@ def test_collate_pairs_layout_with_sdxl_fields():
     transform = PairTransform(resolution=8, center_crop=True, sdxl=True)
     batch = collate_pairs([transform(r, index=i) for i, r in enumerate(rows)])
     assert batch["pixel_values_w"].shape == batch["pixel_values_l"].shape == (3, 3, 8, 8)
-    assert batch["pixel_values_w"].dtype == torch.float32
-    assert torch.allclose(batch["pixel_values_w"][:, 0], torch.ones(3, 8, 8))  # red: R channel = +1
-    assert torch.allclose(batch["pixel_values_l"][:, 2], torch.ones(3, 8, 8))
+    assert batch["pixel_values_w"].dtype == torch.uint8  # scaled to [-1, 1] by the step, on the device
+    assert torch.equal(to_unit_range(batch["pixel_values_w"])[:, 0], torch.ones(3, 8, 8))  # red: R = +1
+    assert torch.equal(to_unit_range(batch["pixel_values_l"])[:, 2], torch.ones(3, 8, 8))
     assert batch["captions"] == ["c0", "c1", "c2"]
     assert batch["indices"].tolist() == [0, 1, 2] and batch["num_skipped"] == 0
     assert batch["valid"].tolist() == [True] * 3 and batch["bad_rows"] == []
@@ -563,6 +565,6 @@ def test_sdxl_crop_corner_is_recorded_in_the_flipped_image():
             seen_flips.add(flip)
             top, left = out["crop_top_left_w"]
             expected = np.asarray((flipped if flip else resized).crop((left, top, left + 8, top + 8)))
-            expected = torch.from_numpy(expected.astype(np.float32)).permute(2, 0, 1) / 127.5 - 1
-            assert torch.allclose(out["pixel_values_w"], expected), (width, height, index, flip)
+            expected = torch.from_numpy(expected.copy()).permute(2, 0, 1)
+            assert torch.equal(out["pixel_values_w"], expected), (width, height, index, flip)
         assert seen_flips == {True, False}

@@ -75,7 +75,10 @@ def make_batch(cfg, micro_conditioning: bool, shapes: dict | None = None) -> dic
             batch[f"latents_mean{s}"] = torch.randn((n, *shapes["latent"]), generator=g)
             batch[f"latents_std{s}"] = torch.full((n, *shapes["latent"]), 0.01)
         else:
-            batch[f"pixel_values{s}"] = torch.rand((n, 3, res, res), generator=g) * 2 - 1
+            # uint8, as the loader hands images over (the step scales them on the device)
+            batch[f"pixel_values{s}"] = torch.randint(
+                0, 256, (n, 3, res, res), generator=g, dtype=torch.uint8
+            )
         if micro_conditioning:
             batch[f"original_sizes{s}"] = torch.tensor([[res, res]] * n)
             batch[f"crop_top_lefts{s}"] = torch.zeros((n, 2), dtype=torch.long)

@@ -204,7 +204,7 @@ def _batches_of(items, size: int):
 def _encode_batch(components, prepared: list[dict], device, dtypes: dict) -> list[dict]:
     """Cache rows of prepared rows: one VAE pass over every good row's images and orientations, one text
     encoder pass over their captions."""
-    from diffusion_dpo.models.loading import encode_prompts
+    from diffusion_dpo.models.loading import encode_prompts, to_unit_range
 
     good = [p for p in prepared if p["bad"] is None]
     rows = {p["index"]: {"caption": "", "bad": p["bad"]} for p in prepared}
@@ -213,7 +213,8 @@ def _encode_batch(components, prepared: list[dict], device, dtypes: dict) -> lis
         k = good[0]["pixels_w"].shape[0]
         # [2G, K, 3, R, R]: winners then losers, each in its K orientations
         pixels = torch.cat([torch.stack([p[f"pixels{s}"] for p in good]) for s in _SUFFIXES])
-        dist = vae.encode(pixels.flatten(0, 1).to(device, next(vae.parameters()).dtype)).latent_dist
+        pixels = to_unit_range(pixels.flatten(0, 1).to(device))
+        dist = vae.encode(pixels.to(next(vae.parameters()).dtype)).latent_dist
         shape = (2, len(good), k, *dist.mean.shape[1:])
         # [2 (mean, std), 2 (winner, loser), G, K, C, h, w]
         stats = torch.stack([dist.mean.reshape(shape), dist.std.reshape(shape)])

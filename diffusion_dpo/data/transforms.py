@@ -177,13 +177,14 @@ def transform_image(
     center_crop: bool = False,
     random_flip: bool = True,
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
-    """Resize (shorter side), maybe flip, crop one RGB image; scale it to [-1, 1].
+    """Resize (shorter side), maybe flip, crop one RGB image.
 
     Always draws exactly three numbers from ``rng`` (crop top, crop left, flip), whatever the options,
     so the decisions for later images of the same row do not depend on them.
 
-    Returns ``(pixels [3, resolution, resolution] float32 in [-1, 1], original_size (h, w),
-    crop_top_left (top, left))``. The flip comes before the crop, so ``crop_top_left`` is the crop's
+    Returns ``(pixels [3, resolution, resolution] uint8, original_size (h, w), crop_top_left (top,
+    left))``; the step scales pixels to [-1, 1] where it uses them
+    (:func:`~diffusion_dpo.models.loading.to_unit_range`). The flip comes before the crop, so ``crop_top_left`` is the crop's
     corner in the image the model sees (the resized image, flipped or not), which is what SDXL's
     micro-conditioning (``add_time_ids``) describes.
     """
@@ -204,8 +205,8 @@ def crop_image(
     left_draw: float = 0.0,
 ) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     """What :func:`transform_image` does once its draws are made: resize, flip if ``flip``, crop (at the
-    center, or where ``top_draw``/``left_draw`` in [0, 1) put a random crop), scale to [-1, 1]. The
-    latent cache calls it with both values of ``flip``. Returns as :func:`transform_image`."""
+    center, or where ``top_draw``/``left_draw`` in [0, 1) put a random crop). The latent cache calls it
+    with both values of ``flip``. Returns as :func:`transform_image`: uint8 pixels."""
     original_size = (image.height, image.width)
     image = _resize_shorter_side(image, resolution)
     if flip:
@@ -216,8 +217,8 @@ def crop_image(
     else:
         top, left = int(top_draw * (slack_h + 1)), int(left_draw * (slack_w + 1))
     image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W]
-    pixels = pixels.float() / 127.5 - 1.0
+    # uint8 [3, H, W]: a quarter of float32's bytes through the workers' queues and to the GPU
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
     return pixels, original_size, (top, left)
 
 
@@ -260,12 +261,13 @@ class TransformOptions:
 
     def placeholder(self, index: int, reason: str) -> dict:
         """What a bad row trains as when skipped: the keys, dtypes and shapes of ``__call__``'s
-        output, with zero pixels [3, R, R], caption ``""``, SDXL sizes (R, R) and crops (0, 0), and
+        output, with zero pixels [3, R, R] uint8, caption ``""``, SDXL sizes (R, R) and crops (0, 0), and
         ``bad`` = ``reason`` (``None`` in a good example)."""
         size = self.resolution
         out = {"caption": "", "index": int(index), "bad": str(reason)}
         for suffix in self._image_suffixes:
-            out.update(self._image_fields(suffix, torch.zeros(3, size, size), (size, size), (0, 0)))
+            zeros = torch.zeros(3, size, size, dtype=torch.uint8)
+            out.update(self._image_fields(suffix, zeros, (size, size), (0, 0)))
         return out
 
 
@@ -288,7 +290,7 @@ class PairTransform(TransformOptions):
     _image_suffixes: ClassVar[tuple[str, ...]] = ("_w", "_l")
 
     def __call__(self, row: dict, *, index: int, epoch: int = 0) -> dict:
-        """Returns ``pixel_values_w``/``pixel_values_l`` [3, R, R] float32 in [-1, 1], ``caption``
+        """Returns ``pixel_values_w``/``pixel_values_l`` [3, R, R] uint8, ``caption``
         str, ``index`` int, ``bad`` None and, for SDXL, ``original_size_w``/``_l`` (h, w) and
         ``crop_top_left_w``/``_l`` (top, left). Raises :class:`BadRowError` naming the row for a bad
         caption or image, or a row marked bad by loading."""
@@ -307,7 +309,7 @@ class PairTransform(TransformOptions):
 
 
 def _stack_pixels(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(tensors).contiguous(memory_format=torch.contiguous_format).float()
+    return torch.stack(tensors).contiguous(memory_format=torch.contiguous_format)
 
 
 def collate_common(examples: list[dict]) -> dict:
@@ -328,7 +330,7 @@ def collate_pairs(examples: list[dict]) -> dict:
     """Batch :class:`PairTransform` outputs, placeholders included, so every batch has B rows.
 
     Returns
-        ``pixel_values_w``, ``pixel_values_l``: [B, 3, R, R] float32 in [-1, 1], winners and losers;
+        ``pixel_values_w``, ``pixel_values_l``: [B, 3, R, R] uint8, winners and losers;
         ``captions``: list[str] of length B (shared by both images of a pair);
         ``indices``: [B] long, the rows' dataset indices;
         ``valid``: [B] bool, False where the row is a placeholder for a bad row (mask its loss);

@@ -285,7 +285,7 @@ class UnpairedTransform(TransformOptions):
     _image_suffixes: ClassVar[tuple[str, ...]] = ("",)
 
     def __call__(self, row: dict, *, index: int, epoch: int = 0) -> dict:
-        """Returns ``pixel_values`` [3, R, R] float32 in [-1, 1], ``caption``, ``index``, ``bad``
+        """Returns ``pixel_values`` [3, R, R] uint8, ``caption``, ``index``, ``bad``
         None, ``desirable`` bool (if ``labelled``) and, for SDXL, ``original_size`` (h, w) and
         ``crop_top_left`` (top, left). Raises :class:`BadRowError` naming the row for a bad caption
         or image, or a row marked bad by loading."""
@@ -317,7 +317,7 @@ class UnpairedTransform(TransformOptions):
 def collate_unpaired(examples: list[dict]) -> dict:
     """Batch :class:`UnpairedTransform` outputs, placeholders included, so every batch has B rows.
 
-    Returns ``pixel_values`` [B, 3, R, R] float32 in [-1, 1], ``captions`` list[str], ``indices``
+    Returns ``pixel_values`` [B, 3, R, R] uint8, ``captions`` list[str], ``indices``
     [B] long, ``valid`` [B] bool (False for placeholders), ``bad_rows`` list of ``{"index",
     "reason"}`` (one per placeholder), ``num_skipped`` int, ``desirable`` [B] bool (labelled rows;
     False for placeholders) and, for SDXL, ``original_sizes`` [B, 2] long (h, w) and

@@ -189,17 +189,28 @@ def latent_shape(vae: torch.nn.Module, height: int, width: int) -> tuple[int, in
     return (vae.config.latent_channels, height // factor, width // factor)
 
 
+def to_unit_range(pixels: Tensor) -> Tensor:
+    """Image pixels as the VAE takes them: uint8 ``0..255`` → float32 ``x / 127.5 − 1`` in [−1, 1]; a
+    float tensor is taken to be in [−1, 1] already and returned as it is.
+
+    The data loader hands images over as uint8 and the step scales them where they are used (on the
+    GPU): a quarter of the bytes through the workers' shared memory and the host-to-device copy, and
+    the same float32 values, op for op, as scaling them in the loader."""
+    return pixels.float() / 127.5 - 1.0 if pixels.dtype == torch.uint8 else pixels
+
+
 @torch.no_grad()
 def encode_images(
     vae: torch.nn.Module, pixel_values: Tensor, posterior_noise: Tensor | None = None
 ) -> Tensor:
-    """Images ``[N, 3, H, W]`` in [−1, 1] → scaled VAE latents ``[N, C, H/f, W/f]``, a posterior sample.
+    """Images ``[N, 3, H, W]`` (uint8, or float in [−1, 1]: :func:`to_unit_range`) → scaled VAE latents
+    ``[N, C, H/f, W/f]``, a posterior sample.
 
     ``posterior_noise`` ``[N, C, H/f, W/f]``: the N(0, I) draw of the sample (``mean + std · noise``),
     so that the caller decides where randomness comes from; None draws it from the global RNG.
     """
     dtype = next(vae.parameters()).dtype
-    dist = vae.encode(pixel_values.to(dtype)).latent_dist
+    dist = vae.encode(to_unit_range(pixel_values).to(dtype)).latent_dist
     shift = getattr(vae.config, "shift_factor", None)
     if posterior_noise is None:
         return scaled_latents(dist.sample(), vae.config.scaling_factor, shift)

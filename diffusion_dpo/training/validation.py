@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from diffusion_dpo.diffusion import implicit_reward_scores
-from diffusion_dpo.models.loading import SDComponents, scaled_latents
+from diffusion_dpo.models.loading import SDComponents, scaled_latents, to_unit_range
 from diffusion_dpo.training.models import Models, conditioning
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def encode_heldout_pairs(models: Models, loader, max_pairs: int, resolution: int
     for batch in loader:
         dtype = next(comps.vae.parameters()).dtype
         for key, px in (("w", batch["pixel_values_w"]), ("l", batch["pixel_values_l"])):
-            dist = comps.vae.encode(px.to(device, dtype)).latent_dist
+            dist = comps.vae.encode(to_unit_range(px.to(device)).to(dtype)).latent_dist
             latents = scaled_latents(dist.mean, comps.vae.config.scaling_factor, shift)
             parts[key].append(latents.to(models.weight_dtype))
         hidden, pooled = conditioning(models, batch["captions"], device)
