@@ -486,3 +486,14 @@ def test_repeats_measure_the_rows_in_turn_and_report_each_rows_median_run(model_
     assert rows["default"]["pairs_per_s"] == 6.0 and rows["default"]["speedup_vs_baseline"] == 0.3
     with pytest.raises(SystemExit, match="--repeats >= 1"):
         cli.main([*args[:-2], "--repeats", "0"])
+
+
+def test_to_device_converts_after_the_copy_and_pins_only_for_cuda():
+    """Off CUDA a plain copy (pinning needs a CUDA driver: this CPU-only test would fail if it pinned);
+    the dtype conversion happens after the move, to the same values as ``.to(device, dtype)``."""
+    from diffusion_dpo.transfer import to_device
+
+    x = torch.randn(4, 3)
+    y = to_device(x, "cpu", torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, x.to("cpu", torch.bfloat16))
+    assert to_device(x, "meta").device.type == "meta"

@@ -193,6 +193,8 @@ def run(spec: dict) -> dict:
     params = list(unet.parameters())
     shapes = cached_shapes(models, cfg.resolution) if spec["cached_latents"] else None
     batch = make_batch(cfg, models.components.family.micro_conditioning, shapes)
+    if cuda:  # as the trainer's DataLoader hands batches over on CUDA (pin_memory)
+        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     setup_seconds = time.perf_counter() - started
     if cuda:
         torch.cuda.synchronize()

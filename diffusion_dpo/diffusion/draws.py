@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from diffusion_dpo.transfer import to_device
+
 Tensor = torch.Tensor
 
 #: Separates these draws from the augmentation generator of the same (seed, epoch, index).
@@ -44,9 +46,9 @@ class RowDraws:
 
     def to(self, device, dtype) -> RowDraws:
         return RowDraws(
-            self.timesteps.to(device),
-            self.noise.to(device, dtype),
-            self.posterior.to(device, dtype),
+            to_device(self.timesteps, device),
+            to_device(self.noise, device, dtype),
+            to_device(self.posterior, device, dtype),
         )
 
 

@@ -235,12 +235,15 @@ def build_train_data(
     process_index: int = 0,
     *,
     is_sdxl: bool | None = None,
+    pin_memory: bool = False,
 ) -> TrainData:
     """This process's training rows: shuffled pairs (or unpaired images for ``objective: kto``; for
     ``sft`` also plain ``caption, image`` datasets, e.g. to pretrain a base model), map-style or streamed;
     from the images, or from a latent cache (``--latents_cache``) whose batches carry latents and text
     embeddings instead of pixels. ``micro_conditioning`` (the family's; ``is_sdxl`` is its older name):
-    rows also carry each image's original size and crop (SDXL)."""
+    rows also carry each image's original size and crop (SDXL). ``pin_memory`` (training on CUDA): batches
+    arrive in page-locked memory, which the step copies to the GPU without blocking
+    (:func:`~diffusion_dpo.transfer.to_device`)."""
     is_sdxl = micro_conditioning if is_sdxl is None else is_sdxl
     from diffusion_dpo.data.order import ShardedBatchSampler
     from diffusion_dpo.data.stream import ShuffledStream, StreamCollate
@@ -275,7 +278,7 @@ def build_train_data(
         )  # fmt: skip
         loader = torch.utils.data.DataLoader(
             dataset, batch_size=cfg.train_batch_size, collate_fn=StreamCollate(collate),
-            num_workers=cfg.dataloader_num_workers, drop_last=True,
+            num_workers=cfg.dataloader_num_workers, drop_last=True, pin_memory=pin_memory,
         )  # fmt: skip
         return TrainData(loader=loader, dataset=dataset, sampler=None, **common)
     dataset = make_torch_dataset(rows, transform, on_bad_example=cfg.on_bad_example)
@@ -290,8 +293,9 @@ def build_train_data(
             "dropping ties and bad rows?)"
         )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers
-    )
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.dataloader_num_workers,
+        pin_memory=pin_memory,
+    )  # fmt: skip
     return TrainData(loader=loader, dataset=dataset, sampler=sampler, **common)
 
 

@@ -191,8 +191,9 @@ def train(cfg: TrainConfig) -> dict:
     with dist.frozen_parts_loading(accelerator):
         models = setup_models(cfg, accelerator.device)
     data = build_train_data(
-        cfg, models.components.family.micro_conditioning, accelerator.num_processes, accelerator.process_index
-    )
+        cfg, models.components.family.micro_conditioning, accelerator.num_processes, accelerator.process_index,
+        pin_memory=accelerator.device.type == "cuda",
+    )  # fmt: skip
     lr = cfg.learning_rate
     if cfg.scale_lr:
         lr *= cfg.train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes

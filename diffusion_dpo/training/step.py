@@ -35,6 +35,7 @@ from diffusion_dpo.losses import (
 from diffusion_dpo.models.loading import encode_images, latent_shape, posterior_latents
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.models import Models, conditioning
+from diffusion_dpo.transfer import to_device
 
 Tensor = torch.Tensor
 
@@ -62,16 +63,16 @@ def _unet_inputs(
     posterior sample with the same ``posterior_noise`` ``[K·B, C, h, w]`` through ``posterior_latents``.
     """
     if "prompt_embeds" in batch:  # cached
-        mean = torch.cat([batch[f"latents_mean{s}"] for s in suffixes]).to(device)
-        std = torch.cat([batch[f"latents_std{s}"] for s in suffixes]).to(device)
+        mean = torch.cat([to_device(batch[f"latents_mean{s}"], device) for s in suffixes])
+        std = torch.cat([to_device(batch[f"latents_std{s}"], device) for s in suffixes])
         vae_config = models.components.vae.config
         latents = posterior_latents(
             mean, std, posterior_noise, vae_config.scaling_factor, getattr(vae_config, "shift_factor", None)
         )
-        hidden = batch["prompt_embeds"].to(device, models.weight_dtype)
-        pooled = batch["pooled_prompt_embeds"].to(device) if "pooled_prompt_embeds" in batch else None
+        hidden = to_device(batch["prompt_embeds"], device, models.weight_dtype)
+        pooled = to_device(batch["pooled_prompt_embeds"], device) if "pooled_prompt_embeds" in batch else None
     else:
-        pixels = torch.cat([batch[f"pixel_values{s}"] for s in suffixes]).to(device)  # [K·B, 3, H, W]
+        pixels = torch.cat([to_device(batch[f"pixel_values{s}"], device) for s in suffixes])  # [K·B, 3, H, W]
         latents = encode_images(models.components.vae, pixels, posterior_noise)
         hidden, pooled = conditioning(models, batch["captions"], device)
     return latents.to(models.weight_dtype), hidden, pooled
@@ -103,7 +104,11 @@ def compute_batch_loss(
     objective = cfg.effective_objective
     T = process.num_train_timesteps
     n = len(batch["captions"])
-    valid = batch["valid"].to(device) if "valid" in batch else torch.ones(n, dtype=torch.bool, device=device)
+    valid = (
+        to_device(batch["valid"], device)
+        if "valid" in batch
+        else torch.ones(n, dtype=torch.bool, device=device)
+    )
 
     if objective in ("dpo", "mapo"):
         suffixes = ["_w", "_l"]
@@ -137,7 +142,7 @@ def compute_batch_loss(
         if all_reduce_sum is not None:
             total = all_reduce_sum(total)
         reference_point = total[0] / total[1].clamp(min=1)
-        desirable = batch["desirable"].to(device)
+        desirable = to_device(batch["desirable"], device)
         losses, rewards = kto_loss(
             logratios, torch.zeros_like(logratios), desirable, reference_point,
             beta=cfg.beta_dpo, desirable_weight=cfg.kto_desirable_weight,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffusion_dpo.models.families.base import ModelFamily, _has, clip_token_ids
+from diffusion_dpo.transfer import to_device
 
 Tensor = torch.Tensor
 
@@ -58,8 +59,8 @@ class SDXLFamily(ModelFamily):
         """``{"text_embeds", "time_ids"}`` for the images of ``suffixes`` stacked (winners first)."""
         from diffusion_dpo.models.loading import sdxl_time_ids
 
-        sizes = torch.cat([batch[f"original_sizes{s}"] for s in suffixes]).to(device)  # [K·B, 2]
-        crops = torch.cat([batch[f"crop_top_lefts{s}"] for s in suffixes]).to(device)
+        sizes = torch.cat([to_device(batch[f"original_sizes{s}"], device) for s in suffixes])  # [K·B, 2]
+        crops = torch.cat([to_device(batch[f"crop_top_lefts{s}"], device) for s in suffixes])
         pooled = torch.cat([pooled] * len(suffixes))
         return {
             "text_embeds": pooled.to(dtype),
