@@ -4,6 +4,7 @@
     python -m diffusion_dpo.bench --arch sd15 --batch_pairs 16                    # GPU, bf16, 512 px
     python -m diffusion_dpo.bench --arch sdxl --preset sdxl_80gb                  # SDXL memory budget
     python -m diffusion_dpo.bench --arch sd35_medium --batch_pairs 4              # GPU, SD3.5 Medium, 1024 px
+    python -m diffusion_dpo.bench --preset data --arch sd15 --batch_pairs 16      # the DataLoader alone
 
 Rows (configurations), each measured in a fresh process (:mod:`diffusion_dpo.bench.measure`):
 
@@ -14,11 +15,13 @@ Rows (configurations), each measured in a fresh process (:mod:`diffusion_dpo.ben
 - ``default``: what ``train_sd.py`` does with its defaults (its speed options that are on by default);
 - ``full``: the full fine-tune with the speed options given on this command line;
 - ``lora``: the same with LoRA (the reference is the UNet with adapters disabled: no second UNet);
-- ``cached_latents``: ``full`` from precomputed latents and text embeddings, where the trainer has them.
+- ``cached_latents``: ``full`` from precomputed latents and text embeddings, the encoders in CPU memory;
+- ``mapo``: ``full`` with ``--objective mapo`` (no reference forward, no reference copy).
 
 Every row reports pairs per second (median over the timed optimizer steps after warm-up), peak memory,
 and on GPU the model FLOPs utilisation; and its speed-up and memory ratio against the baseline row.
-``--preset sdxl_80gb`` measures the memory budget of a full SDXL fine-tune instead. Every row of an arch
+``--preset sdxl_80gb`` measures the memory budget of a full SDXL fine-tune instead, and ``--preset data``
+the trainer's DataLoader alone (:mod:`diffusion_dpo.bench.loading`). Every row of an arch
 runs with that arch's own options (``sd35_medium``: ``--drop_t5 --max_sequence_length 77``,
 :mod:`diffusion_dpo.bench.archs`).
 """
