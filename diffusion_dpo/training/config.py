@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -163,7 +164,12 @@ class TrainConfig:
     use_lora: bool = _f(False, "Train LoRA adapters; the reference is the same UNet with adapters disabled.")
     rank: int = _f(8, "LoRA rank.")
     lora_alpha: int | None = _f(None, "LoRA alpha (default: the rank).")
-    mixed_precision: str = _f("no", "no, fp16 or bf16.", choices=("no", "fp16", "bf16"))
+    mixed_precision: str | None = _f(
+        None,
+        "no, fp16 or bf16. Unset: accelerate's (`accelerate launch --mixed_precision`, or its config file), "
+        "else no.",
+        choices=("no", "fp16", "bf16"),
+    )
     gradient_checkpointing: bool = _f(
         False, "Recompute UNet activations in the backward pass to save memory."
     )
@@ -226,6 +232,17 @@ class TrainConfig:
     @property
     def effective_objective(self) -> str:
         return "sft" if self.sft else self.objective
+
+    def __post_init__(self):
+        if self.mixed_precision is None:
+            # as diffusers' training scripts and accelerate itself resolve it: `accelerate launch
+            # --mixed_precision bf16` (or its config file) sets ACCELERATE_MIXED_PRECISION for the run
+            self.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+            if self.mixed_precision not in ("no", "fp16", "bf16"):
+                raise ValueError(
+                    f"accelerate's mixed precision is {self.mixed_precision!r} (ACCELERATE_MIXED_PRECISION), "
+                    "which this trainer does not run; pass --mixed_precision no, fp16 or bf16"
+                )
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending flag."""

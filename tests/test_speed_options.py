@@ -1,4 +1,4 @@
-"""--use_adafactor: the paper's SDXL optimizer, with almost no optimizer state."""
+"""Trainer options of the Performance section: --use_adafactor (the paper's SDXL optimizer) and the precision."""
 
 import json
 
@@ -78,3 +78,18 @@ def test_a_run_with_adafactor_trains_and_resumes_exactly(tmp_path, tiny_sd_path)
     assert sum(not torch.equal(a[k], reference[k]) for k in a) > len(a) // 2
     rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_mixed_precision_left_unset_follows_accelerate(monkeypatch):
+    """As in diffusers' scripts: unset, the precision is accelerate's (`accelerate launch
+    --mixed_precision bf16` or its config file, which set ACCELERATE_MIXED_PRECISION), else no; a flag
+    or the trainer YAML wins; a precision the trainer does not run is refused, naming where it came from."""
+    base = ["--pretrained_model_name_or_path", "m", "--dataset_name", "d"]
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert parse_config(base).mixed_precision == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert parse_config(base).mixed_precision == "bf16"
+    assert parse_config([*base, "--mixed_precision", "fp16"]).mixed_precision == "fp16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="ACCELERATE_MIXED_PRECISION"):
+        parse_config(base)
