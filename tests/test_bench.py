@@ -267,6 +267,8 @@ def test_sdxl_rows_use_the_papers_sdxl_optimizer_and_adafactor_is_an_option(tmp_
     args.resolution = 64
     budget = {r.name: r for r in cli.build_rows(args, "cpu", tmp_path / "m")}
     assert budget["full_bf16_checkpointing_adafactor"].train["use_adafactor"]
+    cached = budget["full_bf16_checkpointing_adafactor_cached"]
+    assert cached.cached_latents and cached.train["latents_cache"] and cached.train["use_adafactor"]
     args = cli.build_parser().parse_args(["--arch", "tiny", "--use_adafactor", "--batch_pairs", "2"])
     args.resolution = 64
     rows = {r.name: r for r in cli.build_rows(args, "cpu", tmp_path / "m")}
