@@ -179,7 +179,7 @@ def test_sd3_step_flops_on_meta_equal_a_real_step_also_from_a_cache(model_dir):
     )
     models = setup_models(cfg, "cpu")
     assert not models.components.family.micro_conditioning
-    shapes = cached_shapes(models, cfg.resolution)
+    shapes = cached_shapes(cfg)
     assert shapes["latent"][0] == 16 and shapes["pooled"] is not None  # SD3: both CLIPs' pooled outputs
     for cached in (False, True):
         batch = make_batch(cfg, micro_conditioning=False, shapes=shapes if cached else None)
@@ -462,7 +462,7 @@ def test_repeats_measure_the_rows_in_turn_and_report_each_rows_median_run(model_
 
     order, speeds = [], {"paper_baseline": [10.0, 30.0, 20.0], "default": [5.0, 7.0, 6.0]}
 
-    def fake_measure(row, args, device, work):
+    def fake_measure(row, args, device, work, shapes=None):
         order.append(row.name)
         speed = speeds[row.name][order.count(row.name) - 1]
         return {"status": "ok", "pairs_per_s": speed, "step_seconds_median": 1 / speed,

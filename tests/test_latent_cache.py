@@ -25,7 +25,7 @@ from diffusion_dpo.data.latent_cache import (
     write_latent_cache,
 )
 from diffusion_dpo.data.transforms import BadRowError, row_rng
-from diffusion_dpo.models.loading import encode_prompts
+from diffusion_dpo.models.loading import encode_prompts, load_components
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.data_setup import build_train_data
 from diffusion_dpo.training.loop import train
@@ -216,6 +216,10 @@ def test_a_run_from_the_cache_trains_the_weights_a_run_from_images_trains(
     a, b = images["models"].unet.state_dict(), cached["models"].unet.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+    # the run from the cache loaded no text encoder; its saved pipeline has the base model's
+    assert cached["models"].components.text_encoders == []
+    saved = sorted(p.name for p in (tmp_path / "cached").iterdir() if p.name.startswith("text_encoder"))
+    assert saved == sorted(p.name for p in Path(model).iterdir() if p.name.startswith("text_encoder")) != []
     base = setup_models(
         _cfg(model, tmp_path / "x", dataset_name=pairs_path, **flags), "cpu"
     ).unet.state_dict()
@@ -235,7 +239,8 @@ def test_caption_dropout_uses_the_empty_prompt_embedding(request, tmp_path, arch
     model, cache_dir, flags = _arch(request, arch)
     cache = open_latent_cache(cache_dir)
     transform = CachedPairTransform(cache, seed=0, proportion_empty_prompts=0.5)
-    models = setup_models(_cfg(model, tmp_path / "o", latents_cache=cache_dir, **flags), "cpu")
+    # the encoders as the trainer loads them when it encodes captions (from a cache it loads none)
+    components = load_components(str(model), load_unet=False, family_options=flags)
     rows = cache.rows()
     seen = set()
     for index in range(len(rows)):
@@ -244,14 +249,14 @@ def test_caption_dropout_uses_the_empty_prompt_embedding(request, tmp_path, arch
         seen.add(dropped)
         caption = "" if dropped else rows[index]["caption"]
         assert example["caption"] == caption
-        hidden, pooled = encode_prompts(models.components, [caption], "cpu")
+        hidden, pooled = encode_prompts(components, [caption], "cpu")
         torch.testing.assert_close(example["prompt_embeds"], hidden[0], rtol=1e-5, atol=1e-5)
         assert ("pooled_prompt_embeds" in example) == (arch != "sd15")
         if pooled is not None:
             torch.testing.assert_close(example["pooled_prompt_embeds"], pooled[0], rtol=1e-5, atol=1e-5)
     assert seen == {True, False}
     always = CachedPairTransform(cache, seed=0, proportion_empty_prompts=1.0)
-    empty, _ = encode_prompts(models.components, [""], "cpu")
+    empty, _ = encode_prompts(components, [""], "cpu")
     for index in range(3):
         torch.testing.assert_close(
             always(rows[index], index=index)["prompt_embeds"], empty[0], rtol=1e-5, atol=1e-5
@@ -351,17 +356,22 @@ def test_bf16_is_stored_as_its_16_bits_and_format_1_caches_still_read(
 
 
 def test_a_run_from_the_cache_keeps_its_encoders_off_the_device(tmp_path, tiny_sd_path, pairs_path, sd_cache):
-    """The step never encodes from a cache, so the VAE and text encoder stay in CPU memory (the meta
-    device stands in for a GPU); they visit the device for held-out pairs and validation images, which
-    a run from the cache still makes."""
+    """The step never encodes from a cache: without validation no text encoder is loaded at all, and the
+    VAE stays in CPU memory (the meta device stands in for a GPU); with validation the text encoder is
+    loaded, in CPU memory too, and both visit the device for held-out pairs and validation images."""
     from diffusion_dpo.training.models import encoders_on
 
-    cfg = _cfg(tiny_sd_path, tmp_path / "m", latents_cache=sd_cache)
-    models = setup_models(cfg, "meta")
+    models = setup_models(_cfg(tiny_sd_path, tmp_path / "m", latents_cache=sd_cache), "meta")
     assert next(models.unet.parameters()).device.type == "meta"
     assert next(models.ref_unet.parameters()).device.type == "meta"
+    assert models.components.text_encoders == [] and models.components.tokenizers == []
+    assert next(models.components.vae.parameters()).device.type == "cpu"
+    validating = _cfg(
+        tiny_sd_path, tmp_path / "m", latents_cache=sd_cache, validation_prompts=["a red circle"]
+    )
+    models = setup_models(validating, "meta")
     encoders = [models.components.vae, *models.components.text_encoders]
-    assert {next(m.parameters()).device.type for m in encoders} == {"cpu"}
+    assert len(encoders) == 2 and {next(m.parameters()).device.type for m in encoders} == {"cpu"}
     images = setup_models(_cfg(tiny_sd_path, tmp_path / "m", dataset_name=pairs_path), "cpu")
     with encoders_on(images, "cpu"):  # already there: nothing moves
         pass

@@ -269,11 +269,11 @@ def _flop_key(row: Row) -> tuple:
     )
 
 
-def _measure(row: Row, args, device: str, work: Path) -> dict:
+def _measure(row: Row, args, device: str, work: Path, shapes: dict | None = None) -> dict:
     """Run one row in a fresh process; its measurements, or ``{"status": ..., "error": ...}``."""
     spec = {
         "train": row.train, "cached_latents": row.cached_latents, "device": device, "warmup": args.warmup,
-        "steps": args.steps, "threads": args.threads,
+        "steps": args.steps, "threads": args.threads, "shapes": shapes,
     }  # fmt: skip
     spec_path, result_path = work / f"{row.name}.spec.json", work / f"{row.name}.result.json"
     spec_path.write_text(json.dumps(spec))
@@ -305,7 +305,7 @@ def run(args) -> list[dict]:
     import torch
 
     from diffusion_dpo.bench.hardware import compute_precision, peak_tflops
-    from diffusion_dpo.bench.measure import step_flops
+    from diffusion_dpo.bench.measure import cached_shapes, step_flops
     from diffusion_dpo.training.config import TrainConfig
 
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
@@ -322,6 +322,7 @@ def run(args) -> list[dict]:
     rows = build_rows(args, device, model_path)
     env = _environment(device)
     flops: dict[tuple, int] = {}
+    shapes: dict[tuple, dict] = {}  # a cached row's batch shapes
     results = []
     measured: dict[str, list[dict]] = {row.name: [] for row in rows}
     with tempfile.TemporaryDirectory(prefix="dpo-bench-") as tmp:
@@ -334,7 +335,9 @@ def run(args) -> list[dict]:
                     flops[_flop_key(row)] = step_flops(TrainConfig(**row.train), row.cached_latents)
                 what = f" (repeat {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
                 logger.info("[%d/%d] measuring %s%s", i, len(rows), row.name, what)
-                measured[row.name].append(_measure(row, args, device, Path(tmp)))
+                if row.cached_latents and _flop_key(row) not in shapes:  # here, not in the measured process
+                    shapes[_flop_key(row)] = cached_shapes(TrainConfig(**row.train))
+                measured[row.name].append(_measure(row, args, device, Path(tmp), shapes.get(_flop_key(row))))
     for row in rows:
         out = {
             "name": row.name, "description": row.description,

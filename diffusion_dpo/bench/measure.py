@@ -89,17 +89,24 @@ def make_batch(cfg, micro_conditioning: bool, shapes: dict | None = None) -> dic
     return batch
 
 
-def cached_shapes(models, resolution: int) -> dict:
-    """What a latent cache holds per row for ``models``: ``latent`` ``(C, h, w)``, ``text`` ``(L, D)``
-    and ``pooled`` ``(D',)`` (SDXL, SD3) or None (the family's ``encode_prompts`` has none)."""
-    from diffusion_dpo.models.loading import encode_prompts, latent_shape
+def cached_shapes(cfg) -> dict:
+    """What a latent cache holds per row for the model of ``cfg``: ``latent`` ``[C, h, w]``, ``text``
+    ``[L, D]`` and ``pooled`` ``[D']`` (SDXL, SD3) or None (the family's ``encode_prompts`` has none).
 
-    comps = models.components
-    hidden, pooled = encode_prompts(comps, [""], next(comps.vae.parameters()).device)
+    The text encoders are loaded here, on CPU, to encode the empty caption once: a run from a cache
+    loads none, and the benchmark asks this in its own process, so that a row's peak memory holds only
+    what the run holds."""
+    from diffusion_dpo.models.loading import encode_prompts, latent_shape, load_components
+
+    comps = load_components(
+        cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path,
+        load_unet=False, family_options=cfg.family_options(),
+    )  # fmt: skip
+    hidden, pooled = encode_prompts(comps, [""], "cpu")
     return {
-        "latent": latent_shape(comps.vae, resolution, resolution),
-        "text": tuple(hidden.shape[1:]),
-        "pooled": None if pooled is None else tuple(pooled.shape[1:]),
+        "latent": list(latent_shape(comps.vae, cfg.resolution, cfg.resolution)),
+        "text": list(hidden.shape[1:]),
+        "pooled": None if pooled is None else list(pooled.shape[1:]),
     }
 
 
@@ -122,7 +129,7 @@ def step_flops(cfg, cached: bool) -> int:
     batch = make_batch(
         meta_cfg,
         models.components.family.micro_conditioning,
-        cached_shapes(models, cfg.resolution) if cached else None,
+        cached_shapes(cfg) if cached else None,
     )
 
     def step():
@@ -191,7 +198,7 @@ def run(spec: dict) -> dict:
     unet, optimizer = accelerator.prepare(models.unet, optimizer)
     models.unet = unet
     params = list(unet.parameters())
-    shapes = cached_shapes(models, cfg.resolution) if spec["cached_latents"] else None
+    shapes = (spec.get("shapes") or cached_shapes(cfg)) if spec["cached_latents"] else None
     batch = make_batch(cfg, models.components.family.micro_conditioning, shapes)
     if cuda:  # as the trainer's DataLoader hands batches over on CUDA (pin_memory)
         batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -113,6 +113,7 @@ def load_components(
     frozen_dtype: torch.dtype = torch.float32,
     unet_dtype: torch.dtype = torch.float32,
     load_unet: bool = True,
+    load_text_encoders: bool = True,
     family_options: dict | None = None,
 ) -> SDComponents:
     """Load the denoiser (UNet or transformer), VAE, training noise scheduler, tokenizer(s) and text
@@ -123,8 +124,9 @@ def load_components(
     the denoiser in ``unet_dtype``, the frozen text encoders and VAE in ``frozen_dtype``, except SDXL's
     own VAE, which overflows in fp16 and stays fp32. ``vae_model_name_or_path`` swaps in another VAE
     (e.g. ``madebyollin/sdxl-vae-fp16-fix``, which is stable in fp16). ``load_unet=False`` leaves the
-    denoiser out (``unet`` is None), for encoding data only. ``family_options``: ``drop_t5``,
-    ``max_sequence_length`` and the flow process's options (SD3).
+    denoiser out (``unet`` is None), for encoding data only; ``load_text_encoders=False`` the tokenizers
+    and text encoders (empty lists), for training from precomputed text embeddings. ``family_options``:
+    ``drop_t5``, ``max_sequence_length`` and the flow process's options (SD3).
     """
     from diffusers import AutoencoderKL
 
@@ -134,7 +136,11 @@ def load_components(
     src = pretrained_model_name_or_path
     with quiet_loading():
         noise_scheduler = family.load_noise_scheduler(src, revision=revision)
-        tokenizers, text_encoders = family.load_text_encoders(src, revision, variant, frozen_dtype)
+        tokenizers, text_encoders = (
+            family.load_text_encoders(src, revision, variant, frozen_dtype)
+            if load_text_encoders
+            else ([], [])
+        )
         if vae_model_name_or_path:
             vae = AutoencoderKL.from_pretrained(vae_model_name_or_path, **dtype_kwargs(vae_dtype))
         else:
@@ -145,7 +151,8 @@ def load_components(
     logger.info(
         "loaded %s (%s): %s in %s, text encoder%s in %s, VAE in %s",
         src, family.label, family.denoiser_label, _name(unet_dtype) if load_unet else "(not loaded)",
-        "s" if len(text_encoders) > 1 else "", _name(frozen_dtype), _name(vae_dtype),
+        "s" if len(text_encoders) > 1 else "", _name(frozen_dtype) if text_encoders else "(not loaded)",
+        _name(vae_dtype),
     )  # fmt: skip
     for module in [vae, *text_encoders]:
         module.requires_grad_(False)

@@ -65,8 +65,10 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
     fp32, its frozen reference in the weight dtype; LoRA adapters in fp32. Then the speed options:
     gradient checkpointing and xformers attention, channels-last memory format, ``torch.compile``.
 
-    A run from a latent cache (``--latents_cache``) never encodes in its step, so its VAE and text
-    encoders stay in CPU memory (SDXL's: about 1.8 GB in bf16; SD3.5's with T5: about 11 GB) and visit
+    A run from a latent cache (``--latents_cache``) never encodes in its step. Its text encoders (SDXL's:
+    about 1.6 GB in bf16; SD3.5's with T5: about 11 GB) are not loaded at all unless validation needs
+    them (``--validation_prompts``, ``--validation_dataset_name``; a full fine-tune's saved pipeline
+    takes them from the base model), and its VAE and any text encoders stay in CPU memory, visiting
     ``device`` only to encode held-out pairs or sample validation images (:func:`encoders_on`).
     """
     if cfg.enable_xformers_memory_efficient_attention:
@@ -75,12 +77,16 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
     components = load_components(
         cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.vae_model_name_or_path,
         frozen_dtype=weight_dtype, unet_dtype=weight_dtype if cfg.use_lora else torch.float32,
-        family_options=cfg.family_options(),
+        load_text_encoders=encodes_captions(cfg), family_options=cfg.family_options(),
     )  # fmt: skip
     family = components.family
     unet = components.unet
     if cfg.latents_cache:
-        logger.info("training from a latent cache: the VAE and text encoders stay in CPU memory")
+        logger.info(
+            "training from a latent cache: %s",
+            "the VAE and text encoders stay in CPU memory" if components.text_encoders
+            else "no text encoder loaded (nothing encodes captions); the VAE stays in CPU memory",
+        )  # fmt: skip
     for module in _encoders(components):
         module.to("cpu" if cfg.latents_cache else device)
 
@@ -127,6 +133,12 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
         # as they are; a LoRA run compiles a second graph for its adapters-disabled reference pass
         unet.compile()
     return Models(components=components, unet=unet, ref_unet=ref_unet, weight_dtype=weight_dtype)
+
+
+def encodes_captions(cfg: TrainConfig) -> bool:
+    """Whether a run encodes captions: from images at every step; from a latent cache only to validate
+    (held-out pairs are read from images, validation prompts are sampled)."""
+    return not cfg.latents_cache or bool(cfg.validation_prompts) or bool(cfg.validation_dataset_name)
 
 
 def _encoders(components: SDComponents) -> list[torch.nn.Module]:
