@@ -302,6 +302,13 @@ def test_an_sd3_cache_of_another_t5_setting_is_refused(tmp_path, tiny_sd3_path, 
             build_train_data(_cfg(tiny_sd3_path, tmp_path / "o", latents_cache=sd3_cache, **flags), False)
         return str(info.value)
 
+    def loads_nothing(*args, **kwargs):
+        raise AssertionError("the models were loaded before the cache was checked")
+
+    with pytest.MonkeyPatch.context() as patch:  # train() refuses it before loading any model
+        patch.setattr("diffusion_dpo.training.loop.setup_models", loads_nothing)
+        with pytest.raises(ValueError, match="with T5 at --max_sequence_length 16"):
+            train(_cfg(tiny_sd3_path, tmp_path / "t", latents_cache=sd3_cache, max_sequence_length=77))
     message = refused(max_sequence_length=77)
     assert "with T5 at --max_sequence_length 16" in message and "--max_sequence_length 77" in message
     assert "without T5 (--drop_t5)" in refused(max_sequence_length=SD3_T5_LENGTH, drop_t5=True)

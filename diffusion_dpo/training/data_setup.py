@@ -109,14 +109,13 @@ def is_caption_image_dataset(dataset_name: str, split: str = "train", cache_dir:
     return "image" in names and not names & {"jpg_0", "image_w", "label"}
 
 
-def _load_cached_rows(cfg: TrainConfig):
-    """(rows, transform, collate, load-time stats) of a latent cache (``--latents_cache``): the rows of the
-    source it was made from, in the same positions, so that everything after is as for images."""
+def open_fitting_cache(cfg: TrainConfig):
+    """``(cache, family)``: the run's latent cache (``--latents_cache``), opened and checked against the
+    run's model, text encoding, resolution and data, and the model's family. Cheap (manifests only), so
+    the loop calls it before loading any model: a wrong cache is refused before minutes of loading."""
     from diffusion_dpo.data import latent_cache
-    from diffusion_dpo.data.pairs import PairStats, bad_label_error, sample_rows
     from diffusion_dpo.models.families import family_for_index
     from diffusion_dpo.models.loading import read_model_index
-    from diffusion_dpo.training.models import weight_dtype_for
 
     cache = latent_cache.open_latent_cache(cfg.latents_cache)
     family = family_for_index(
@@ -131,6 +130,17 @@ def _load_cached_rows(cfg: TrainConfig):
         ),
         dataset_name=cfg.dataset_name, split=cfg.dataset_split,
     )  # fmt: skip
+    return cache, family
+
+
+def _load_cached_rows(cfg: TrainConfig):
+    """(rows, transform, collate, load-time stats) of a latent cache (``--latents_cache``): the rows of the
+    source it was made from, in the same positions, so that everything after is as for images."""
+    from diffusion_dpo.data import latent_cache
+    from diffusion_dpo.data.pairs import PairStats, bad_label_error, sample_rows
+    from diffusion_dpo.training.models import weight_dtype_for
+
+    cache, family = open_fitting_cache(cfg)
     weight = weight_dtype_for(cfg.mixed_precision)
     vae = family.vae_dtype(weight, own_vae=not cfg.vae_model_name_or_path)  # SDXL's own VAE: fp32
     expected = {"latents": str(vae).removeprefix("torch."), "text": str(weight).removeprefix("torch.")}

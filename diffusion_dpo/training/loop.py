@@ -165,7 +165,11 @@ def train(cfg: TrainConfig) -> dict:
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    from diffusion_dpo.training.data_setup import build_train_data, build_validation_dataloader
+    from diffusion_dpo.training.data_setup import (
+        build_train_data,
+        build_validation_dataloader,
+        open_fitting_cache,
+    )
 
     started = time.time()
     out = Path(cfg.output_dir)
@@ -188,6 +192,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
+    if cfg.latents_cache:
+        open_fitting_cache(cfg)  # a cache of another model or setting: refused before the models load
     with dist.frozen_parts_loading(accelerator):
         models = setup_models(cfg, accelerator.device)
     data = build_train_data(
