@@ -499,3 +499,33 @@ def test_to_device_converts_after_the_copy_and_pins_only_for_cuda():
     y = to_device(x, "cpu", torch.bfloat16)
     assert y.dtype == torch.bfloat16 and torch.equal(y, x.to("cpu", torch.bfloat16))
     assert to_device(x, "meta").device.type == "meta"
+
+
+def test_the_suite_runs_its_commands_on_the_test_models_and_keeps_to_its_budget(model_dir, tmp_path):
+    """`python -m diffusion_dpo.bench.suite --tiny`: the GPU suite's commands on the test models, each
+    one's JSON and table written and gathered in summary.txt; a budget too small for a command skips
+    it (listed) instead of starting it."""
+    from diffusion_dpo.bench import suite
+
+    assert suite.tiny_args(["--arch", "sd35_medium", "--batch_pairs", "16", "--workers", "0,4,8"]) == [
+        "--arch", "tiny_sd3", "--batch_pairs", "2", "--workers", "0,1", "--resolution", "64",
+        "--warmup", "1", "--steps", "2",
+    ]  # fmt: skip
+    out = tmp_path / "suite"
+    done = suite.main(
+        ["--output_dir", str(out), "--tiny", "--only", "sd35_medium,data_sd15", "--model_dir", str(model_dir)]
+    )
+    assert [(d["name"], d["status"]) for d in done] == [("sd35_medium", "ok"), ("data_sd15", "ok")]
+    rows = json.loads((out / "sd35_medium.json").read_text())
+    assert [r["name"] for r in rows] == ["paper_baseline", "full", "lora", "cached_latents"]
+    assert all(r["status"] == "ok" and r["config"]["arch"] == "tiny_sd3" for r in rows)
+    assert rows[1]["config"]["gradient_checkpointing"] and rows[1]["config"]["train_batch_size"] == 2
+    summary = (out / "summary.txt").read_text()
+    assert "== sd35_medium" in summary and "== data_sd15" in summary and "images_w1" in summary
+    skipped = suite.main(
+        ["--output_dir", str(tmp_path / "none"), "--tiny", "--budget_s", "10", "--only", "sd15_compare"]
+    )
+    assert [(d["name"], d["status"]) for d in skipped] == [("sd15_compare", "skipped")]
+    assert skipped[0]["why"].endswith("s of the budget left")
+    with pytest.raises(SystemExit, match="no command named"):
+        suite.main(["--output_dir", str(tmp_path / "x"), "--only", "sd16"])
