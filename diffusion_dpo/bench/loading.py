@@ -125,7 +125,7 @@ def run(args, device: str, environment: dict) -> list[dict]:
 
     logger = logging.getLogger("diffusion_dpo.bench")
     arch = archs.ARCHS[args.arch]
-    micro_conditioning = arch.family == "sdxl"
+    micro_conditioning = archs.family(args.arch).micro_conditioning
     rows = data_rows(args, worker_counts(args.workers))
     source_size = args.source_size or args.resolution
     most = max(r["workers"] for r in rows)
@@ -135,7 +135,7 @@ def run(args, device: str, environment: dict) -> list[dict]:
     results = []
     with tempfile.TemporaryDirectory(prefix="dpo-bench-data-") as tmp:
         source = Path(tmp) / "pairs"
-        shards = max(8, most)  # a stream deals its files to its readers
+        shards = min(max(8, most), n_pairs)  # a stream deals its files to its readers
         logger.info("writing %d JPEG pairs of %d px in %d files", n_pairs, source_size, shards)
         for s in range(shards):
             part = range(s * n_pairs // shards, (s + 1) * n_pairs // shards)
