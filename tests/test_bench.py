@@ -470,7 +470,7 @@ def test_repeats_measure_the_rows_in_turn_and_report_each_rows_median_run(model_
                 "torch_threads": 1}  # fmt: skip
 
     monkeypatch.setattr(cli, "_measure", fake_measure)
-    monkeypatch.setattr(measure, "step_flops", lambda cfg, cached: 1000)
+    monkeypatch.setattr(measure, "step_flops", lambda cfg, cached, shapes=None: 1000)
     args = [
         "--arch",
         "tiny",

@@ -248,13 +248,19 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
             f"second copy); {given}"
         )
         rows.append(Row("mapo", mapo, dict(base, **speed, objective="mapo")))
-    if args.rows:
-        wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-        unknown = sorted(set(wanted) - {r.name for r in rows})
-        if unknown:
-            raise ValueError(f"--rows: no row named {unknown}; this preset has {[r.name for r in rows]}")
-        rows = [r for r in rows if r.name in wanted]
-    return rows
+    return select_rows(rows, args.rows, [r.name for r in rows])
+
+
+def select_rows(rows: list, spec: str | None, names: list[str]) -> list:
+    """The rows named in ``--rows`` (``spec``, comma-separated; None: all), in the preset's order;
+    ``names``: each row's name. ``ValueError`` for a name the preset does not have."""
+    if not spec:
+        return rows
+    wanted = [r.strip() for r in spec.split(",") if r.strip()]
+    unknown = sorted(set(wanted) - set(names))
+    if unknown:
+        raise ValueError(f"--rows: no row named {unknown}; this preset has {names}")
+    return [row for row, name in zip(rows, names, strict=True) if name in wanted]
 
 
 def _flop_key(row: Row) -> tuple:
@@ -331,13 +337,14 @@ def run(args) -> list[dict]:
             for i, row in enumerate(rows, 1):
                 if row.skip:
                     continue
-                if _flop_key(row) not in flops:  # counted once per shape, before its first measurement
-                    flops[_flop_key(row)] = step_flops(TrainConfig(**row.train), row.cached_latents)
+                key = _flop_key(row)
+                if row.cached_latents and key not in shapes:  # here, not in the measured process
+                    shapes[key] = cached_shapes(TrainConfig(**row.train))
+                if key not in flops:  # counted once per shape, before its first measurement
+                    flops[key] = step_flops(TrainConfig(**row.train), row.cached_latents, shapes.get(key))
                 what = f" (repeat {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
                 logger.info("[%d/%d] measuring %s%s", i, len(rows), row.name, what)
-                if row.cached_latents and _flop_key(row) not in shapes:  # here, not in the measured process
-                    shapes[_flop_key(row)] = cached_shapes(TrainConfig(**row.train))
-                measured[row.name].append(_measure(row, args, device, Path(tmp), shapes.get(_flop_key(row))))
+                measured[row.name].append(_measure(row, args, device, Path(tmp), shapes.get(key)))
     for row in rows:
         out = {
             "name": row.name, "description": row.description,

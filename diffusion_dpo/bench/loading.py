@@ -106,13 +106,9 @@ def data_rows(args, workers: list[int]) -> list[dict]:
             {"name": f"images_streaming_w{w}", "source": "images", "streaming": True, "workers": w},
             {"name": f"cache_w{w}", "source": "cache", "streaming": False, "workers": w},
         ]
-    if args.rows:
-        wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
-        unknown = sorted(set(wanted) - {r["name"] for r in rows})
-        if unknown:
-            raise ValueError(f"--rows: no row named {unknown}; --preset data has {[r['name'] for r in rows]}")
-        rows = [r for r in rows if r["name"] in wanted]
-    return rows
+    from diffusion_dpo.bench.cli import select_rows
+
+    return select_rows(rows, args.rows, [r["name"] for r in rows])
 
 
 def run(args, device: str, environment: dict) -> list[dict]:
@@ -140,10 +136,10 @@ def run(args, device: str, environment: dict) -> list[dict]:
         for s in range(shards):
             part = range(s * n_pairs // shards, (s + 1) * n_pairs // shards)
             write_jpeg_pairs(source / f"train-{s:05d}.parquet", len(part), source_size, seed=s)
-        cache = None
+        cache, model = None, "(not loaded: images only)"
         if any(r["source"] == "cache" for r in rows):
-            cache = _write_cache(args, device, source, Path(tmp) / "cache", max(1, n_pairs // shards))
-        model = str(archs.ensure_model(args.arch, args.model_dir)) if cache else "(not loaded: images only)"
+            model = str(archs.ensure_model(args.arch, args.model_dir))
+            cache = _write_cache(args, device, model, source, Path(tmp) / "cache", max(1, n_pairs // shards))
         for i, row in enumerate(rows, 1):
             cfg = TrainConfig(
                 pretrained_model_name_or_path=model, dataset_name=None if row["source"] == "cache" else str(source),
@@ -167,7 +163,7 @@ def run(args, device: str, environment: dict) -> list[dict]:
     return results
 
 
-def _write_cache(args, device: str, source: Path, out: Path, shard_size: int) -> str:
+def _write_cache(args, device: str, model: str, source: Path, out: Path, shard_size: int) -> str:
     """A latent cache of the source, encoded by the arch's model on ``device`` in the run's precision
     (on CPU, minutes for the full-size archs)."""
     from diffusion_dpo.bench import archs
@@ -177,11 +173,10 @@ def _write_cache(args, device: str, source: Path, out: Path, shard_size: int) ->
     precision = (
         args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if device == "cuda" else "no")
     )
-    model = archs.ensure_model(args.arch, args.model_dir)
     options = archs.ARCHS[args.arch].train_options
     with quiet_loading():
         write_latent_cache(
-            out, pretrained_model_name_or_path=str(model), dataset_name=str(source), resolution=args.resolution,
+            out, pretrained_model_name_or_path=model, dataset_name=str(source), resolution=args.resolution,
             mixed_precision=precision, batch_size=args.batch_pairs, shard_size=shard_size, device=device,
             drop_t5=options.get("drop_t5", False), max_sequence_length=options.get("max_sequence_length"),
         )  # fmt: skip

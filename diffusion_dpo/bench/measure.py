@@ -110,7 +110,7 @@ def cached_shapes(cfg) -> dict:
     }
 
 
-def step_flops(cfg, cached: bool) -> int:
+def step_flops(cfg, cached: bool, shapes: dict | None = None) -> int:
     """Model FLOPs of one training step (forward + backward of one micro-batch) of ``cfg``, counted on
     the meta device: the trainer's models and ``compute_batch_loss`` with no memory and no kernels.
     Options that change how, not what, is computed (precision, checkpointing, compile, xformers,
@@ -129,7 +129,7 @@ def step_flops(cfg, cached: bool) -> int:
     batch = make_batch(
         meta_cfg,
         models.components.family.micro_conditioning,
-        cached_shapes(cfg) if cached else None,
+        (shapes or cached_shapes(cfg)) if cached else None,
     )
 
     def step():
