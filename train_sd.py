@@ -18,15 +18,19 @@ from pathlib import Path
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.guards import RunStopped
 from diffusion_dpo.training.loop import train
+from diffusion_dpo.training.preflight import check_sources, no_empty_folder_on_failure
 from diffusion_dpo.training.summary import describe_run
 from diffusion_dpo.training.tiny_assets import ensure_tiny_assets
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_config(argv)
-    if cfg.create_tiny_assets:
-        ensure_tiny_assets(cfg)
-    summary = train(cfg)
+    # every path and hub id, before the tiny assets are built or a model loads
+    check_sources(cfg, build_missing=cfg.create_tiny_assets)
+    with no_empty_folder_on_failure(cfg.output_dir):
+        if cfg.create_tiny_assets:
+            ensure_tiny_assets(cfg)
+        summary = train(cfg)
     if summary["is_main_process"]:
         shown = {k: v for k, v in summary.items() if k not in ("models", "is_main_process")}
         path = Path(cfg.output_dir) / "summary.json"

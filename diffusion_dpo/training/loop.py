@@ -29,6 +29,7 @@ from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.guards import BadRows, NonFiniteSteps, PreemptionSignals, RunStopped
 from diffusion_dpo.training.models import encoders_on, setup_models
 from diffusion_dpo.training.optim import make_optimizer
+from diffusion_dpo.training.preflight import check_sources
 from diffusion_dpo.training.saving import final_samples, save_final_model, validation_images
 from diffusion_dpo.training.step import compute_batch_loss
 from diffusion_dpo.training.validation import encode_heldout_pairs, heldout_accuracy
@@ -172,6 +173,7 @@ def train(cfg: TrainConfig) -> dict:
     )
 
     started = time.time()
+    check_sources(cfg)  # every path and hub id the run reads, before anything is created or loaded
     out = Path(cfg.output_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,

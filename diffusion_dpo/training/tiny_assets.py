@@ -19,6 +19,13 @@ model path (:func:`tiny_base_arch`: ``outputs/tiny_sd3/base_model`` names SD3), 
 needed; the SD3 base has a 16-channel VAE with SD3's latent shift and scale, the tiny SD3 pipeline
 (MMDiT, two CLIPs and a T5) and a transformer pretrained by flow matching with the config's
 ``max_sequence_length`` T5 tokens.
+
+Where it builds: only missing paths inside the working directory's ``outputs/`` folder, given as
+relative paths (``outputs/tiny/pairs_train.parquet``; datasets as ``.parquet`` files), which is where the
+shipped tiny configs put them (:func:`is_embedded_asset_path`). A dataset, model or held-out path
+anywhere else that does not exist is the user's mistake, and :mod:`.preflight` refuses it before
+anything is built or loaded: the builder never writes synthetic data where a user's data was meant
+to be.
 """
 
 from __future__ import annotations
@@ -43,6 +50,24 @@ BASE_IMAGES, BASE_STEPS, BASE_BATCH, BASE_LR = 4000, 400, 32, 2e-3
 BASE_CAPTION_NOISE = 0.3
 #: The tiny bases :func:`build_tiny_base` builds, by the word that names them in a model path.
 TINY_BASE_ARCHS = ("sd15", "sd3")
+
+
+def is_embedded_asset_path(path: str | Path, kind: str) -> bool:
+    """Whether ``create_tiny_assets`` may build a missing ``path``: a relative path inside ``outputs/``
+    of the working directory (no ``..``, no ``~``), and for ``kind="dataset"`` a ``.parquet`` file (what
+    the builder writes); ``kind="model"`` is the base model's folder."""
+    text = str(path)
+    parts = Path(text).parts
+    inside = (
+        not Path(text).is_absolute()
+        and not text.startswith("~")
+        and len(parts) >= 2
+        and parts[0] == "outputs"
+        and ".." not in parts
+    )
+    if kind == "dataset":
+        return inside and Path(text).suffix.lower() == ".parquet"
+    return inside
 
 
 def tiny_base_arch(path: str | Path) -> str:
@@ -127,6 +152,15 @@ def ensure_tiny_assets(cfg: TrainConfig) -> None:
     """Create the tiny base model and the synthetic datasets at the configured paths if they are missing."""
     from diffusion_dpo.data import synthetic
 
+    for name, value, kind in (
+        ("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path, "model"),
+        ("dataset_name", cfg.dataset_name, "dataset"),
+        ("validation_dataset_name", cfg.validation_dataset_name, "dataset"),
+    ):  # a second guard under preflight's: never write where a user's own files were meant to be
+        if value and not Path(value).exists() and not is_embedded_asset_path(value, kind):
+            raise FileNotFoundError(
+                f"--{name} {value} does not exist, and create_tiny_assets builds only inside ./outputs/"
+            )
     model = Path(cfg.pretrained_model_name_or_path)
     if not model.exists():
         arch = tiny_base_arch(model)
