@@ -223,6 +223,21 @@ class TrainConfig:
     )
     validation_prompts: list[str] = _f((), "Prompts to sample at validation and after training.")
     num_inference_steps: int = _f(25, "Sampling steps for validation images.")
+    # --- output and the Hub ---
+    overwrite_output_dir: bool = _f(
+        False,
+        "Train again when output_dir already holds this same run, finished (by default it is reused: its "
+        "summary is shown and nothing is retrained).",
+    )
+    push_to_hub: bool = _f(
+        False, "Upload the trained model, its model card and samples to the Hugging Face Hub at the end."
+    )
+    hub_model_id: str | None = _f(
+        None, "Hub repository to push to, owner/name or name (default: the output_dir's folder name)."
+    )
+    hub_token: str | None = _f(
+        None, "Hub token (default: the one `hf auth login` saved); never written to any output."
+    )
     # --- embedded default ---
     create_tiny_assets: bool = _f(
         False, "If the model/dataset paths do not exist, build the tiny SD model and synthetic dataset there."
@@ -337,7 +352,15 @@ class TrainConfig:
         )  # fmt: skip
 
     def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Every option but the Hub token, which must not reach training_config.yaml (uploaded with the
+        model) or a tracker's config."""
+        return {
+            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in SECRET
+        }
+
+
+#: options never written out (to_dict)
+SECRET = ("hub_token",)
 
 
 def _plain(value):

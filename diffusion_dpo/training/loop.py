@@ -26,10 +26,13 @@ from tqdm.auto import tqdm
 from diffusion_dpo.training import checkpoint as ckpt
 from diffusion_dpo.training import distributed as dist
 from diffusion_dpo.training.config import TrainConfig
+from diffusion_dpo.training.console import progress_fields, setup_logging
 from diffusion_dpo.training.guards import BadRows, NonFiniteSteps, PreemptionSignals, RunStopped
+from diffusion_dpo.training.model_card import write_model_card
 from diffusion_dpo.training.models import encoders_on, setup_models
 from diffusion_dpo.training.optim import make_optimizer
 from diffusion_dpo.training.preflight import check_sources
+from diffusion_dpo.training.previous_run import start_over
 from diffusion_dpo.training.saving import final_samples, save_final_model, validation_images
 from diffusion_dpo.training.step import compute_batch_loss
 from diffusion_dpo.training.validation import encode_heldout_pairs, heldout_accuracy
@@ -182,9 +185,7 @@ def train(cfg: TrainConfig) -> dict:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         kwargs_handlers=dist.process_group_kwargs(),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    # accelerate logs four lines per checkpoint (weights, optimizer, scheduler, RNG); ours logs one
-    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    setup_logging()
     dist.check_launch(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -269,11 +270,8 @@ def train(cfg: TrainConfig) -> dict:
     elif accelerator.is_main_process:
         # a fresh run: metrics of an earlier run in the same output_dir are not continued
         _truncate_metrics(out / "metrics.jsonl", 0)
-        if ckpt.list_checkpoints(out):
-            logger.warning(
-                "%s already holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it",
-                out,
-            )
+        if note := start_over(cfg):  # an earlier run there: say that this one replaces it
+            logger.warning(note)
     if bad.too_many():
         raise ValueError(bad.message())
 
@@ -381,10 +379,7 @@ def train(cfg: TrainConfig) -> dict:
                     )
                 if accelerator.is_main_process:
                     _append_metrics(out / "metrics.jsonl", row)
-                    progress.set_postfix(
-                        loss=f"{row['loss']:.4f}" if row.get("loss") is not None else "n/a",
-                        acc=f"{row.get('rewards/accuracies') or float('nan'):.2f}",
-                    )
+                    progress.set_postfix(progress_fields(row))  # no `nan` for a missing value
                 # trackers take numbers only (not the lists of bad rows, not a missing value)
                 accelerator.log(
                     {k: v for k, v in row.items() if isinstance(v, int | float)}, step=global_step
@@ -450,6 +445,8 @@ def train(cfg: TrainConfig) -> dict:
         save_final_model(cfg, models, trained_unet, full_state)
         if cfg.validation_prompts:
             final_samples(cfg, models, accelerator.device)
+        family = models.components.family.name  # README.md: base, method, data, steps, held-out accuracy
+        write_model_card(cfg, global_step, family_name=family, num_processes=accelerator.num_processes)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     models.unet = trained_unet

@@ -115,6 +115,7 @@ def build_tiny_base(
     )
     logger.info("tiny base 1/3: fitting the VAE on %d renders (%d steps)", BASE_VAE_IMAGES, BASE_VAE_STEPS)
     vae = fit_vae(pixels, steps=BASE_VAE_STEPS, seed=seed, latent_channels=ARCH_LATENT_CHANNELS[arch])
+    logger.info("tiny base 2/3: the untrained pipeline around it and %d captioned images", BASE_IMAGES)
     with quiet_loading():
         build_base_pipeline(
             vae, seed=seed, resolution=resolution, prediction_type="v_prediction", arch=arch
