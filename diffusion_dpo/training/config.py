@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from diffusion_dpo.losses import PAIRWISE_LOSSES, check_mapo_args, check_pairwise_args
+from diffusion_dpo.training import cli_help
 
 
 def _f(default, help: str, **kw):
@@ -388,27 +389,58 @@ def _str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Diffusion-DPO / SFT / Diffusion-KTO / MaPO fine-tuning of Stable Diffusion (SD1.x, SDXL).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def _metavar(name: str, kind) -> str:
+    if kind is int:
+        return "N"
+    if kind is float:
+        return "X"
+    return (
+        "PATH"
+        if name.endswith(("_dir", "_path", "_name", "cache")) or name == "resume_from_checkpoint"
+        else "TEXT"
     )
-    parser.add_argument("--config", type=str, default=None, help="YAML file in configs/; flags override it.")
+
+
+def build_parser(full_help: bool = False) -> argparse.ArgumentParser:
+    """The command line: one flag per field, in :data:`cli_help.GROUPS`; ``--help`` shows each flag's
+    one-line help and default, ``--help_all`` (``full_help``) each field's whole description."""
+    parser = cli_help.Parser(
+        prog="train_sd.py",
+        usage="python train_sd.py [--config FILE] [--FLAG VALUE ...]",
+        description=cli_help.description(),
+        epilog=cli_help.EPILOG,
+        formatter_class=cli_help.Formatter,
+    )
+    parser.add_argument(
+        "--config", type=str, default=None, metavar="FILE", help="YAML file in configs/; flags override it."
+    )
+    parser.add_argument(
+        "--help_all", action=cli_help.HelpAll, build=build_parser, help="Every flag's full description."
+    )
     hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kind, inner = _base_type(hints[f.name])
-        # argparse %-formats help strings: a literal % must be doubled
-        kw: dict = {"help": f.metadata["help"].replace("%", "%%"), "default": argparse.SUPPRESS}
-        if kind is bool:
-            # `--flag` sets True; `--flag false` is accepted too, so YAML values can be overridden.
-            kw.update(nargs="?", const=True, type=_str2bool)
-        elif kind is list:
-            kw.update(nargs="*", type=inner)
-        else:
-            kw.update(type=kind)
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kw)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for title, names in cli_help.GROUPS:
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            kind, inner = _base_type(hints[f.name])
+            text = f.metadata["help"] if full_help else cli_help.one_line(f.name, f.metadata["help"])
+            default = cli_help.default_text(f.default)
+            if default is not None:
+                text += f" [default: {default}]"
+            # argparse %-formats help strings: a literal % must be doubled
+            kw: dict = {"help": text.replace("%", "%%"), "default": argparse.SUPPRESS}
+            if kind is bool:
+                # `--flag` sets True; `--flag false` is accepted too, so YAML values can be overridden.
+                kw.update(nargs="?", const=True, type=_str2bool, metavar="BOOL")
+            elif kind is list:
+                kw.update(nargs="*", type=inner, metavar=_metavar(f.name, inner))
+            else:
+                kw.update(type=kind, metavar=_metavar(f.name, kind))
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+                kw["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
+            group.add_argument(f"--{f.name}", **kw)
     return parser
 
 
@@ -422,7 +454,11 @@ def load_yaml(path: str | Path) -> dict:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; see `python train_sd.py --help` for the options")
+        hints = [f"{key} -> {close}" for key in unknown if (close := cli_help.suggestion(key, known))]
+        hint = f" (did you mean: {', '.join(hints)}?)" if hints else ""
+        raise ValueError(
+            f"{path}: unknown keys {unknown}{hint}; see `python train_sd.py --help` for the options"
+        )
     return data
 
 
