@@ -35,6 +35,7 @@ from diffusion_dpo.evaluation.generate import (
 from diffusion_dpo.evaluation.prompts import load_prompts
 from diffusion_dpo.evaluation.report import EvalResults, summarize_results, write_report
 from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key, scorer_if_needed
+from diffusion_dpo.training.model_card import record_evaluations
 
 logger = logging.getLogger("evaluate")
 
@@ -305,6 +306,8 @@ def _run(parser: argparse.ArgumentParser, args) -> dict:
     )
     print(format_table(summary))
     print(f"\nreport: {paths['html']}\nsummary: {paths['summary']}\nper-image scores: {paths['csv']}")
+    for card in record_evaluations(summary, {m.name: m.source for m in models}):  # trainer outputs
+        print(f"model card with the win rate: {card}")
     return summary
 
 

@@ -17,7 +17,7 @@ from diffusion_dpo.data import synthetic
 from diffusion_dpo.training import hub
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.console import progress_fields
-from diffusion_dpo.training.model_card import record_evaluation
+from diffusion_dpo.training.model_card import record_evaluations
 from diffusion_dpo.training.previous_run import finished_run, starting_over_note
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,22 +108,34 @@ def test_the_model_card_holds_the_runs_facts(pushed_run):
 
 
 def test_an_evaluation_adds_its_win_rate_to_the_card(pushed_run, tmp_path):
+    """What eval/evaluate.py hands over (its summary, the models' sources) reaches the trainer
+    output's card; the baseline and models not made here are left alone."""
     import shutil
 
     out = tmp_path / "copy"
     shutil.copytree(pushed_run[0], out, ignore=shutil.ignore_patterns("checkpoint-*", "unet", "vae"))
-    evaluation = dict(
-        baseline="base", scorer="shapes", win_rate=0.71, ci_low=0.6, ci_high=0.8, prompts=24, seeds=4
-    )
-    assert record_evaluation(out, evaluation) == out / "README.md"
+    summary = {
+        "baseline": "base", "n_prompts": 24, "seeds": [0, 1, 2, 3],
+        "win_rates": {
+            "dpo": {"shapes": {"win_rate": 0.71, "ci_low": 0.6, "ci_high": 0.8, "n": 96, "n_prompts": 24}},
+            "other": {"shapes": {"win_rate": 0.4, "ci_low": 0.3, "ci_high": 0.5, "n": 96, "n_prompts": 24}},
+        },
+    }  # fmt: skip
+    sources = {"base": str(tmp_path / "base"), "dpo": str(out), "other": "someone/model"}
+    assert record_evaluations(summary, sources) == [out / "README.md"]
     card = ModelCard.load(out / "README.md")
     facts = card.data.to_dict()["diffusion_dpo"]
-    assert facts["evaluation"] == evaluation
-    assert facts["heldout_implicit_accuracy"] == ModelCard.load(pushed_run[0] / "README.md").data.to_dict()[
-        "diffusion_dpo"]["heldout_implicit_accuracy"]  # fmt: skip
-    assert "**0.710** (95% interval [0.600, 0.800]) over 24 prompts × 4 seeds" in card.text
+    assert facts["evaluation"] == {
+        "baseline": "base", "prompts": 24, "seeds": 4,
+        "win_rates": {"shapes": {"win_rate": 0.71, "ci_low": 0.6, "ci_high": 0.8}},
+    }  # fmt: skip
+    before = ModelCard.load(pushed_run[0] / "README.md").data.to_dict()["diffusion_dpo"]
+    assert facts["heldout_implicit_accuracy"] == before["heldout_implicit_accuracy"]
+    assert (
+        "by the `shapes` scorer: **0.710** (95% interval [0.600, 0.800]) over 24 prompts × 4 seeds, from "
+        "`eval/evaluate.py`: its images are preferred" in card.text
+    )
     assert "Not yet compared" not in card.text
-    assert record_evaluation(tmp_path / "not_a_trainer_output", evaluation) is None
 
 
 def test_push_to_hub_creates_the_repo_before_training_and_uploads_the_output(pushed_run):

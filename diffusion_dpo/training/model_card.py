@@ -128,12 +128,12 @@ def _body(cfg: TrainConfig, facts: dict, evaluation: dict | None, repo_id: str |
     else:
         lines.append("- No held-out implicit-reward accuracy (no `--validation_dataset_name`).")
     if evaluation:
-        lines.append(
-            f"- Win rate against `{evaluation['baseline']}` by the `{evaluation['scorer']}` scorer: "
-            f"**{evaluation['win_rate']:.3f}** (95% interval [{evaluation['ci_low']:.3f}, "
-            f"{evaluation['ci_high']:.3f}]) over {evaluation['prompts']} prompts × {evaluation['seeds']} seeds, "
-            "from `eval/evaluate.py`. Above 0.5 with the whole interval: the images are preferred."
-        )
+        for scorer, wr in evaluation["win_rates"].items():
+            lines.append(
+                f"- Win rate against `{evaluation['baseline']}` by the `{scorer}` scorer: **{wr['win_rate']:.3f}** "
+                f"(95% interval [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]) over {evaluation['prompts']} prompts "
+                f"× {evaluation['seeds']} seeds, from `eval/evaluate.py`: {_verdict(wr)}."
+            )
     else:
         lines.append(
             "- Not yet compared with its base on generated images: `python eval/evaluate.py --model "
@@ -158,6 +158,14 @@ def _body(cfg: TrainConfig, facts: dict, evaluation: dict | None, repo_id: str |
         ]
         lines += [f"![{p}](samples/{s.name}) `{p}`" for p, s in zip(cfg.validation_prompts, samples)] + [""]
     return "\n".join(lines)
+
+
+def _verdict(wr: dict) -> str:
+    if wr["ci_low"] > 0.5:
+        return "its images are preferred (the whole interval is above 0.5)"
+    if wr["ci_high"] < 0.5:
+        return "the base's images are preferred (the whole interval is below 0.5)"
+    return "no clear difference (the interval contains 0.5)"
 
 
 def build_model_card(
@@ -222,10 +230,10 @@ def write_model_card(
 
 
 def record_evaluation(model_dir: str | Path, evaluation: dict) -> Path | None:
-    """Add an evaluation's win rate to the card of a trainer output at ``model_dir`` (a folder whose
+    """Add an evaluation's win rates to the card of a trainer output at ``model_dir`` (a folder whose
     card this trainer wrote, next to its ``training_config.yaml``); returns the card's path, None for
     any other model (a hub id, a base model, a folder not made here). ``evaluation``: ``baseline``,
-    ``scorer``, ``win_rate``, ``ci_low``, ``ci_high``, ``prompts``, ``seeds``."""
+    ``prompts``, ``seeds`` and ``win_rates``, ``{scorer: {"win_rate", "ci_low", "ci_high", ...}}``."""
     import yaml
     from huggingface_hub import ModelCard
 
@@ -244,3 +252,21 @@ def record_evaluation(model_dir: str | Path, evaluation: dict) -> Path | None:
         cfg, facts["steps"], family_name=facts["family"], num_processes=facts.get("processes", 1),
         evaluation=evaluation,
     )  # fmt: skip
+
+
+def record_evaluations(summary: dict, sources: dict[str, str]) -> list[Path]:
+    """After ``eval/evaluate.py``: write each evaluated trainer output's win rates against the baseline
+    into its card. ``summary``: the evaluation's summary; ``sources``: model name -> its folder or id.
+    Returns the cards written."""
+    written = []
+    for name, by_scorer in summary.get("win_rates", {}).items():
+        evaluation = {
+            "baseline": summary["baseline"], "prompts": summary["n_prompts"], "seeds": len(summary["seeds"]),
+            "win_rates": {
+                scorer: {k: wr[k] for k in ("win_rate", "ci_low", "ci_high")}
+                for scorer, wr in by_scorer.items() if wr and wr.get("win_rate") is not None
+            },
+        }  # fmt: skip
+        if evaluation["win_rates"] and (path := record_evaluation(sources[name], evaluation)):
+            written.append(path)
+    return written
