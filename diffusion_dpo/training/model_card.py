@@ -267,6 +267,11 @@ def record_evaluations(summary: dict, sources: dict[str, str]) -> list[Path]:
                 for scorer, wr in by_scorer.items() if wr and wr.get("win_rate") is not None
             },
         }  # fmt: skip
-        if evaluation["win_rates"] and (path := record_evaluation(sources[name], evaluation)):
+        try:
+            path = record_evaluation(sources[name], evaluation) if evaluation["win_rates"] else None
+        except OSError as err:  # a read-only model folder: the evaluation's own outputs still stand
+            logger.warning("could not add the win rate to the model card of %s: %s", sources[name], err)
+            path = None
+        if path is not None:
             written.append(path)
     return written
