@@ -57,11 +57,7 @@ def run_facts(cfg: TrainConfig, family_name: str, global_step: int, num_processe
         "family": family_name,
         "objective": objective,
         "loss_type": cfg.loss_type if objective == "dpo" else None,
-        "beta": cfg.beta_dpo
-        if objective in ("dpo", "kto")
-        else cfg.beta_mapo
-        if objective == "mapo"
-        else None,
+        "beta": {"dpo": cfg.beta_dpo, "kto": cfg.beta_dpo, "mapo": cfg.beta_mapo}.get(objective),  # SFT: none
         "fine_tune": f"LoRA rank {cfg.rank}" if cfg.use_lora else "full",
         "base_model": str(cfg.pretrained_model_name_or_path),
         "dataset": str(cfg.dataset_name),
@@ -132,7 +128,7 @@ def _body(cfg: TrainConfig, facts: dict, evaluation: dict | None, repo_id: str |
             lines.append(
                 f"- Win rate against `{evaluation['baseline']}` by the `{scorer}` scorer: **{wr['win_rate']:.3f}** "
                 f"(95% interval [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]) over {evaluation['prompts']} prompts "
-                f"× {evaluation['seeds']} seeds, from `eval/evaluate.py`: {_verdict(wr)}."
+                f"× {evaluation['seeds']} seeds, from `eval/evaluate.py`: {_verdict(wr, evaluation['baseline'])}."
             )
     else:
         lines.append(
@@ -153,18 +149,19 @@ def _body(cfg: TrainConfig, facts: dict, evaluation: dict | None, repo_id: str |
         lines += [
             "## Samples",
             "",
-            f"Seed {cfg.seed} + i, {cfg.num_inference_steps} steps, after training:",
+            f"One image per validation prompt (seed {cfg.seed} + its index, {cfg.num_inference_steps} "
+            "sampling steps), from the trained model:",
             "",
         ]
         lines += [f"![{p}](samples/{s.name}) `{p}`" for p, s in zip(cfg.validation_prompts, samples)] + [""]
     return "\n".join(lines)
 
 
-def _verdict(wr: dict) -> str:
+def _verdict(wr: dict, baseline: str) -> str:
     if wr["ci_low"] > 0.5:
         return "its images are preferred (the whole interval is above 0.5)"
     if wr["ci_high"] < 0.5:
-        return "the base's images are preferred (the whole interval is below 0.5)"
+        return f"`{baseline}`'s images are preferred (the whole interval is below 0.5)"
     return "no clear difference (the interval contains 0.5)"
 
 
