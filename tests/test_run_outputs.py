@@ -240,3 +240,51 @@ def test_log_lines_start_with_the_first_thing_the_run_does(tmp_path):
     first = result.stderr.splitlines()[0]
     assert "INFO diffusion_dpo.training.tiny_assets: building the tiny SD1.5 base model" in first, first
     assert list(tmp_path.iterdir()) == []  # the stopped build left no empty outputs/ folder
+
+
+def test_a_fresh_run_over_another_runs_output_says_it_starts_over(pushed_run, tmp_path, caplog):
+    """Through the loop itself: a finished run of other options in output_dir is named before the first
+    step, its summary.json goes at once (the folder no longer claims a finished run), and the new
+    run's card replaces the old."""
+    import logging
+    import shutil
+
+    from diffusion_dpo.training.loop import train
+
+    out = tmp_path / "run"
+    shutil.copytree(pushed_run[0], out)
+    argv = [*pushed_run[3][: pushed_run[3].index("--push_to_hub")], "--output_dir", str(out)]
+    cfg = parse_config([*argv, "--beta_dpo", "100", "--max_train_steps", "1"])
+    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.training.loop"):
+        train(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        m.startswith(
+            f"starting over in {out}: it holds a finished run of other options (beta_dpo 250.0 -> 100.0"
+        )
+        for m in warnings
+    ), warnings
+    assert not (out / "summary.json").exists()  # train() alone: train_sd.py writes the new one
+    assert ModelCard.load(out / "README.md").data.to_dict()["diffusion_dpo"]["beta"] == 100.0
+
+
+def test_card_tags_follow_the_family_and_the_fine_tune():
+    from diffusion_dpo.training.model_card import build_model_card
+
+    base = ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0"]
+    cfg = parse_config([*base, "--dataset_name", "yuvalkirstain/pickapic_v2", "--use_lora", "--rank", "4"])
+    card = build_model_card(cfg, "sdxl", 10)
+    meta = card.data.to_dict()
+    assert (
+        meta["tags"][:2] == ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]
+        and "lora" in meta["tags"]
+    )
+    assert meta["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"  # Hub ids go in the metadata
+    assert meta["datasets"] == ["yuvalkirstain/pickapic_v2"]
+    assert meta["diffusion_dpo"]["fine_tune"] == "LoRA rank 4"
+    assert 'pipe.load_lora_weights("outputs/run")' in card.text
+    assert build_model_card(cfg, "sd3", 10).data.tags[:2] == ["sd3", "sd3-diffusers"]
+    assert build_model_card(cfg, "flux", 10).data.tags[:2] == ["flux", "flux-diffusers"]  # a newer family
+    sft = parse_config([*base, "--dataset_name", "d.parquet", "--objective", "sft"])
+    facts = build_model_card(sft, "sdxl", 10).data.to_dict()["diffusion_dpo"]
+    assert facts["objective"] == "sft" and "beta" not in facts and "loss_type" not in facts
