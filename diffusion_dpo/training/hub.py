@@ -17,9 +17,9 @@ from diffusion_dpo.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
-#: what stays out of the upload: resumable state (optimizer moments: twice the weights), the
-#: trackers' logs, half-written folders
-IGNORE_PATTERNS = ["checkpoint-*", "*.tmp", "*.old", "logs/*"]
+#: what stays out of the upload: resumable state (optimizer moments: twice the weights) and
+#: half-written folders; the trackers' logs (--logging_dir) too
+IGNORE_PATTERNS = ["checkpoint-*", "*.tmp", "*.old"]
 
 
 def hub_repo_name(cfg: TrainConfig) -> str:
@@ -85,7 +85,7 @@ def push_output(cfg: TrainConfig, repo_id: str) -> str:
         repo_id=repo_id,
         folder_path=cfg.output_dir,
         commit_message="End of training",
-        ignore_patterns=IGNORE_PATTERNS,
+        ignore_patterns=[*IGNORE_PATTERNS, f"{Path(cfg.logging_dir).as_posix().strip('/')}/*"],
         token=cfg.hub_token,
     )
     logger.info("pushed %s to https://huggingface.co/%s", cfg.output_dir, repo_id)
