@@ -10,7 +10,7 @@ trait ALONE predicts the winner, with a 95% interval, and flags the traits whose
 exceeds --threshold. It also counts ties, identical pairs, duplicate and near-duplicate images, bad
 labels and unreadable images. Writes OUTPUT/audit.json (everything printed, and more) and
 OUTPUT/audit.html (the table, and a few example pairs, chosen beside rejected, for each flagged trait).
-See diffusion_dpo/data/audit.py for the definitions.
+See diffusion_dpo/curation/audit.py for the definitions.
 
 --dataset takes what the trainer's --dataset_name takes: a parquet file or folder, a save_to_disk folder,
 a JSONL/CSV of caption,image_w,image_l, or a hub id (use --streaming for a large one: the first
@@ -28,7 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
-from diffusion_dpo.data import audit
+from diffusion_dpo.curation import audit
 from diffusion_dpo.data.transforms import decode_image
 
 #: Example pairs shown per flagged trait, and the thumbnails' longer side in pixels.

@@ -7,7 +7,7 @@
 
 ``--dataset`` holds ``caption, image`` rows (names changed with ``--caption_column``/``--image_column``):
 a parquet file or folder, a ``save_to_disk`` folder, a JSONL/CSV file with image paths, or a hub id;
-e.g. ``diffusion_dpo.data.synthetic.write_caption_dataset``. For every row and every sample
+e.g. ``diffusion_dpo.synthetic.write_caption_dataset``. For every row and every sample
 ``k < N``, one pair: CHOSEN = the row's image, byte for byte; REJECTED = the model's sample of the
 caption from seed ``SEED + k`` (the pairs of SPIN-Diffusion, Yuan et al. 2024). The chosen image sits
 at ``jpg_0`` or ``jpg_1`` by a coin flip keyed by (seed, row, k), with ``label_0`` saying which, so
@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from diffusion_dpo.data import mining
+from diffusion_dpo.curation import mining
 from diffusion_dpo.data.pairs import load_rows, resolve_image_path
 from diffusion_dpo.data.transforms import decode_image, image_bytes
 from diffusion_dpo.evaluation.cli import run_script

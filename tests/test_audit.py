@@ -1,4 +1,4 @@
-"""The shortcut audit (diffusion_dpo/data/audit.py, data/audit_pairs.py) and the trainer's start-up check.
+"""The shortcut audit (diffusion_dpo/curation/audit.py, data/audit_pairs.py) and the trainer's start-up check.
 
 Planted shortcuts are the synthetic pairs with every winner changed (re-encoded as JPEG quality 30, or
 resized) while losers stay as written; clean pairs are write_pair_dataset's. Hand-computed values are
@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffusion_dpo.data import audit
-from diffusion_dpo.data.synthetic import write_pair_dataset
+from diffusion_dpo.curation import audit
+from diffusion_dpo.synthetic import write_pair_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 N_PAIRS = 300
@@ -269,7 +269,7 @@ def _cfg(dataset, **overrides):
 def test_trainer_start_up_warns_about_a_planted_shortcut(jpeg_winners, clean_pairs, caplog):
     from diffusion_dpo.training.data_setup import build_train_data
 
-    with caplog.at_level(logging.INFO, logger="diffusion_dpo.data.audit"):
+    with caplog.at_level(logging.INFO, logger="diffusion_dpo.curation.audit"):
         build_train_data(_cfg(jpeg_winners), is_sdxl=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
@@ -277,7 +277,7 @@ def test_trainer_start_up_warns_about_a_planted_shortcut(jpeg_winners, clean_pai
     assert "python data/audit_pairs.py" in warnings[0] and "--no_audit_pairs" in warnings[0]
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="diffusion_dpo.data.audit"):
+    with caplog.at_level(logging.INFO, logger="diffusion_dpo.curation.audit"):
         build_train_data(_cfg(jpeg_winners, no_audit_pairs=True), is_sdxl=False)
         build_train_data(_cfg(clean_pairs), is_sdxl=False)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -296,7 +296,7 @@ def test_start_up_audit_uses_the_loader_counts_and_leaves_streams_alone(
 
     stream_stats = PairStats()
     stream = load_pair_dataset(str(biased), streaming=True, stats=stream_stats)
-    with caplog.at_level(logging.INFO, logger="diffusion_dpo.data.audit"):
+    with caplog.at_level(logging.INFO, logger="diffusion_dpo.curation.audit"):
         assert audit.startup_audit(stream, stream_stats, dataset_name="biased") == []
     assert stream_stats.seen == 0 and "streamed" in caplog.text  # not a row read
     assert audit.startup_audit(rows, object(), dataset_name="x") == []  # not pairs: nothing to say
@@ -305,7 +305,7 @@ def test_start_up_audit_uses_the_loader_counts_and_leaves_streams_alone(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(audit, "summarize", broken)
-    with caplog.at_level(logging.INFO, logger="diffusion_dpo.data.audit"):
+    with caplog.at_level(logging.INFO, logger="diffusion_dpo.curation.audit"):
         assert audit.startup_audit(rows, stats, dataset_name="x") == []  # a failure is logged, not raised
     assert "RuntimeError: boom" in caplog.text
 

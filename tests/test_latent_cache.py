@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from trainer_runs import flags, reset_accelerate
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.data.latent_cache import (
     CachedPairTransform,
     open_latent_cache,

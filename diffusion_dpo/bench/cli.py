@@ -41,6 +41,7 @@ import tempfile
 from pathlib import Path
 
 from diffusion_dpo.bench import archs
+from diffusion_dpo.bench.rows import select_rows
 
 logger = logging.getLogger("diffusion_dpo.bench")
 
@@ -249,18 +250,6 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
         )
         rows.append(Row("mapo", mapo, dict(base, **speed, objective="mapo")))
     return select_rows(rows, args.rows, [r.name for r in rows])
-
-
-def select_rows(rows: list, spec: str | None, names: list[str]) -> list:
-    """The rows named in ``--rows`` (``spec``, comma-separated; None: all), in the preset's order;
-    ``names``: each row's name. ``ValueError`` for a name the preset does not have."""
-    if not spec:
-        return rows
-    wanted = [r.strip() for r in spec.split(",") if r.strip()]
-    unknown = sorted(set(wanted) - set(names))
-    if unknown:
-        raise ValueError(f"--rows: no row named {unknown}; this preset has {names}")
-    return [row for row, name in zip(rows, names, strict=True) if name in wanted]
 
 
 def _flop_key(row: Row) -> tuple:

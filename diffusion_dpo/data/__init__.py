@@ -1,4 +1,6 @@
-"""Preference data: pair and unpaired loaders, transforms, collate functions, a synthetic world."""
+"""Preference data: pair and unpaired loaders, transforms, collate functions, the training order, the latent
+cache, and the parquet writers of the trainer's formats. It imports only :mod:`diffusion_dpo.models` (the latent
+cache encodes with a loaded model); curation and the synthetic world live above it."""
 
 from diffusion_dpo.data.pairs import PairStats, load_pair_dataset, load_rows
 from diffusion_dpo.data.transforms import (

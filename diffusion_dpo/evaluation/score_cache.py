@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 #: Libraries whose version can change a score (model code, preprocessing, resizing).
 SCORING_LIBRARIES = ("torch", "torchvision", "transformers", "open_clip_torch", "pillow")
 #: Modules outside ``diffusion_dpo.scorers`` that compute a scorer's score.
-_EXTRA_CODE = {name: ("diffusion_dpo.data.synthetic",) for name in ("shapes", "shapes_color_area")}
+_EXTRA_CODE = {name: ("diffusion_dpo.synthetic.world",) for name in ("shapes", "shapes_color_area")}
 
 
 def _code_hash(name: str) -> str:

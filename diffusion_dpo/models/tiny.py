@@ -177,7 +177,7 @@ def tiny_vae_config() -> dict:
 def _latent_std(vae, resolution: int) -> float:
     import numpy as np
 
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     rng = np.random.default_rng(0)
     images = [synthetic.render(synthetic.sample_spec(rng), rng, resolution) for _ in range(32)]
@@ -372,7 +372,7 @@ def _latent_mean_std(vae, resolution: int) -> tuple[float, float]:
     """Mean and std of the VAE's posterior means over synthetic renders (the images of :func:`_latent_std`)."""
     import numpy as np
 
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     rng = np.random.default_rng(0)
     images = [synthetic.render(synthetic.sample_spec(rng), rng, resolution) for _ in range(32)]

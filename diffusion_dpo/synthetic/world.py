@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from diffusion_dpo.data.parquet import pair_schema, write_parquet
+
 logger = logging.getLogger(__name__)
 
 #: Named colours (RGB, 0-255). Pairwise distances are >= 0.7 in [0, 1] RGB units, far above the
@@ -577,27 +579,6 @@ def generate_unpaired(
         yield {"caption": caption(spec), "image": encode_png(image), "label": desirable}
 
 
-def _write_parquet(path: str | Path, rows: Iterator[dict], schema, chunk: int = 4096) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with pq.ParquetWriter(str(path), schema) as writer:
-        buffer: list[dict] = []
-        for row in rows:
-            buffer.append(row)
-            if len(buffer) == chunk:
-                writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
-                count, buffer = count + len(buffer), []
-        if buffer or count == 0:
-            writer.write_table(pa.Table.from_pylist(buffer, schema=schema))
-            count += len(buffer)
-    logger.info("wrote %d rows to %s", count, path)
-    return path
-
-
 def write_pair_dataset(
     path: str | Path,
     n_pairs: int,
@@ -609,15 +590,7 @@ def write_pair_dataset(
 ) -> Path:
     """Write :func:`generate_pairs` to the parquet file ``path`` (Pick-a-Pic v2 columns)."""
     rows = generate_pairs(n_pairs, seed, resolution, heldout, tie_fraction, specs)
-    return _write_parquet(path, rows, _pair_schema())
-
-
-def _pair_schema(extra: Sequence[tuple] = ()):
-    """Pick-a-Pic v2's columns, then ``extra`` ``(name, pyarrow type)`` fields."""
-    import pyarrow as pa
-
-    columns = [("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary())]
-    return pa.schema([*columns, ("label_0", pa.float64()), ("label_1", pa.float64()), *extra])
+    return write_parquet(path, rows, pair_schema())
 
 
 def write_imperfect_pair_dataset(
@@ -636,7 +609,7 @@ def write_imperfect_pair_dataset(
         (f"errors_{i}", pa.int64()) for i in (0, 1)
     ]
     rows = generate_imperfect_pairs(n_pairs, seed, resolution, specs, temperature)
-    return _write_parquet(path, rows, _pair_schema(extra))
+    return write_parquet(path, rows, pair_schema(extra))
 
 
 def write_caption_dataset(
@@ -653,7 +626,7 @@ def write_caption_dataset(
 
     schema = pa.schema([("caption", pa.string()), ("image", pa.binary())])
     rows = generate_captioned_images(n_images, seed, resolution, caption_noise, heldout, specs)
-    return _write_parquet(path, rows, schema)
+    return write_parquet(path, rows, schema)
 
 
 def write_unpaired_dataset(
@@ -669,4 +642,4 @@ def write_unpaired_dataset(
 
     schema = pa.schema([("caption", pa.string()), ("image", pa.binary()), ("label", pa.bool_())])
     rows = generate_unpaired(n_images, seed, resolution, desirable_fraction, heldout)
-    return _write_parquet(path, rows, schema)
+    return write_parquet(path, rows, schema)
