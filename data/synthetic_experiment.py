@@ -45,6 +45,11 @@ through configs/synthetic_sd3_*.yaml (their own β and learning rates, measured 
     python data/synthetic_experiment.py --arch sd3 --output_dir outputs/synthetic_sd3 [--quick]
 """
 
+# Why a script of ~730 lines: it is the study's driver, its stages run the entry points (train_sd.py,
+# eval/evaluate.py) in this process and the tests drive and patch them as this module's attributes
+# (tests/trainer_runs.py: load_synthetic_experiment). Its library parts live in diffusion_dpo.synthetic
+# (world, base model and VAE, results, plots); the stage bookkeeping (Stages, Scale) is the next to move.
+
 from __future__ import annotations
 
 import argparse

@@ -11,7 +11,7 @@ import pytest
 from trainer_runs import load_synthetic_experiment
 
 from diffusion_dpo import synthetic
-from diffusion_dpo.synthetic import results, world
+from diffusion_dpo.synthetic import imperfect, results, world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_the_calibrated_annotators_agree_as_often_as_pick_a_pic_users_on_fresh_p
     gaps = []
     for _ in range(600):
         spec = synthetic.sample_spec(rng, specs)
-        a, b = (world._flawed_render(spec, rng, 32, None, synthetic.ERROR_PROBS)[1] for _ in range(2))
+        a, b = (imperfect._flawed_render(spec, rng, 32, None, synthetic.ERROR_PROBS)[1] for _ in range(2))
         gaps.append(a - b)
     assert synthetic.annotator_agreement(np.array(gaps), temperature) == pytest.approx(0.68, abs=0.03)
 

@@ -24,6 +24,10 @@ and on GPU the model FLOPs utilisation; and its speed-up and memory ratio agains
 the trainer's DataLoader alone (:mod:`diffusion_dpo.bench.loading`). Every row of an arch
 runs with that arch's own options (``sd35_medium``: ``--drop_t5 --max_sequence_length 77``,
 :mod:`diffusion_dpo.bench.archs`).
+
+Why one module of ~460 lines: the rows of every step preset, the run that measures them and the table
+that compares them read together (the ratios are relative to the first row); the data preset lives
+in :mod:`.loading`, the measurement of one row in :mod:`.measure`.
 """
 
 from __future__ import annotations

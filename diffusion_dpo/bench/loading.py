@@ -167,7 +167,7 @@ def _write_cache(args, device: str, model: str, source: Path, out: Path, shard_s
     """A latent cache of the source, encoded by the arch's model on ``device`` in the run's precision
     (on CPU, minutes for the full-size archs)."""
     from diffusion_dpo.bench import archs
-    from diffusion_dpo.data.latent_cache import write_latent_cache
+    from diffusion_dpo.data.latent_cache_writer import write_latent_cache
     from diffusion_dpo.models.pretrained import quiet_loading
 
     precision = (

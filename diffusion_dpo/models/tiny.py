@@ -4,6 +4,11 @@ They have the real architectures (UNet2DConditionModel, AutoencoderKL, CLIP text
 CLIP BPE tokenizer) at toy sizes, are saved with ``save_pretrained`` and are loaded back by the same
 ``from_pretrained`` code path as real Stable Diffusion weights. Used by the embedded default
 (``configs/tiny.yaml``), the tests and the synthetic experiment.
+
+Why one module of ~460 lines: the three families' builders share the tokenizers, the text-encoder
+configs and the word-embedding separation, and the embedded default, the tests and the benchmark
+reach them through :func:`save_tiny_pipeline`. With a fourth family (Flux, Qwen-Image) it becomes a
+package ``models/tiny/`` with one module per family beside the shared text parts.
 """
 
 from __future__ import annotations
