@@ -1,6 +1,11 @@
 """One small module per model family (SD1.x/2.x, SDXL, SD3/3.5): see :mod:`.base` for what each knows.
 
 Flux (``FluxPipeline``) is recognised and refused with what it still needs (docs/sd3.md#flux).
+
+Adding a family is one new module here (a :class:`~.base.ModelFamily` subclass) and its entry in
+:data:`FAMILIES`; the loop, the step, the objective and evaluation do not change. May import:
+:mod:`diffusion_dpo.models.pretrained`, :mod:`diffusion_dpo.diffusion.processes`,
+:mod:`diffusion_dpo.transfer`; never :mod:`diffusion_dpo.models.loading`, which imports this package.
 """
 
 from __future__ import annotations
