@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from diffusion_dpo.synthetic.base import ensure_tiny_assets
 from diffusion_dpo.training import hub
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.console import setup_logging
@@ -26,7 +27,6 @@ from diffusion_dpo.training.model_card import write_model_card
 from diffusion_dpo.training.preflight import check_sources, no_empty_folder_on_failure
 from diffusion_dpo.training.previous_run import finished_run
 from diffusion_dpo.training.summary import describe_run
-from diffusion_dpo.training.tiny_assets import ensure_tiny_assets
 
 
 def _publish(cfg, repo_id: str | None, global_step: int) -> None:

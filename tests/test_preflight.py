@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from trainer_runs import tiny_run_flags
 
+from diffusion_dpo.synthetic.base import ensure_tiny_assets
 from diffusion_dpo.training.config import parse_config
-from diffusion_dpo.training.preflight import source_problems
-from diffusion_dpo.training.tiny_assets import ensure_tiny_assets, is_embedded_asset_path
+from diffusion_dpo.training.preflight import is_embedded_asset_path, source_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/tiny.yaml")
@@ -62,7 +62,7 @@ def test_missing_dataset_is_refused_before_any_model_is_built_or_loaded(tmp_path
     import diffusers
     import transformers
 
-    from diffusion_dpo.training import tiny_assets
+    from diffusion_dpo.synthetic import base as tiny_assets
 
     loaded = []
 
@@ -154,7 +154,7 @@ def test_a_failed_start_leaves_no_empty_output_folder(tmp_path, tiny_sd_path, mo
     for weights in (model / "unet").glob("diffusion_pytorch_model*"):
         weights.unlink()
     data = tmp_path / "pairs.parquet"
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     synthetic.write_pair_dataset(data, 8, seed=0)
     out = tmp_path / "runs" / "first"

@@ -13,7 +13,7 @@ import pytest
 from huggingface_hub import ModelCard
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.training import hub
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.console import progress_fields
@@ -224,7 +224,7 @@ def test_log_lines_start_with_the_first_thing_the_run_does(tmp_path):
     first ~30 s printed nothing). The build is stopped right after it says so."""
     script = (
         "import sys; sys.argv[0] = 'train_sd.py'\n"
-        "import diffusion_dpo.training.tiny_assets as t\n"
+        "import diffusion_dpo.synthetic.base as t\n"
         "def stop(*a, **k): raise SystemExit(3)\n"
         "t.build_tiny_base = stop\n"
         "import importlib.util as u\n"
@@ -238,7 +238,7 @@ def test_log_lines_start_with_the_first_thing_the_run_does(tmp_path):
     )  # fmt: skip
     assert result.returncode == 3, result.stderr[-2000:]
     first = result.stderr.splitlines()[0]
-    assert "INFO diffusion_dpo.training.tiny_assets: building the tiny SD1.5 base model" in first, first
+    assert "INFO diffusion_dpo.synthetic.base: building the tiny SD1.5 base model" in first, first
     assert list(tmp_path.iterdir()) == []  # the stopped build left no empty outputs/ folder
 
 

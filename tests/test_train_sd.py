@@ -11,7 +11,7 @@ from accelerate.utils import set_seed
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.loop import setup_models, train
 
@@ -237,7 +237,7 @@ def test_embedded_default_learns_and_says_so(embedded_default_run):
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
     # logged from the first line (the base build's), and no `nan` in the progress bars
     assert (
-        "INFO diffusion_dpo.training.tiny_assets: building the tiny SD1.5 base model"
+        "INFO diffusion_dpo.synthetic.base: building the tiny SD1.5 base model"
         in (result.stderr.splitlines()[0])
     )
     assert "=nan" not in result.stderr

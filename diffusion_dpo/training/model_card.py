@@ -198,7 +198,7 @@ def build_model_card(
 
 def _family_name(cfg: TrainConfig) -> str:
     from diffusion_dpo.models.families import family_for_index
-    from diffusion_dpo.models.loading import read_model_index
+    from diffusion_dpo.models.pretrained import read_model_index
 
     index = read_model_index(cfg.pretrained_model_name_or_path, cfg.revision)
     return family_for_index(index, cfg.pretrained_model_name_or_path, **cfg.family_options()).name

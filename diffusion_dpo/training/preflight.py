@@ -9,7 +9,7 @@ dataset folder for data); a hub id must resolve, by reading one small file (the 
 ``HF_HUB_OFFLINE=1``. Each problem is one line naming the flag and the value.
 
 With ``create_tiny_assets`` a missing path inside ``./outputs/`` is not a problem: the embedded
-default builds it (:func:`diffusion_dpo.training.tiny_assets.is_embedded_asset_path`). Nothing else
+default builds it (:func:`is_embedded_asset_path`). Nothing else
 is built, so a wrong ``--dataset_name`` is an error, never a synthetic dataset written there.
 
 :func:`no_empty_folder_on_failure` removes the output folders a failed start created while they hold
@@ -26,7 +26,25 @@ import warnings
 from pathlib import Path
 
 from diffusion_dpo.training.config import TrainConfig
-from diffusion_dpo.training.tiny_assets import is_embedded_asset_path
+
+
+def is_embedded_asset_path(path: str | Path, kind: str) -> bool:
+    """Whether ``create_tiny_assets`` may build a missing ``path``: a relative path inside ``outputs/``
+    of the working directory (no ``..``, no ``~``), and for ``kind="dataset"`` a ``.parquet`` file (what
+    the builder writes); ``kind="model"`` is the base model's folder."""
+    text = str(path)
+    parts = Path(text).parts
+    inside = (
+        not Path(text).is_absolute()
+        and not text.startswith("~")
+        and len(parts) >= 2
+        and parts[0] == "outputs"
+        and ".." not in parts
+    )
+    if kind == "dataset":
+        return inside and Path(text).suffix.lower() == ".parquet"
+    return inside
+
 
 #: dataset files the loaders read (diffusion_dpo.data.pairs.load_rows)
 DATASET_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv")
@@ -53,7 +71,7 @@ def looks_like_local_path(name: str) -> bool:
 @functools.cache
 def _model_problem(name: str, revision: str | None, options: tuple) -> str | None:
     from diffusion_dpo.models.families import family_for_index
-    from diffusion_dpo.models.loading import read_model_index
+    from diffusion_dpo.models.pretrained import read_model_index
 
     try:
         with warnings.catch_warnings():  # diffusers passes the hub a deprecated argument

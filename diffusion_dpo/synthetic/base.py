@@ -22,8 +22,8 @@ needed; the SD3 base has a 16-channel VAE with SD3's latent shift and scale, the
 
 Where it builds: only missing paths inside the working directory's ``outputs/`` folder, given as
 relative paths (``outputs/tiny/pairs_train.parquet``; datasets as ``.parquet`` files), which is where the
-shipped tiny configs put them (:func:`is_embedded_asset_path`). A dataset, model or held-out path
-anywhere else that does not exist is the user's mistake, and :mod:`.preflight` refuses it before
+shipped tiny configs put them (:func:`diffusion_dpo.training.preflight.is_embedded_asset_path`). A dataset, model or held-out path
+anywhere else that does not exist is the user's mistake, and :mod:`diffusion_dpo.training.preflight` refuses it before
 anything is built or loaded: the builder never writes synthetic data where a user's data was meant
 to be.
 """
@@ -52,24 +52,6 @@ BASE_CAPTION_NOISE = 0.3
 TINY_BASE_ARCHS = ("sd15", "sd3")
 
 
-def is_embedded_asset_path(path: str | Path, kind: str) -> bool:
-    """Whether ``create_tiny_assets`` may build a missing ``path``: a relative path inside ``outputs/``
-    of the working directory (no ``..``, no ``~``), and for ``kind="dataset"`` a ``.parquet`` file (what
-    the builder writes); ``kind="model"`` is the base model's folder."""
-    text = str(path)
-    parts = Path(text).parts
-    inside = (
-        not Path(text).is_absolute()
-        and not text.startswith("~")
-        and len(parts) >= 2
-        and parts[0] == "outputs"
-        and ".." not in parts
-    )
-    if kind == "dataset":
-        return inside and Path(text).suffix.lower() == ".parquet"
-    return inside
-
-
 def tiny_base_arch(path: str | Path) -> str:
     """Which tiny base to build at ``path``: ``"sd3"`` when the folder's name or its parent's has the
     word ``sd3`` (words split at anything but letters and digits: ``outputs/tiny_sd3/base_model``,
@@ -93,14 +75,14 @@ def build_tiny_base(
     """
     import numpy as np
 
-    from diffusion_dpo.data import synthetic
-    from diffusion_dpo.experiment.vae import (
+    from diffusion_dpo import synthetic
+    from diffusion_dpo.models.pretrained import quiet_loading
+    from diffusion_dpo.synthetic.vae import (
         ARCH_LATENT_CHANNELS,
         build_base_pipeline,
         fit_vae,
         images_to_tensor,
     )
-    from diffusion_dpo.models.loading import quiet_loading
     from diffusion_dpo.training.config import parse_config
     from diffusion_dpo.training.distributed import reset_accelerate_state
     from diffusion_dpo.training.loop import train
@@ -151,7 +133,8 @@ def build_tiny_base(
 
 def ensure_tiny_assets(cfg: TrainConfig) -> None:
     """Create the tiny base model and the synthetic datasets at the configured paths if they are missing."""
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
+    from diffusion_dpo.training.preflight import is_embedded_asset_path
 
     for name, value, kind in (
         ("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path, "model"),
