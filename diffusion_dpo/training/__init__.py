@@ -4,7 +4,9 @@ one micro-batch (:mod:`.step`), the loop (:mod:`.loop`) and what processes excha
 (:mod:`.collectives`), the guards of a long run (:mod:`.guards`), checkpoints (:mod:`.checkpoint`),
 held-out accuracy (:mod:`.validation`), outputs (:mod:`.saving`), FSDP/DeepSpeed specifics
 (:mod:`.distributed`), ``metrics.jsonl`` (:mod:`.metrics_file`) and the run's closing lines
-(:mod:`.summary`).
+(:mod:`.summary`). Around the run: the checks before anything loads (:mod:`.preflight`), an output
+folder's earlier run (:mod:`.previous_run`), ``--help`` (:mod:`.cli_help`), log set-up and the progress
+bar's fields (:mod:`.console`), the model card (:mod:`.model_card`) and ``--push_to_hub`` (:mod:`.hub`).
 
 May import: ``losses``, ``diffusion``, ``models``, ``data``, and :mod:`diffusion_dpo.curation.audit`
 (the start-up shortcut check). Above it: ``evaluation`` (loads outputs through :mod:`.saving`),
