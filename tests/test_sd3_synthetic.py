@@ -141,6 +141,61 @@ def test_the_evaluation_suite_samples_trainer_outputs_as_they_were_trained(tmp_p
     )  # added by generate_images
 
 
+def test_an_sd3_trainer_output_is_sampled_and_cached_at_its_trained_t5_length(
+    tmp_path, tiny_sd3_path, monkeypatch
+):
+    """generate_images on a tiny SD3 trainer output: the pipeline is called with the T5 length of its
+    training_config.yaml, and the images are cached under that length: retrained at another length,
+    the same folder's images are generated again (not served from the other length's cache), and an
+    image matches the pipeline sampled directly at the trained length, not at its default of 256."""
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+    from PIL import Image
+
+    from diffusion_dpo.evaluation import generate
+    from diffusion_dpo.evaluation.generate import GenerationSettings, ModelSpec, generate_images
+
+    model = tmp_path / "trained"
+    shutil.copytree(tiny_sd3_path, model)
+    config = model / "training_config.yaml"
+    settings = GenerationSettings(num_inference_steps=2, guidance_scale=1.0)
+    spec, cache = ModelSpec("t", str(model), "pipeline"), tmp_path / "cache"
+    lengths = []  # the max_sequence_length of every pipeline call generate_images makes
+    real_load = generate.load_pipeline
+
+    class Recording:
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def __call__(self, **kwargs):
+            lengths.append(kwargs.get("max_sequence_length"))
+            return self.pipe(**kwargs)
+
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a, **k: Recording(real_load(*a, **k)))
+    config.write_text("max_sequence_length: 16\n")
+    paths16, n16 = generate_images(spec, ["a red circle"], [0], settings, cache, progress=False)
+    assert (n16, lengths) == (1, [16])
+    assert generate_images(spec, ["a red circle"], [0], settings, cache, progress=False)[1] == 0
+    config.write_text("max_sequence_length: 24\n")
+    paths24, n24 = generate_images(spec, ["a red circle"], [0], settings, cache, progress=False)
+    assert (n24, lengths) == (1, [16, 24]), "the 24-token images were served from the 16-token cache"
+    assert paths24[0][0] != paths16[0][0]
+
+    # what the cache holds is what the pipeline draws at the trained length
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+
+    def direct(**kwargs):
+        out = pipe(prompt=["a red circle"], generator=[torch.Generator("cpu").manual_seed(0)],
+                   num_inference_steps=2, guidance_scale=1.0, output_type="pil", **kwargs)  # fmt: skip
+        return np.asarray(out.images[0])
+
+    cached = np.asarray(Image.open(paths16[0][0]))
+    assert np.array_equal(cached, direct(max_sequence_length=16))
+    assert not np.array_equal(cached, direct())  # 256 tokens draw another image: the length matters
+
+
 @pytest.mark.slow
 def test_quick_sd3_experiment_aligns(tmp_path):
     """--arch sd3 --quick end to end (measured: see configs/synthetic_sd3_dpo.yaml)."""
