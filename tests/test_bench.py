@@ -409,6 +409,68 @@ def test_the_step_reads_the_gradient_norm_with_the_metrics_in_one_sync():
     assert math.isnan(StepWindow().reduce(_OneProcess(), stop=False)["grad_norm"])
 
 
+#: Tensor methods that hand a tensor's value to Python: on a GPU each waits for the device (a host sync)
+_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__", "numpy", "cpu"}
+
+
+class _ReadsByLine(torch.overrides.TorchFunctionMode):
+    """Counts the reads of tensor values made by the package's own lines, by (file, line, function)."""
+
+    def __init__(self):
+        super().__init__()
+        import collections
+        import os
+        import sys
+
+        import diffusion_dpo
+
+        self.package = os.path.dirname(diffusion_dpo.__file__) + os.sep
+        self.frame = sys._getframe
+        self.sites = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in _READS:
+            caller = self.frame(1)  # the line that asked for the value (torch's own reads are not ours)
+            path = caller.f_code.co_filename
+            if path.startswith(self.package):
+                where = f"{path[len(self.package) :]}:{caller.f_code.co_name}"
+                self.sites[(where, func.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_run_reads_device_values_once_per_optimizer_step(tmp_path, tiny_sd_path, one_thread):
+    """train() for 3 optimizer steps of 2 micro-batches: the only read of a value the step computed on
+    the device (loss, metrics, flags, gradient norm) is StepWindow.reduce's one ``tolist``, once per
+    optimizer step. The other reads of the package are of the DataLoader's batch, which stays in host
+    memory (the loader is not prepared): its valid-row count and its row indices, once per micro-batch.
+    A ``.item()``, ``float()``, ``bool()`` ... of a tensor anywhere else in the step is a new line here.
+    (On a GPU, ``torch.cuda.set_sync_debug_mode`` would see the syncs themselves; on CPU the reads are
+    what can be counted.)"""
+    from trainer_runs import tiny_run_flags
+
+    from diffusion_dpo.data import synthetic
+    from diffusion_dpo.training.loop import train
+
+    data = synthetic.write_pair_dataset(tmp_path / "pairs.parquet", 24, seed=0)
+    argv = tiny_run_flags(
+        tiny_sd_path,
+        data,
+        tmp_path / "out",
+        max_train_steps=3,
+        train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
+    reads = _ReadsByLine()
+    with reads:
+        summary = train(parse_config(argv))
+    assert summary["global_step"] == 3
+    assert dict(reads.sites) == {
+        ("training/loop.py:reduce", "tolist"): 3,  # the one host sync of each optimizer step
+        ("training/loop.py:add", "__int__"): 6,  # host: int(batch["valid"].sum())
+        ("diffusion/draws.py:draw_for_rows", "tolist"): 6,  # host: the batch's row indices
+    }
+
+
 def test_the_data_preset_times_the_trainers_loader_from_images_streams_and_a_cache(model_dir, tmp_path):
     """--preset data: every row runs the trainer's own DataLoader (built by build_train_data) over the
     JPEG pairs it wrote, whole, streamed and from a latent cache encoded by the arch's model, with and
