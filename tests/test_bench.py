@@ -563,6 +563,67 @@ def test_to_device_converts_after_the_copy_and_pins_only_for_cuda():
     assert to_device(x, "meta").device.type == "meta"
 
 
+class _TransferCalls(torch.overrides.TorchFunctionMode):
+    """Records the calls ``to_device`` makes on tensors, in order. The two that need a CUDA driver
+    answer as the driver would without one being here: ``pin_memory`` gives a copy (a page-locked one
+    on a GPU machine, reported pinned after), and a copy to ``cuda`` arrives on the meta device (which
+    stands in for the GPU: shapes and dtypes, no values); everything else runs for real."""
+
+    def __init__(self, pinned: list[torch.Tensor]):
+        super().__init__()
+        self.calls, self.held = [], list(pinned)  # held: the ids below stay those of these tensors
+        self.pinned = {id(t) for t in pinned}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "is_pinned":
+            self.calls.append(("is_pinned",))
+            return id(args[0]) in self.pinned
+        if name == "pin_memory":
+            self.calls.append(("pin_memory", args[0].dtype))
+            copy = args[0].clone()
+            self.held.append(copy)
+            self.pinned.add(id(copy))
+            return copy
+        if name == "to":
+            target = [a for a in args[1:] if not isinstance(a, torch.dtype)]
+            dtype = [a for a in args[1:] if isinstance(a, torch.dtype)]
+            device = torch.device(target[0]) if target else None
+            self.calls.append(
+                ("to", device.type if device else None, dtype[0] if dtype else None,
+                 kwargs.get("non_blocking", False), args[0].device.type, id(args[0]) in self.pinned)
+            )  # fmt: skip
+            if device is not None and device.type == "cuda":
+                return func(args[0], "meta", *dtype)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("already_pinned", [False, True], ids=["pageable", "pinned_by_the_loader"])
+def test_to_device_copies_to_cuda_from_pinned_memory_without_blocking_then_converts(already_pinned):
+    """The CUDA path, seen at the calls torch exposes (no GPU here): a pageable CPU tensor is pinned,
+    one the DataLoader pinned is not pinned again; the copy is ``non_blocking`` from the pinned tensor
+    in its own dtype (float32: the conversion is not done on the host), and the dtype conversion comes
+    after, on the device. Off CUDA nothing is pinned and nothing is asked."""
+    from diffusion_dpo.transfer import to_device
+
+    x = torch.randn(4, 3)
+    with _TransferCalls(pinned=[x] if already_pinned else []) as calls:
+        y = to_device(x, "cuda", torch.bfloat16)
+    assert y.device.type == "meta" and y.dtype == torch.bfloat16 and y.shape == x.shape
+    pin = [] if already_pinned else [("pin_memory", torch.float32)]
+    assert calls.calls == [
+        ("is_pinned",),
+        *pin,
+        ("to", "cuda", None, True, "cpu", True),  # non_blocking, from page-locked memory, still float32
+        ("to", None, torch.bfloat16, False, "meta", False),  # converted on the device
+    ]
+    with _TransferCalls(pinned=[]) as calls:
+        z = to_device(x, "cpu", torch.bfloat16)
+    assert torch.equal(z, x.to(torch.bfloat16))
+    assert [c[0] for c in calls.calls] == ["to", "to"] and not any(c[3] for c in calls.calls)
+
+
 def test_the_suite_runs_its_commands_on_the_test_models_and_keeps_to_its_budget(model_dir, tmp_path):
     """`python -m diffusion_dpo.bench.suite --tiny`: the GPU suite's commands on the test models, each
     one's JSON and table written and gathered in summary.txt; a budget too small for a command skips
