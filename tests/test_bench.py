@@ -97,6 +97,45 @@ def test_sdxl_80gb_preset_runs_on_cpu_with_the_tiny_sdxl_model(model_dir, tmp_pa
     assert "bitsandbytes" in rows["full_bf16_checkpointing_8bit_adam"]["note"]
 
 
+def test_the_80gb_decision_reads_what_the_allocator_reserved_against_80e9_bytes(
+    model_dir, monkeypatch, capsys
+):
+    """--preset sdxl_80gb on hand-made measurements either side of 80·10⁹ bytes: a row fits when the
+    peak the caching allocator reserved is below the budget, whatever it allocated (a row that
+    allocated 78 GB but reserved 95 GB does not fit; exactly 80·10⁹ does not fit); where no reserved
+    peak is reported (CPU), the peak memory decides. The table says which rows fit."""
+    from diffusion_dpo.bench import measure
+
+    memory = {  # row -> (peak allocated, peak reserved or None)
+        "full_bf16": (78e9, 95e9),
+        "full_bf16_checkpointing": (70e9, 80e9),
+        "full_bf16_checkpointing_adafactor": (60e9, 79.9e9),
+        "full_bf16_checkpointing_adafactor_cached": (81e9, None),
+        "lora_bf16_checkpointing": (30e9, None),
+    }
+
+    def fake_measure(row, args, device, work, shapes=None):
+        allocated, reserved = memory[row.name]
+        out = {"status": "ok", "pairs_per_s": 1.0, "step_seconds_median": 1.0, "peak_memory_bytes": int(allocated),
+               "device_name": "cpu", "memory_breakdown_bytes": {"x": 1}, "torch_threads": 1}  # fmt: skip
+        return out if reserved is None else {**out, "peak_reserved_bytes": int(reserved)}
+
+    monkeypatch.setattr(cli, "_measure", fake_measure)
+    monkeypatch.setattr(measure, "step_flops", lambda cfg, cached, shapes=None: 1000)
+    monkeypatch.setattr(measure, "cached_shapes", lambda cfg: {})
+    argv = ["--arch", "tiny_sdxl", "--preset", "sdxl_80gb", "--rows", ",".join(memory), *TINY_ARGS]
+    rows = {r["name"]: r for r in cli.main([*argv, "--model_dir", str(model_dir)])}
+    assert {name: rows[name]["fits_80gb"] for name in memory} == {
+        "full_bf16": False,
+        "full_bf16_checkpointing": False,
+        "full_bf16_checkpointing_adafactor": True,
+        "full_bf16_checkpointing_adafactor_cached": False,
+        "lora_bf16_checkpointing": True,
+    }
+    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()}
+    assert "over 80 GB" in table["full_bf16"] and "fits 80 GB" in table["full_bf16_checkpointing_adafactor"]
+
+
 def test_flop_count_matches_the_hand_count_on_cpu_and_meta():
     """conv 3→8 (3×3, same padding) on 2×3×6×6, then linear 288→10. Forward: conv 2·N·8·6·6·3·9,
     linear 2·N·288·10. Backward: the input needs no gradient, so the conv computes only its weight
