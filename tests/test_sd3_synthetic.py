@@ -196,6 +196,37 @@ def test_an_sd3_trainer_output_is_sampled_and_cached_at_its_trained_t5_length(
     assert not np.array_equal(cached, direct())  # 256 tokens draw another image: the length matters
 
 
+def test_the_experiments_interval_clears_a_coin_flip_only_when_dpo_wins_across_prompts():
+    """The fast half of the slow test's check ``ci_low > 0.5``: the interval the experiment records for
+    DPO (the evaluation's cluster bootstrap over prompts, through ``method_results``) on hand-made
+    outcomes of the quick run's size (24 prompts x 9 seeds). Both models win 58-59% of the images; one
+    wins 5-6 of 9 on every prompt (aligned: the interval clears 0.5), the other wins every image of 14
+    prompts and none of 10 (a coin flip over prompts: its interval holds 0.5, though ``win_rate > 0.5``)."""
+    from diffusion_dpo.evaluation.stats import win_rate
+    from diffusion_dpo.experiment.results import method_results
+
+    baseline = np.full((24, 9), 0.5)  # a DPO score of 1 wins the image, 0 loses it
+    spread = np.zeros((24, 9))
+    spread[:, :5] = 1.0  # 5 of 9 seeds won on every prompt ...
+    spread[::2, 5] = 1.0  # ... and a 6th on every other one: 0.61
+    concentrated = np.zeros((24, 9))
+    concentrated[:14] = 1.0  # 14 prompts won on every seed, 10 lost: 0.58
+
+    def record(dpo_scores):
+        rates = {
+            m: {"shapes": win_rate(dpo_scores, baseline, seed=0).to_dict()} for m in ("dpo", "sft", "kto")
+        }
+        scores = {m: {"shapes": {"mean": 0.0}} for m in ("base", "dpo", "sft", "kto")}
+        summary = {"baseline": "base", "models": list(scores), "scorers": ["shapes"], "scores": scores,
+                   "win_rates": rates}  # fmt: skip
+        return method_results(summary)["dpo"]
+
+    aligned, coin_flip = record(spread), record(concentrated)
+    assert aligned["win_rate"] > 0.5 and coin_flip["win_rate"] > 0.5  # the point estimates cannot tell
+    assert aligned["ci_low"] > 0.5, aligned
+    assert coin_flip["ci_low"] < 0.5 < coin_flip["ci_high"], coin_flip
+
+
 @pytest.mark.slow
 def test_quick_sd3_experiment_aligns(tmp_path):
     """--arch sd3 --quick end to end (measured: see configs/synthetic_sd3_dpo.yaml)."""
@@ -209,4 +240,5 @@ def test_quick_sd3_experiment_aligns(tmp_path):
     assert record["settings"]["arch"] == "sd3" and "vae_shift_factor" in record["settings"]
     dpo = record["dpo"]
     assert dpo["implicit_accuracy"] > 0.6
-    assert dpo["win_rate"] > 0.5 and dpo["ci_low"] is not None
+    # aligned: the win rate's 95% interval lies above a coin flip, not just its point estimate
+    assert dpo["ci_low"] > 0.5, (dpo["win_rate"], dpo["ci_low"], dpo["ci_high"])
