@@ -487,7 +487,7 @@ def test_a_training_run_reads_device_values_once_per_optimizer_step(tmp_path, ti
     what can be counted.)"""
     from trainer_runs import tiny_run_flags
 
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
     from diffusion_dpo.training.loop import train
 
     data = synthetic.write_pair_dataset(tmp_path / "pairs.parquet", 24, seed=0)
@@ -504,8 +504,8 @@ def test_a_training_run_reads_device_values_once_per_optimizer_step(tmp_path, ti
         summary = train(parse_config(argv))
     assert summary["global_step"] == 3
     assert dict(reads.sites) == {
-        ("training/loop.py:reduce", "tolist"): 3,  # the one host sync of each optimizer step
-        ("training/loop.py:add", "__int__"): 6,  # host: int(batch["valid"].sum())
+        ("training/collectives.py:reduce", "tolist"): 3,  # the one host sync of each optimizer step
+        ("training/collectives.py:add", "__int__"): 6,  # host: int(batch["valid"].sum())
         ("diffusion/draws.py:draw_for_rows", "tolist"): 6,  # host: the batch's row indices
     }
 

@@ -203,7 +203,7 @@ def test_the_experiments_interval_clears_a_coin_flip_only_when_dpo_wins_across_p
     wins 5-6 of 9 on every prompt (aligned: the interval clears 0.5), the other wins every image of 14
     prompts and none of 10 (a coin flip over prompts: its interval holds 0.5, though ``win_rate > 0.5``)."""
     from diffusion_dpo.evaluation.stats import win_rate
-    from diffusion_dpo.experiment.results import method_results
+    from diffusion_dpo.synthetic.results import method_results
 
     baseline = np.full((24, 9), 0.5)  # a DPO score of 1 wins the image, 0 loses it
     spread = np.zeros((24, 9))
