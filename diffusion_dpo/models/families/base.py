@@ -87,6 +87,17 @@ class ModelFamily:
         )  # fmt: skip
         return [tokenizer], [encoder]
 
+    def load_vae(self, source, revision=None, variant=None, dtype=torch.float32) -> torch.nn.Module:
+        """The checkpoint's own VAE, as the trainer uses it (``encode(pixels).latent_dist``, ``config``'s
+        ``scaling_factor``/``shift_factor``): an ``AutoencoderKL`` for every family but Qwen-Image's."""
+        from diffusers import AutoencoderKL
+
+        from diffusion_dpo.models.loading import dtype_kwargs
+
+        return AutoencoderKL.from_pretrained(
+            source, subfolder="vae", variant=variant, revision=revision, **dtype_kwargs(dtype)
+        )
+
     def vae_dtype(self, frozen_dtype: torch.dtype, own_vae: bool) -> torch.dtype:
         """The VAE's dtype: the frozen parts' (``own_vae``: the checkpoint's VAE, not a swapped one)."""
         return frozen_dtype
