@@ -363,6 +363,10 @@ def generate_images(
         return paths, 0
 
     pipe = load_pipeline(spec, device=device, dtype=settings.dtype)
+    # a family's own negative prompt (Qwen-Image's real CFG needs one) unless --negative_prompt is given
+    sampling = dict(sampling)
+    family_negative = sampling.pop("negative_prompt", None)
+    negative_prompt = settings.negative_prompt or family_negative
     size_kwargs = {"height": settings.resolution, "width": settings.resolution} if settings.resolution else {}
     jobs = list(missing.items())
     flagged = 0
@@ -371,7 +375,7 @@ def generate_images(
             chunk = jobs[start : start + batch_size]
             batch_prompts = [prompt for _, (prompt, _) in chunk]
             generators = [torch.Generator(device).manual_seed(seed) for _, (_, seed) in chunk]
-            negative = [settings.negative_prompt] * len(chunk) if settings.negative_prompt else None
+            negative = [negative_prompt] * len(chunk) if negative_prompt else None
             with torch.no_grad():
                 out = pipe(
                     prompt=batch_prompts,
