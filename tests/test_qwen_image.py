@@ -137,7 +137,9 @@ def test_packed_objective_equals_the_unpacked_formula_by_hand(comps):
     lw, ll, noise = (torch.randn(b, 16, 16, 16, generator=g) for _ in range(3))
     hidden, mask = comps.family.encode_prompts(comps, CAPTIONS, "cpu")
     t = torch.tensor([30, 500, 990])
-    rc, rr = pair_logratios(policy, ref, process, lw, ll, hidden, noise, t, {"encoder_hidden_states_mask": mask})
+    rc, rr = pair_logratios(
+        policy, ref, process, lw, ll, hidden, noise, t, {"encoder_hidden_states_mask": mask}
+    )
 
     # by hand: σ = t'/1000 on the unshifted training grid (use_dynamic_shifting); the transformer takes σ
     T = 1000
@@ -150,8 +152,11 @@ def test_packed_objective_equals_the_unpacked_formula_by_hand(comps):
         out = []
         for model in (policy, ref):
             pred = model(
-                hidden_states=_pack_by_hand(xt), timestep=sigma.flatten(), encoder_hidden_states=hidden,
-                encoder_hidden_states_mask=mask.bool(), img_shapes=[(1, 8, 8)] * b,
+                hidden_states=_pack_by_hand(xt),
+                timestep=sigma.flatten(),
+                encoder_hidden_states=hidden,
+                encoder_hidden_states_mask=mask.bool(),
+                img_shapes=[(1, 8, 8)] * b,
             ).sample
             # the mean over the unpacked [C, h, w] is the mean over the packed [h·w/4, 4C]
             err = (_unpack_by_hand(pred, 16, 16, 16).float() - v).pow(2).mean(dim=(1, 2, 3))
@@ -235,7 +240,11 @@ def test_trains_saves_and_the_output_loads_and_samples_in_qwen_image_pipeline(
     )
 
     spec = resolve_model("trained", str(out))
-    assert trained_sampling_kwargs(spec) == {"max_sequence_length": L, "true_cfg_scale": 4.0, "negative_prompt": " "}
+    assert trained_sampling_kwargs(spec) == {
+        "max_sequence_length": L,
+        "true_cfg_scale": 4.0,
+        "negative_prompt": " ",
+    }
     paths, made = generate_images(
         spec, ["a red circle"], [0, 1], GenerationSettings(num_inference_steps=2, resolution=32),
         tmp_path / "images", progress=False,
@@ -257,7 +266,9 @@ def test_every_objective_runs(tmp_path, qwen_path, pairs_path, objective):
     summary = _run(qwen_path, data, tmp_path / "o", max_train_steps=2, **extra)
     metrics = summary["last_metrics"]
     assert torch.isfinite(torch.tensor(metrics["loss"])), metrics
-    assert (summary["models"].ref_unet is None) == (objective in ("sft", "mapo") or extra.get("use_lora", False))
+    assert (summary["models"].ref_unet is None) == (
+        objective in ("sft", "mapo") or extra.get("use_lora", False)
+    )
 
 
 def test_resumes_exactly(tmp_path, qwen_path, pairs_path):
@@ -285,7 +296,11 @@ def test_a_run_from_the_latent_cache_trains_what_a_run_from_images_trains(tmp_pa
     )  # fmt: skip
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["settings"]["model"]["family"] == "qwen_image"
-    assert manifest["shapes"] == {"latents": [16, 16, 16], "prompt_embeds": [L, 32], "pooled_prompt_embeds": [L]}
+    assert manifest["shapes"] == {
+        "latents": [16, 16, 16],
+        "prompt_embeds": [L, 32],
+        "pooled_prompt_embeds": [L],
+    }
     common = dict(max_train_steps=3, train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-2,
                   adam_epsilon=1.0, proportion_empty_prompts=0.3)  # fmt: skip
     images = _run(qwen_path, pairs_path, tmp_path / "images", **common)
