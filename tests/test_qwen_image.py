@@ -245,6 +245,9 @@ def test_trains_saves_and_the_output_loads_and_samples_in_qwen_image_pipeline(
         "true_cfg_scale": 4.0,
         "negative_prompt": " ",
     }
+    # a base Qwen-Image folder samples with the same real CFG (only the text length is the pipeline's)
+    base_kwargs = trained_sampling_kwargs(resolve_model("base", str(qwen_path)))
+    assert base_kwargs == {"true_cfg_scale": 4.0, "negative_prompt": " "}
     paths, made = generate_images(
         spec, ["a red circle"], [0, 1], GenerationSettings(num_inference_steps=2, resolution=32),
         tmp_path / "images", progress=False,

@@ -255,16 +255,24 @@ def default_image_size(spec: ModelSpec) -> tuple[int, int] | None:
 
 def trained_sampling_kwargs(spec: ModelSpec) -> dict:
     """The pipeline-call keywords a trainer output was trained for (SD3: its T5 ``max_sequence_length``;
-    the pipeline's own default is 256 tokens), from its ``training_config.yaml``; {} for any other model,
-    which samples with its pipeline's defaults."""
+    the pipeline's own default is 256 tokens), from its ``training_config.yaml``; for any other local
+    folder its family's ``default_sampling_kwargs`` (Qwen-Image's real CFG; {} for SD, SDXL, SD3), and {}
+    for a hub id, which samples with its pipeline's defaults."""
     from diffusion_dpo.models.families import family_for_index
     from diffusion_dpo.models.loading import read_model_index
     from diffusion_dpo.training.saving import trained_family_options
 
     options = trained_family_options(spec.source)
-    if not options:
-        return {}
     base = spec.base if spec.kind == "lora" else spec.source
+    if not options:
+        # a local folder not trained here: what its family always samples with (Qwen-Image: real CFG
+        # against a blank negative prompt; nothing for the others), so a base compares with its outputs
+        if not Path(str(base)).expanduser().is_dir():
+            return {}
+        try:
+            return family_for_index(read_model_index(str(base)), str(base)).default_sampling_kwargs()
+        except (FileNotFoundError, ValueError):
+            return {}
     try:
         return family_for_index(read_model_index(str(base)), str(base), **options).sampling_kwargs()
     except (FileNotFoundError, ValueError):  # load_pipeline says what is wrong with the model

@@ -152,6 +152,10 @@ class ModelFamily:
         """Extra keywords of the pipeline call when sampling."""
         return {}
 
+    def default_sampling_kwargs(self) -> dict:
+        """What the family is always sampled with, trained here or not (Qwen-Image's real CFG)."""
+        return {}
+
     def lora_save_kwargs(self, peft_state: dict, metadata: dict) -> dict:
         """``save_lora_weights`` keywords for the denoiser's LoRA layers (``peft_state``: peft's state dict
         of the adapters) and their adapter config."""

@@ -50,6 +50,11 @@ def qwen_image_call(model, noisy: Tensor, timesteps: Tensor, hidden: Tensor, con
     from diffusers import QwenImagePipeline
 
     n, c, h, w = noisy.shape
+    if h % 2 or w % 2:
+        raise ValueError(
+            f"Qwen-Image packs 2×2 latent patches and the latents are {h}×{w}: use a --resolution that is a "
+            "multiple of twice the VAE's factor (16 for Qwen/Qwen-Image: 512, 768, 1024, …)"
+        )
     packed = QwenImagePipeline._pack_latents(noisy, n, c, h, w)
     pred = model(
         hidden_states=packed, timestep=(timesteps / 1000).to(noisy.dtype), encoder_hidden_states=hidden,
@@ -213,8 +218,7 @@ class QwenImageFamily(ModelFamily):
         return parts
 
     def sampling_kwargs(self):
-        return {
-            "max_sequence_length": self.max_sequence_length,
-            "true_cfg_scale": SAMPLING_TRUE_CFG_SCALE,
-            "negative_prompt": SAMPLING_NEGATIVE_PROMPT,
-        }
+        return {"max_sequence_length": self.max_sequence_length, **self.default_sampling_kwargs()}
+
+    def default_sampling_kwargs(self):
+        return {"true_cfg_scale": SAMPLING_TRUE_CFG_SCALE, "negative_prompt": SAMPLING_NEGATIVE_PROMPT}
