@@ -318,3 +318,99 @@ def test_a_run_from_the_latent_cache_trains_what_a_run_from_images_trains(tmp_pa
     assert losses[0] == pytest.approx(losses[1], abs=1e-4)
     # the run from the cache saved a whole pipeline with the base model's text encoder
     assert (tmp_path / "cached" / "text_encoder").is_dir()
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_process_trains(tmp_path, qwen_path, pairs_path):
+    """2 CPU processes (gloo, ``accelerate launch``) with 1 row each train the weights of 1 process with
+    2 rows: the masked, padded text states and the packed latents batch like every other family's."""
+    from safetensors.torch import load_file
+    from test_distributed import _rows, _train
+
+    common = dict(
+        pretrained_model_name_or_path=qwen_path, dataset_name=pairs_path, resolution=32, max_train_steps=3,
+        gradient_accumulation_steps=2, learning_rate=1e-2, adam_epsilon=1.0, lr_warmup_steps=0,
+        checkpointing_steps=100, seed=0, max_sequence_length=L, beta_dpo=500, use_lora=True, rank=4,
+        validation_dataset_name=pairs_path, num_validation_pairs=6, validation_steps=3,
+    )  # fmt: skip
+    _train(1, output_dir=tmp_path / "one", train_batch_size=2, **common)
+    _train(2, output_dir=tmp_path / "two", train_batch_size=1, **common)
+    a, b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("one", "two"))
+    moved = max(v.abs().max().item() for k, v in a.items() if "lora_B" in k)  # lora_B starts at zero
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert moved > 1e-4 and diff < 1e-3 * moved, (diff, moved)
+    for r1, r2 in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), strict=True):
+        for key in ("loss", "rewards/accuracies", "eval/implicit_acc"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-3, abs=1e-4), (r1["step"], key)
+
+
+# ---- the benchmark's architectures --------------------------------------------------------------------
+
+
+def test_bench_tiny_qwen_image_step_flops_on_meta_equal_a_real_step(tmp_path):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from diffusion_dpo.bench import archs
+    from diffusion_dpo.bench.measure import cached_shapes, count_flops, make_batch, step_flops
+    from diffusion_dpo.training.config import TrainConfig
+    from diffusion_dpo.training.models import setup_models
+    from diffusion_dpo.training.step import compute_batch_loss
+
+    path = archs.ensure_model("tiny_qwen_image", tmp_path)
+    options = archs.ARCHS["tiny_qwen_image"].train_options
+    cfg = TrainConfig(
+        pretrained_model_name_or_path=str(path),
+        dataset_name="x",
+        resolution=32,
+        train_batch_size=2,
+        **options,
+    )
+    models = setup_models(cfg, "cpu")
+    shapes = cached_shapes(cfg)
+    assert shapes == {"latent": [16, 16, 16], "text": [L, 32], "pooled": [L]}  # "pooled": the text mask
+    counts = []
+    for cached in (False, True):
+        batch = make_batch(cfg, micro_conditioning=False, shapes=shapes if cached else None)
+
+        def step(batch=batch):
+            loss, _ = compute_batch_loss(models, batch, cfg)
+            loss.backward()
+
+        with sdpa_kernel([SDPBackend.MATH]):  # counted as the meta device counts attention
+            counts.append(count_flops(step))
+            # uncached: the text encoder on the meta device runs without encode_prompt's data-dependent
+            # steps (families/qwen_image.py::_meta_encoding), the same products
+            assert counts[-1] == step_flops(cfg, cached=cached) > 0
+    assert counts[1] < counts[0]  # no VAE or text encoder in a cached step
+
+
+def test_bench_qwen_image_is_the_published_architecture_and_its_flops_count_right():
+    """Qwen/Qwen-Image's configs, instantiated on the meta device only: 20.4B transformer parameters, 8.3B
+    in the text encoder. The forward FLOPs of a pair at 1024 px (4096 image and 128 text tokens) are the
+    hand count: every block's linear layers on its stream's tokens, joint attention over both."""
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from diffusion_dpo.bench import archs
+    from diffusion_dpo.bench.measure import count_flops
+
+    arch = archs.ARCHS["qwen_image"]
+    assert arch.family == "qwen_image" and arch.resolution == 1024
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel(**archs.QWEN_IMAGE_TRANSFORMER).requires_grad_(False)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**archs.QWEN25_VL_7B))
+    assert sum(p.numel() for p in transformer.parameters()) == pytest.approx(20.43e9, rel=1e-3)
+    assert sum(p.numel() for p in text_encoder.parameters()) == pytest.approx(8.29e9, rel=1e-3)
+    n, image, text, width, blocks = 2, 4096, 128, 3072, 60
+    kw = dict(
+        hidden_states=torch.empty(n, image, 64, device="meta"),
+        encoder_hidden_states=torch.empty(n, text, 3584, device="meta"),
+        encoder_hidden_states_mask=torch.ones(n, text, dtype=torch.bool, device="meta"),
+        timestep=torch.full((n,), 0.5, device="meta"), img_shapes=[(1, 64, 64)] * n,
+    )  # fmt: skip
+    flops = count_flops(lambda: transformer(**kw))
+    per_token = 4 * width * width + 2 * width * 4 * width  # q, k, v, out + the 4×-wide MLP, per stream
+    attention = 2 * 2 * (image + text) ** 2 * width  # QKᵀ and AV over the joint sequence
+    by_hand = n * blocks * (2 * (image + text) * per_token + attention)
+    assert flops == pytest.approx(by_hand, rel=0.02)  # the rest: embeddings, modulation, the output layer

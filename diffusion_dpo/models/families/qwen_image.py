@@ -184,6 +184,8 @@ class QwenImageFamily(ModelFamily):
     def encode_prompts(self, components, captions, device):
         """``(states [B, L, D], mask [B, L])`` with ``L = max_sequence_length``: ``encode_prompt``'s states and
         mask (1 = a caption token), zero-padded from its batch's longest caption to L."""
+        if next(components.text_encoders[0].parameters()).device.type == "meta":
+            return self._meta_encoding(components, captions)
         hidden, mask = self.text_pipeline(components).encode_prompt(
             list(captions), device=device, max_sequence_length=self.max_sequence_length
         )
@@ -191,6 +193,25 @@ class QwenImageFamily(ModelFamily):
             mask = torch.ones(hidden.shape[:2], dtype=torch.long, device=hidden.device)
         pad = self.max_sequence_length - hidden.shape[1]
         return torch.nn.functional.pad(hidden, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad))
+
+    def _meta_encoding(self, components, captions):
+        """The same text-encoder forward on the meta device, where the benchmark counts FLOPs and
+        ``encode_prompt``'s data-dependent steps (selecting the masked states, Qwen2.5-VL's position
+        index) cannot run: the pipeline's padded template ids, text positions 0…S−1 given, no attention
+        mask (the same matrix products), the states after the dropped prefix padded to L."""
+        pipe = self.text_pipeline(components)
+        drop, n = pipe.prompt_template_encode_start_idx, self.max_sequence_length
+        tokens = pipe.tokenizer(
+            [pipe.prompt_template_encode.format(c) for c in captions], max_length=pipe.tokenizer_max_length + drop,
+            padding=True, truncation=True, return_tensors="pt",
+        )  # fmt: skip
+        ids = tokens.input_ids.to("meta")
+        positions = torch.arange(ids.shape[1], device="meta").expand(3, *ids.shape)  # Qwen2.5-VL's 3 axes
+        out = components.text_encoders[0](input_ids=ids, position_ids=positions, output_hidden_states=True)
+        hidden = out.hidden_states[-1][:, drop : drop + n]
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, n - hidden.shape[1]))
+        lengths = (tokens.attention_mask.sum(dim=1) - drop).clamp(max=n)
+        return hidden, (torch.arange(n) < lengths[:, None]).long().to("meta")
 
     def text_encoding_settings(self):
         return {"max_sequence_length": self.max_sequence_length}
