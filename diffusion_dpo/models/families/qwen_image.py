@@ -38,8 +38,9 @@ Tensor = torch.Tensor
 DEFAULT_MAX_SEQUENCE_LENGTH = 512
 #: the pipeline refuses longer (QwenImagePipeline.check_inputs)
 MAX_SEQUENCE_LENGTH = 1024
-#: how Qwen-Image is sampled (its model card and diffusers' docs): real classifier-free guidance at 4
-#: against a blank negative prompt; training conditions on the caption only, as diffusers' script does
+#: how Qwen-Image is sampled (the Qwen/Qwen-Image model card): real classifier-free guidance at 4 against
+#: the negative prompt " " (the pipeline's default true_cfg_scale is 4, but acts only with a negative
+#: prompt); training conditions on the caption only, as diffusers' Qwen-Image LoRA script does
 SAMPLING_TRUE_CFG_SCALE = 4.0
 SAMPLING_NEGATIVE_PROMPT = " "
 
