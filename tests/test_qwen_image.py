@@ -231,6 +231,16 @@ def test_trains_saves_and_the_output_loads_and_samples_in_qwen_image_pipeline(
     if use_lora:
         assert not (image == plain).all()  # the adapter changes what the pipeline draws
 
+    # eval/evaluate.py --implicit_pairs: the saved output's held-out implicit accuracy (LoRA: against its
+    # adapters-disabled base; full: against the base model)
+    from diffusion_dpo.training.validation import heldout_implicit_accuracy
+
+    reference = None if use_lora else qwen_path
+    accuracy = heldout_implicit_accuracy(
+        out, str(pairs_path), reference=reference, resolution=32, max_pairs=4
+    )
+    assert 0.0 <= accuracy <= 1.0
+
     # the evaluation suite samples the output with the trained settings (text length, real CFG)
     from diffusion_dpo.evaluation.generate import (
         GenerationSettings,

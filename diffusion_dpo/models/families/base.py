@@ -98,6 +98,10 @@ class ModelFamily:
             source, subfolder="vae", variant=variant, revision=revision, **dtype_kwargs(dtype)
         )
 
+    def trainer_vae(self, vae: torch.nn.Module) -> torch.nn.Module:
+        """A pipeline's own VAE as :meth:`load_vae` returns it (the same module, but for Qwen-Image)."""
+        return vae
+
     def vae_dtype(self, frozen_dtype: torch.dtype, own_vae: bool) -> torch.dtype:
         """The VAE's dtype: the frozen parts' (``own_vae``: the checkpoint's VAE, not a swapped one)."""
         return frozen_dtype

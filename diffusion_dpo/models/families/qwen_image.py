@@ -170,6 +170,9 @@ class QwenImageFamily(ModelFamily):
         )
         return QwenImageVAE(vae)
 
+    def trainer_vae(self, vae):
+        return vae if isinstance(vae, QwenImageVAE) else QwenImageVAE(vae)
+
     # -- conditioning and the process ---------------------------------------------------------------
 
     def text_pipeline(self, components):
