@@ -424,3 +424,16 @@ def test_bench_qwen_image_is_the_published_architecture_and_its_flops_count_righ
     attention = 2 * 2 * (image + text) ** 2 * width  # QKᵀ and AV over the joint sequence
     by_hand = n * blocks * (2 * (image + text) * per_token + attention)
     assert flops == pytest.approx(by_hand, rel=0.02)  # the rest: embeddings, modulation, the output layer
+
+
+def test_heldout_accuracy_of_the_base_against_itself_is_one_half(qwen_path, pairs_path):
+    """Every pair ties when the model is its own reference: the held-out scoring is wired (VAE wrapper,
+    mask, packed call) so that nothing but the weights separates model and reference."""
+    from diffusion_dpo.training.validation import heldout_implicit_accuracy
+
+    accuracy = heldout_implicit_accuracy(
+        qwen_path, str(pairs_path), reference=qwen_path, resolution=32, max_pairs=4
+    )
+    assert accuracy == 0.5
+    with pytest.raises(ValueError, match="no default image size: pass a resolution"):
+        heldout_implicit_accuracy(qwen_path, str(pairs_path), reference=qwen_path)
