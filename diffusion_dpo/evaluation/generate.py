@@ -259,7 +259,7 @@ def trained_sampling_kwargs(spec: ModelSpec) -> dict:
     folder its family's ``default_sampling_kwargs`` (Qwen-Image's real CFG; {} for SD, SDXL, SD3), and {}
     for a hub id, which samples with its pipeline's defaults."""
     from diffusion_dpo.models.families import family_for_index
-    from diffusion_dpo.models.loading import read_model_index
+    from diffusion_dpo.models.pretrained import read_model_index
     from diffusion_dpo.training.saving import trained_family_options
 
     options = trained_family_options(spec.source)
@@ -284,7 +284,7 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "fp32"):
     from diffusers import DiffusionPipeline
 
     from diffusion_dpo.models.families import pipeline_load_kwargs
-    from diffusion_dpo.models.loading import dtype_kwargs
+    from diffusion_dpo.models.pretrained import dtype_kwargs
     from diffusion_dpo.training.saving import trained_family_options
 
     source = spec.base if spec.kind == "lora" else spec.source
