@@ -10,7 +10,7 @@ import pytest
 import torch
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.diffusion import pair_logratios
 from diffusion_dpo.diffusion.processes import FlowMatchProcess
 from diffusion_dpo.models.families import QwenImageFamily, family_for_index

@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from diffusion_dpo.models.tiny import TINY_WORDS, _bytes_to_unicode
+from diffusion_dpo import synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -33,20 +33,18 @@ TEMPLATE_DROP = 34
 Z_DIM = 16
 
 
-def _byte_level(text: str) -> str:
-    table = _bytes_to_unicode()
-    return "".join(table[b] for b in text.encode("utf-8"))
-
-
-def build_tiny_qwen_tokenizer(words: tuple[str, ...] | list[str] = TINY_WORDS):
+def build_tiny_qwen_tokenizer(words: tuple[str, ...] | list[str] = synthetic.VOCABULARY):
     """A ``Qwen2Tokenizer`` (byte-level BPE, Qwen2's pre-tokenizer) in which every template word and every
-    one of ``words`` is one token, with or without a leading space; any other text falls back to bytes."""
+    one of ``words`` (default: the synthetic world's) is one token, with or without a leading space; any
+    other text falls back to bytes."""
+    from tokenizers import pre_tokenizers
     from transformers import Qwen2Tokenizer
 
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     pieces = []
     for word in dict.fromkeys([*TEMPLATE_WORDS, *words]):
-        pieces += [_byte_level(word), _byte_level(" " + word)]
-    vocab_tokens = list(_bytes_to_unicode().values())
+        pieces += [byte_level.pre_tokenize_str(text)[0][0] for text in (word, " " + word)]
+    vocab_tokens = sorted(pre_tokenizers.ByteLevel.alphabet())  # the 256 byte characters
     merges: list[tuple[str, str]] = []
 
     def add_chain(parts: list[str]) -> None:
@@ -130,8 +128,6 @@ QWEN_IMAGE_SCHEDULER = dict(
 def _build_vae(resolution: int):
     import numpy as np
     from diffusers import AutoencoderKLQwenImage
-
-    from diffusion_dpo.data import synthetic
 
     vae = AutoencoderKLQwenImage(**tiny_qwen_image_vae_config())
     # a nearly deterministic posterior, as the tiny SD VAEs (tiny.build_tiny_pipeline): the log-variance

@@ -90,8 +90,6 @@ class ModelFamily:
         ``scaling_factor``/``shift_factor``): an ``AutoencoderKL`` for every family but Qwen-Image's."""
         from diffusers import AutoencoderKL
 
-        from diffusion_dpo.models.loading import dtype_kwargs
-
         return AutoencoderKL.from_pretrained(
             source, subfolder="vae", variant=variant, revision=revision, **dtype_kwargs(dtype)
         )

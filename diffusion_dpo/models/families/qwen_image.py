@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 
 from diffusion_dpo.models.families.base import ModelFamily
+from diffusion_dpo.models.pretrained import dtype_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +152,6 @@ class QwenImageFamily(ModelFamily):
     def load_text_encoders(self, source, revision=None, variant=None, dtype=torch.float32):
         from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-        from diffusion_dpo.models.loading import dtype_kwargs
-
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
         encoder = Qwen2_5_VLForConditionalGeneration.from_pretrained(
             source, subfolder="text_encoder", revision=revision, variant=variant,
@@ -162,8 +161,6 @@ class QwenImageFamily(ModelFamily):
 
     def load_vae(self, source, revision=None, variant=None, dtype=torch.float32):
         from diffusers import AutoencoderKLQwenImage
-
-        from diffusion_dpo.models.loading import dtype_kwargs
 
         vae = AutoencoderKLQwenImage.from_pretrained(
             source, subfolder="vae", revision=revision, variant=variant, **dtype_kwargs(dtype)
