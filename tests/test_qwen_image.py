@@ -300,7 +300,7 @@ def test_resumes_exactly(tmp_path, qwen_path, pairs_path):
 
 
 def test_a_run_from_the_latent_cache_trains_what_a_run_from_images_trains(tmp_path, qwen_path, pairs_path):
-    from diffusion_dpo.data.latent_cache import write_latent_cache
+    from diffusion_dpo.data.latent_cache_writer import write_latent_cache
 
     cache = tmp_path / "cache"
     write_latent_cache(
