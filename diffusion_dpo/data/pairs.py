@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_dpo.data.removed import check_not_removed, removed_reason
 from diffusion_dpo.data.transforms import check_on_bad_example
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,8 @@ def load_rows(
                 f"folder {path} holds neither a dataset written by save_to_disk "
                 "(dataset_dict.json or state.json) nor parquet files"
             )
+    elif removed_reason(name):  # not a local file or folder: a hub id known to be gone, said in one line
+        check_not_removed(name)
     elif _looks_like_path(name):
         raise FileNotFoundError(f"dataset path {name!r} does not exist (no such file or folder)")
     else:

@@ -20,7 +20,7 @@ Ready-made sets:
 PartiPrompts (1632)    ``--prompts nateraw/parti-prompts`` (column ``Prompt``, category
                        ``Category``; Yu et al. 2022, arXiv 2206.10789)
 HPSv2 benchmark        ``--prompts hpsv2`` (all four styles) or ``--prompts hpsv2:photo``
-Pick-a-Pic test        ``--prompts yuvalkirstain/pickapic_v2 --prompt_split test_unique
+Pick-a-Pic test        ``--prompts liuhuohuo2/pick-a-pic-v2 --prompt_split test_unique
                        --prompt_column caption`` (500 unique captions; the dataset carries the
                        images too, so the first download is large: save the captions to a .txt once)
 =====================  =====================================================================
@@ -150,6 +150,9 @@ def _read_dataset(source: str, split: str, prompt_column, category_column, limit
                 raise ValueError(f"split {split!r} not in {source}; splits are {list(ds)}")
             ds = ds[split]
     else:
+        from diffusion_dpo.data.removed import check_not_removed
+
+        check_not_removed(source)
         # Streaming reads only what is iterated; a hub dataset with images is not decoded in full.
         ds = datasets.load_dataset(source, split=split, streaming=True)
     columns = list(ds.column_names or [])

@@ -47,7 +47,7 @@ class TrainConfig:
     # --- data ---
     dataset_name: str = _f(
         None,
-        "Preference data: a hub id (yuvalkirstain/pickapic_v2), a local parquet file/folder, a `datasets` "
+        "Preference data: a hub id (liuhuohuo2/pick-a-pic-v2; docs/data.md lists live sets), a local parquet file/folder, a `datasets` "
         "save_to_disk folder, or a JSONL/CSV of caption,image_w,image_l (KTO: caption,image,label).",
     )
     dataset_split: str = _f("train", "Split of the dataset to train on.")
@@ -255,6 +255,11 @@ class TrainConfig:
                 "--dataset_name is required (a hub id, a parquet file/folder, or a JSONL/CSV), or "
                 "--latents_cache (a folder made by data/precompute_latents.py)"
             )
+        from diffusion_dpo.data.removed import check_not_removed
+
+        # before any model loads: a removed hub id fails in one line, not in the hub client minutes later
+        check_not_removed(self.dataset_name, flag="--dataset_name")
+        check_not_removed(self.validation_dataset_name, flag="--validation_dataset_name")
         if self.latents_cache and self.random_crop:
             raise ValueError(
                 "--random_crop cannot be used with --latents_cache: the cache holds center crops (each crop "
