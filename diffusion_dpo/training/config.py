@@ -121,6 +121,12 @@ class TrainConfig:
         "most) and warns when size, format, JPEG quality or bytes per pixel alone predicts the winner, or the "
         "labels favour one position. The full audit: python data/audit_pairs.py --dataset NAME.",
     )
+    audit_scorers: list[str] = _f(
+        (),
+        "Scorers (e.g. pickscore, hpsv2.1, aesthetic; as eval's --scorer) whose agreement with the labels the "
+        'start-up audit reports on up to 64 pairs: "labels agree with pickscore on 54%% of pairs". Loads '
+        "each scorer once; the full report: python data/audit_pairs.py --dataset NAME --scorer NAME.",
+    )
     # --- objective ---
     objective: str = _f(
         "dpo",

@@ -302,6 +302,10 @@ def build_train_data(
             from diffusion_dpo.data.audit import startup_audit
 
             startup_audit(rows, stats, dataset_name=cfg.dataset_name)  # warns; never raises
+            if cfg.audit_scorers:
+                from diffusion_dpo.data.label_quality import startup_label_quality
+
+                startup_label_quality(rows, cfg.audit_scorers, dataset_name=cfg.dataset_name)  # never raises
     common = dict(
         stats=stats, streaming=cfg.streaming, num_processes=num_processes, process_index=process_index,
         num_workers=cfg.dataloader_num_workers,
