@@ -76,7 +76,7 @@ def pickapic(tmp_path):
 
 
 def columns_csv(tmp_path):
-    (tmp_path / "img").mkdir()
+    (tmp_path / "img").mkdir(parents=True)
     lines = ["caption,image_0,image_1,label_0"]
     for i, (c, p0) in enumerate(PAIRS):
         for side in (0, 1):
@@ -140,6 +140,7 @@ def hpdv3_plusplus(tmp_path):
 
 
 def imagereward(tmp_path):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     # zai-org/ImageRewardDB 8k_pair, converted to parquet: prompt, img_better, img_worse (+ ids)
     decided = [(c, p0) for c, p0 in PAIRS if p0 != 0.5]
     rows = []
@@ -337,3 +338,14 @@ def test_the_trainer_sees_the_rows_written(kind, tmp_path, tiny_sd_path, monkeyp
         for caption, image, p in zip(batch["captions"], pixels, batch["label_p"].tolist()):
             seen.append((caption, tuple(int(v) for v in image[:, 0, 0]), pytest.approx(p)))
     assert sorted(seen) == expected
+
+
+def test_streamed_and_whole_loads_count_the_same(tmp_path):
+    for writer in (imagereward, columns_csv):
+        source, options, _ = writer(tmp_path / writer.__name__)
+        whole, streamed = PairStats(), PairStats()
+        load_pair_dataset(source, stats=whole, **options)
+        list(load_pair_dataset(source, streaming=True, stats=streamed, **options))
+        assert (whole.seen, whole.ties, whole.swapped, whole.split_votes) == (
+            streamed.seen, streamed.ties, streamed.swapped, streamed.split_votes,
+        )  # fmt: skip

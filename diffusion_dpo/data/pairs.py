@@ -351,7 +351,8 @@ class _PairCounter:
     def __call__(self, row: dict, index: int) -> dict:
         self.stats.seen += 1
         try:
-            p0 = self.converter.label(row)
+            p0 = self.converter.fmt.label(row)
+            p0 = 1.0 if p0 is None else p0  # winner first: counted as stored, as when loaded whole
         except LabelError as error:
             self.stats.bad_labels += 1
             if len(self.stats.bad_label_rows) < NAMED_BAD_ROWS:
