@@ -349,3 +349,16 @@ def test_streamed_and_whole_loads_count_the_same(tmp_path):
         assert (whole.seen, whole.ties, whole.swapped, whole.split_votes) == (
             streamed.seen, streamed.ties, streamed.swapped, streamed.split_votes,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["webdataset", "hpdv3", "open_image_preferences"])
+def test_a_streamed_format_resumes_at_any_batch_exactly(kind, tmp_path):
+    from test_stream import _run
+
+    source, options, _ = WRITERS[kind](tmp_path)
+    rows = load_pair_dataset(source, streaming=True, keep_ties=True, **options)
+    full = _run(rows)[0]
+    assert full
+    for k in range(len(full) + 1):
+        head, position, _, _ = _run(rows, stop_after=k)
+        assert head + _run(rows, position=position)[0] == full, k
