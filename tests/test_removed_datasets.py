@@ -74,3 +74,15 @@ def test_the_trainer_refuses_a_removed_id_before_loading_a_model(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pickapic_v2' is gone" in lines[0], result.stderr
+
+
+def test_a_local_copy_saved_under_a_removed_name_still_loads(tmp_path, monkeypatch):
+    from diffusion_dpo.data import synthetic
+
+    monkeypatch.chdir(tmp_path)
+    synthetic.write_pair_dataset(
+        Path("yuvalkirstain/pickapic_v2") / "train-00000.parquet", 4, seed=0, tie_fraction=0.0
+    )
+    assert removed_reason("yuvalkirstain/pickapic_v2") is None
+    assert len(load_pair_dataset("yuvalkirstain/pickapic_v2")) == 4
+    parse_config(tiny_run_flags("some/model", "yuvalkirstain/pickapic_v2", "out"))

@@ -10,6 +10,8 @@ docs/data.md lists the live datasets with their formats, sizes and licences.
 
 from __future__ import annotations
 
+import os
+
 #: Live Pick-a-Pic v2 copies and the 2025-26 datasets that replace it (docs/data.md).
 PICKAPIC_ALTERNATIVES = (
     "liuhuohuo2/pick-a-pic-v2 (community mirror, same columns)",
@@ -38,8 +40,8 @@ class RemovedDatasetError(ValueError):
 def removed_reason(name) -> str | None:
     """The one-line error for a known-removed hub id (case-insensitive, ``datasets/`` prefix allowed),
     or None for any other name."""
-    if not isinstance(name, str):
-        return None
+    if not isinstance(name, str) or os.path.exists(os.path.expanduser(name)):
+        return None  # a local copy saved under the old name is the user's, and loads
     key = name.strip().removeprefix("datasets/").lower()
     for removed, (what, alternatives) in REMOVED_DATASETS.items():
         if key == removed.lower():
