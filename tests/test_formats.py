@@ -313,10 +313,12 @@ FAST = ("pickapic", "hpdv3", "webdataset")
 @pytest.mark.parametrize(
     "kind", [k if k in FAST else pytest.param(k, marks=pytest.mark.slow) for k in WRITERS]
 )
-def test_the_trainer_sees_the_rows_written(kind, tmp_path, tiny_sd_path, monkeypatch):
-    """Two steps of DPO through the trainer on each format: the captions, winners and p of the batches
-    it trains on are the rows written (soft labels, so ties arrive at p = 0.5)."""
+def test_the_trainer_sees_the_rows_written(kind, tmp_path, tiny_sd_path, monkeypatch, streaming=False):
+    """A step of DPO through the trainer on each format: the captions, winners and p of the batch it
+    trains on are the rows written (soft labels, so ties arrive at p = 0.5)."""
     source, options, pairs = WRITERS[kind](tmp_path)
+    if streaming:
+        options = {**options, "streaming": True, "shuffle_buffer_size": 64}
     batches = []
     real = loop.compute_batch_loss
 
@@ -362,3 +364,7 @@ def test_a_streamed_format_resumes_at_any_batch_exactly(kind, tmp_path):
     for k in range(len(full) + 1):
         head, position, _, _ = _run(rows, stop_after=k)
         assert head + _run(rows, position=position)[0] == full, k
+
+
+def test_the_trainer_sees_the_rows_written_when_streaming(tmp_path, tiny_sd_path, monkeypatch):
+    test_the_trainer_sees_the_rows_written("webdataset", tmp_path, tiny_sd_path, monkeypatch, streaming=True)
