@@ -65,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--scorer_device", default="cpu", help="where the scorers run (cpu, cuda)")
     parser.add_argument(
+        "--dataset_format", default="auto", help="as the trainer's --dataset_format (docs/data.md)"
+    )
+    parser.add_argument(
+        "--image_root", default=None, help="as the trainer's --image_root (HPDv3's image folder)"
+    )
+    parser.add_argument(
         "--near_tie",
         type=float,
         default=0.2,
@@ -161,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report, records, reader = audit.audit_dataset(
         args.dataset, args.split, max_pairs=args.max_pairs or None, seed=args.seed, threshold=args.threshold,
-        streaming=args.streaming, cache_dir=args.cache_dir,
+        streaming=args.streaming, cache_dir=args.cache_dir, dataset_format=args.dataset_format,
+        image_root=args.image_root,
     )  # fmt: skip
     print(audit.format_table(report))
 

@@ -124,3 +124,29 @@ def test_the_trainer_runs_the_label_check_when_a_scorer_is_configured(flipped_pa
     with caplog.at_level(logging.WARNING, logger="diffusion_dpo.data.label_quality"):
         build_train_data(parse_config(tiny_run_flags("m", flipped_pairs, "o")))
     assert "label check" not in caplog.text  # no scorer configured: no check
+
+
+def test_audit_pairs_reads_vote_shares_of_any_format(tmp_path, flipped_pairs, monkeypatch):
+    """An HPDv3-style source with vote shares: the audit reads it, and label quality uses the shares."""
+    monkeypatch.syspath_prepend(str(ROOT / "data"))
+    import audit_pairs
+
+    rows = pq.read_table(flipped_pairs).to_pylist()
+    (tmp_path / "images").mkdir()
+    records = []
+    for i, r in enumerate(rows):
+        for side in (0, 1):
+            (tmp_path / "images" / f"{i}_{side}.png").write_bytes(r[f"jpg_{side}"])
+        votes = [7, 3] if r["label_0"] == 1.0 else [3, 7]
+        records.append({"prompt": r["caption"], "path1": f"images/{i}_0.png", "path2": f"images/{i}_1.png",
+                        "choice_dist": votes})  # fmt: skip
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    report = audit_pairs.main(
+        ["--dataset", str(tmp_path / "train.json"), "--output", str(tmp_path / "audit"), "--max_pairs", "0",
+         "--scorer", "shapes", "--near_tie", "0.5"]
+    )  # fmt: skip
+    assert report["schema"] == "hpdv3" and report["pairs"] == 24 and report["bad_labels"]["count"] == 0
+    assert report["usable_pairs"] == 24
+    quality = report["label_quality"]
+    assert quality["decided"] == 24 and quality["agreement"]["shapes"]["n"] == 24
+    assert quality["near_ties"]["share"] == pytest.approx(1.0)  # margins 0.4 < 0.5: every pair

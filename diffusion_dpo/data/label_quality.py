@@ -177,7 +177,8 @@ def score_pairs(pairs: list[dict], scorers: dict, *, batch_size: int = 16) -> di
 def pairs_label_quality(pairs: list[dict], scorers: dict, **kwargs) -> dict:
     """:func:`label_quality` of positional pairs ``{"row", "caption", "image_0", "image_1", "label_0"}``
     (the audit's :class:`~diffusion_dpo.data.audit.PairReader` rows; a bad label is None)."""
-    labels = [np.nan if p.get("label_0") is None else _as_float(p["label_0"]) for p in pairs]
+    # p0: a vote share where the format has one (the audit's label_0 is then the majority)
+    labels = [_as_float(p.get("p0", p.get("label_0"))) for p in pairs]
     scores = score_pairs(pairs, scorers)
     return label_quality(
         labels, scores, rows=[p.get("row", i) for i, p in enumerate(pairs)],
@@ -229,6 +230,8 @@ def startup_label_quality(rows, scorer_specs, *, dataset_name, max_pairs: int = 
 
 
 def _as_float(value) -> float:
+    if value is None:
+        return np.nan
     try:
         v = float(value)
     except (TypeError, ValueError):
