@@ -124,7 +124,7 @@ class TrainConfig:
     audit_scorers: list[str] = _f(
         (),
         "Scorers (e.g. pickscore, hpsv2.1, aesthetic; as eval's --scorer) whose agreement with the labels the "
-        'start-up audit reports on up to 64 pairs: "labels agree with pickscore on 54%% of pairs". Loads '
+        'start-up audit reports on up to 64 pairs: "labels agree with pickscore on 54% of pairs". Loads '
         "each scorer once; the full report: python data/audit_pairs.py --dataset NAME --scorer NAME.",
     )
     # --- objective ---
