@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from diffusion_dpo.data import synthetic  # noqa: E402
-from diffusion_dpo.experiment import results  # noqa: E402
+from diffusion_dpo import synthetic  # noqa: E402
+from diffusion_dpo.synthetic import results  # noqa: E402
 
 MODES = {"hard": (), "soft": ("--label_mode", "soft")}
 

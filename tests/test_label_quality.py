@@ -1,5 +1,5 @@
 """Label quality: agreement of the labels with scorers and among scorers, near-ties, and the pairs every
-scorer calls the other way (diffusion_dpo/data/label_quality.py, data/audit_pairs.py --scorer)."""
+scorer calls the other way (diffusion_dpo/curation/label_quality.py, data/audit_pairs.py --scorer)."""
 
 import json
 import logging
@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from diffusion_dpo.data import synthetic
-from diffusion_dpo.data.label_quality import headline, label_quality, startup_label_quality
+from diffusion_dpo import synthetic
+from diffusion_dpo.curation.label_quality import headline, label_quality, startup_label_quality
 from diffusion_dpo.data.pairs import load_pair_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,11 +101,11 @@ def test_audit_pairs_reports_label_quality_with_examples(tmp_path, flipped_pairs
 
 def test_the_trainer_start_up_check_says_how_often_labels_agree(flipped_pairs, caplog):
     rows = load_pair_dataset(flipped_pairs)
-    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.data.label_quality"):
+    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.curation.label_quality"):
         report = startup_label_quality(rows, ["shapes"], dataset_name=str(flipped_pairs))
     assert report["agreement"]["shapes"]["n"] == 24
     assert "start-up label check of 24 pairs" in caplog.text and "labels agree with shapes on" in caplog.text
-    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.data.label_quality"):
+    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.curation.label_quality"):
         assert startup_label_quality(rows, ["no_such_scorer"], dataset_name="x") is None
     assert "start-up label check skipped" in caplog.text  # advice only: never raises
 
@@ -117,11 +117,11 @@ def test_the_trainer_runs_the_label_check_when_a_scorer_is_configured(flipped_pa
     from diffusion_dpo.training.data_setup import build_train_data
 
     cfg = parse_config([*tiny_run_flags("m", flipped_pairs, "o"), "--audit_scorers", "shapes"])
-    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.data.label_quality"):
+    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.curation.label_quality"):
         build_train_data(cfg)
     assert "labels agree with shapes on" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.data.label_quality"):
+    with caplog.at_level(logging.WARNING, logger="diffusion_dpo.curation.label_quality"):
         build_train_data(parse_config(tiny_run_flags("m", flipped_pairs, "o")))
     assert "label check" not in caplog.text  # no scorer configured: no check
 

@@ -77,7 +77,7 @@ def test_the_trainer_refuses_a_removed_id_before_loading_a_model(tmp_path):
 
 
 def test_a_local_copy_saved_under_a_removed_name_still_loads(tmp_path, monkeypatch):
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     monkeypatch.chdir(tmp_path)
     synthetic.write_pair_dataset(

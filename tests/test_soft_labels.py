@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from test_distributed import UNET, _assert_same_training, _rows, _train
 from trainer_runs import tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.losses import (
     PAIRWISE_LOSSES,
     dpo_loss,

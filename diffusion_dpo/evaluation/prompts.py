@@ -150,9 +150,6 @@ def _read_dataset(source: str, split: str, prompt_column, category_column, limit
                 raise ValueError(f"split {split!r} not in {source}; splits are {list(ds)}")
             ds = ds[split]
     else:
-        from diffusion_dpo.data.removed import check_not_removed
-
-        check_not_removed(source)
         # Streaming reads only what is iterated; a hub dataset with images is not decoded in full.
         ds = datasets.load_dataset(source, split=split, streaming=True)
     columns = list(ds.column_names or [])

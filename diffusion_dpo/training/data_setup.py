@@ -120,7 +120,7 @@ def open_fitting_cache(cfg: TrainConfig):
     the loop calls it before loading any model: a wrong cache is refused before minutes of loading."""
     from diffusion_dpo.data import latent_cache
     from diffusion_dpo.models.families import family_for_index
-    from diffusion_dpo.models.loading import read_model_index
+    from diffusion_dpo.models.pretrained import read_model_index
 
     cache = latent_cache.open_latent_cache(cfg.latents_cache)
     family = family_for_index(
@@ -299,11 +299,11 @@ def build_train_data(
         if stats is not None and hasattr(stats, "split_votes") and process_index == 0:
             _log_labels(cfg, stats)
         if not cfg.no_audit_pairs and process_index == 0:
-            from diffusion_dpo.data.audit import startup_audit
+            from diffusion_dpo.curation.audit import startup_audit
 
             startup_audit(rows, stats, dataset_name=cfg.dataset_name)  # warns; never raises
             if cfg.audit_scorers:
-                from diffusion_dpo.data.label_quality import startup_label_quality
+                from diffusion_dpo.curation.label_quality import startup_label_quality
 
                 startup_label_quality(rows, cfg.audit_scorers, dataset_name=cfg.dataset_name)  # never raises
     common = dict(

@@ -30,7 +30,7 @@ import logging
 
 import numpy as np
 
-from diffusion_dpo.data.audit import wilson_interval
+from diffusion_dpo.evaluation.stats import wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def score_pairs(pairs: list[dict], scorers: dict, *, batch_size: int = 16) -> di
 
 def pairs_label_quality(pairs: list[dict], scorers: dict, **kwargs) -> dict:
     """:func:`label_quality` of positional pairs ``{"row", "caption", "image_0", "image_1", "label_0"}``
-    (the audit's :class:`~diffusion_dpo.data.audit.PairReader` rows; a bad label is None)."""
+    (the audit's :class:`~diffusion_dpo.curation.audit.PairReader` rows; a bad label is None)."""
     # p0: a vote share where the format has one (the audit's label_0 is then the majority)
     labels = [_as_float(p.get("p0", p.get("label_0"))) for p in pairs]
     scores = score_pairs(pairs, scorers)
