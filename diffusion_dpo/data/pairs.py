@@ -480,10 +480,11 @@ def load_pair_dataset(
             "%s %d ties of %d pairs of %s", "kept" if keep_ties else "dropped", stats.ties, stats.seen,
             source.description,
         )  # fmt: skip
-        if stats.split_votes or stats.near_ties:
+        if stats.split_votes or min_label_margin > 0:
             logger.info(
-                "%d pairs of %s have split votes; dropped %d near-ties (vote margin below %g)",
-                stats.split_votes, source.description, stats.near_ties, min_label_margin,
+                "%d pairs of %s have split votes%s", stats.split_votes, source.description,
+                f"; dropped {stats.near_ties} near-ties (vote margin below {min_label_margin:g})"
+                if min_label_margin > 0 else "",
             )  # fmt: skip
     kept = np.flatnonzero(keep)
     kept = kept[sample_rows(len(kept), max_train_samples, seed)]
