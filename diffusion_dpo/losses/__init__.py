@@ -13,12 +13,14 @@ from diffusion_dpo.losses.pairwise import (
     pairwise_loss_from_logratios,
 )
 from diffusion_dpo.losses.reference_free import orpo_loss, simpo_loss
+from diffusion_dpo.losses.soft_labels import expected_pairwise_loss
 
 __all__ = [
     "PAIRWISE_LOSSES",
     "check_mapo_args",
     "check_pairwise_args",
     "dpo_loss",
+    "expected_pairwise_loss",
     "kto_loss",
     "mapo_loss",
     "mapo_score",

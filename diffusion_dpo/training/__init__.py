@@ -8,7 +8,8 @@ held-out accuracy (:mod:`.validation`), outputs (:mod:`.saving`), FSDP/DeepSpeed
 folder's earlier run (:mod:`.previous_run`), ``--help`` (:mod:`.cli_help`), log set-up and the progress
 bar's fields (:mod:`.console`), the model card (:mod:`.model_card`) and ``--push_to_hub`` (:mod:`.hub`).
 
-May import: ``losses``, ``diffusion``, ``models``, ``data``, and :mod:`diffusion_dpo.curation.audit`
-(the start-up shortcut check). Above it: ``evaluation`` (loads outputs through :mod:`.saving`),
+May import: ``losses``, ``diffusion``, ``models``, ``data``, :mod:`diffusion_dpo.curation.audit`
+(the start-up shortcut check) and :mod:`diffusion_dpo.curation.label_quality` (the start-up label check
+with ``--audit_scorers``). Above it: ``evaluation`` (loads outputs through :mod:`.saving`),
 ``bench``, the synthetic base model (:mod:`diffusion_dpo.synthetic.base`) and the scripts.
 """

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from diffusion_dpo.data.formats import DATASET_FORMATS
 from diffusion_dpo.losses import PAIRWISE_LOSSES, check_mapo_args, check_pairwise_args
 from diffusion_dpo.training import cli_help
 
@@ -48,7 +49,7 @@ class TrainConfig:
     # --- data ---
     dataset_name: str = _f(
         None,
-        "Preference data: a hub id (yuvalkirstain/pickapic_v2), a local parquet file/folder, a `datasets` "
+        "Preference data: a hub id (liuhuohuo2/pick-a-pic-v2; docs/data.md lists live sets), a local parquet file/folder, a `datasets` "
         "save_to_disk folder, or a JSONL/CSV of caption,image_w,image_l (KTO: caption,image,label).",
     )
     dataset_split: str = _f("train", "Split of the dataset to train on.")
@@ -61,6 +62,30 @@ class TrainConfig:
     )
     streaming: bool = _f(False, "Stream the dataset instead of downloading it (for sets too large for disk).")
     keep_ties: bool = _f(False, "Keep tied pairs (label_0 = 0.5). By default they are dropped and counted.")
+    dataset_format: str = _f(
+        "auto",
+        "Schema of --dataset_name: auto (recognised from the columns), pickapic, ordered, columns "
+        "(caption,image_0,image_1,label_0), hpdv3 (HPDv3/HPDv3++), imagereward, open_image_preferences, "
+        "open_image_preferences_votes or webdataset. docs/data.md lists datasets in each.",
+        choices=DATASET_FORMATS,
+    )
+    image_root: str | None = _f(
+        None,
+        "Folder that relative image paths resolve against (HPDv3: where images.tar.gz.* was extracted); "
+        "default: the JSON/JSONL/CSV file's own folder.",
+    )
+    label_mode: str = _f(
+        "hard",
+        "hard: the winner is preferred (p = 1). soft: train on p = P(winner preferred) where the data carries "
+        "vote shares (Pick-a-Pic ties, HPDv3 choice_dist, vote counts) with the expected loss "
+        "p·ℓ(z) + (1−p)·ℓ(−z); ties are kept at p = 0.5 instead of dropped (docs/data.md#soft-labels).",
+        choices=("hard", "soft"),
+    )
+    min_label_margin: float = _f(
+        0.0,
+        "Drop near-ties: pairs whose vote margin |P(image 0) − P(image 1)| is below this (0: keep all; "
+        "ties have margin 0 and are dropped by any value > 0).",
+    )
     max_train_samples: int | None = _f(
         None,
         "Use only N rows: a seeded random subset (the paper's shuffle(seed).select(range(N))); with "
@@ -96,6 +121,12 @@ class TrainConfig:
         "Skip the start-up shortcut audit, which reads the file headers of up to 256 pairs (a few seconds at "
         "most) and warns when size, format, JPEG quality or bytes per pixel alone predicts the winner, or the "
         "labels favour one position. The full audit: python data/audit_pairs.py --dataset NAME.",
+    )
+    audit_scorers: list[str] = _f(
+        (),
+        "Scorers (e.g. pickscore, hpsv2.1, aesthetic; as eval's --scorer) whose agreement with the labels the "
+        'start-up audit reports on up to 64 pairs: "labels agree with pickscore on 54% of pairs". Loads '
+        "each scorer once; the full report: python data/audit_pairs.py --dataset NAME --scorer NAME.",
     )
     # --- objective ---
     objective: str = _f(
@@ -249,6 +280,11 @@ class TrainConfig:
     def effective_objective(self) -> str:
         return "sft" if self.sft else self.objective
 
+    @property
+    def effective_keep_ties(self) -> bool:
+        """Soft labels keep ties at p = 0.5 (they say "no preference", which the expected loss uses)."""
+        return self.keep_ties or self.label_mode == "soft"
+
     def __post_init__(self):
         if self.mixed_precision is None:
             # as diffusers' training scripts and accelerate itself resolve it: `accelerate launch
@@ -271,6 +307,11 @@ class TrainConfig:
                 "--dataset_name is required (a hub id, a parquet file/folder, or a JSONL/CSV), or "
                 "--latents_cache (a folder made by data/precompute_latents.py)"
             )
+        from diffusion_dpo.data.removed import check_not_removed
+
+        # before any model loads: a removed hub id fails in one line, not in the hub client minutes later
+        check_not_removed(self.dataset_name, flag="--dataset_name")
+        check_not_removed(self.validation_dataset_name, flag="--validation_dataset_name")
         if self.latents_cache and self.random_crop:
             raise ValueError(
                 "--random_crop cannot be used with --latents_cache: the cache holds center crops (each crop "
@@ -281,6 +322,18 @@ class TrainConfig:
                 "--latents_cache holds preference pairs, and --objective kto trains on unpaired images; "
                 "train KTO from --dataset_name"
             )
+        if self.label_mode == "soft" and self.effective_objective != "dpo":
+            raise ValueError(
+                f"--label_mode soft weights the pairwise DPO losses; --objective {self.effective_objective} has "
+                "no such loss (drop --label_mode soft)"
+            )
+        if self.label_mode == "soft" and self.latents_cache:
+            raise ValueError(
+                "--label_mode soft needs each pair's vote share, which a --latents_cache does not hold; train "
+                "from --dataset_name"
+            )
+        if not 0.0 <= self.min_label_margin <= 1.0:
+            raise ValueError(f"--min_label_margin must be in [0, 1], got {self.min_label_margin}")
         if self.sft and self.objective not in ("dpo", "sft"):
             raise ValueError(f"--sft contradicts --objective {self.objective}")
         if self.effective_objective == "dpo":
@@ -338,7 +391,7 @@ class TrainConfig:
             raise ValueError(f"--max_sequence_length must be >= 1, got {self.max_sequence_length}")
         for name in (
             "mixed_precision", "objective", "loss_type", "on_bad_example", "adam_implementation",
-            "weighting_scheme", "flow_error_weighting",
+            "weighting_scheme", "flow_error_weighting", "dataset_format", "label_mode",
         ):  # fmt: skip
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
