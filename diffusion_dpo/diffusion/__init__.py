@@ -4,6 +4,7 @@ training step."""
 
 from diffusion_dpo.diffusion.draws import RowDraws, draw_for_rows, heldout_noise, row_generator
 from diffusion_dpo.diffusion.objective import (
+    PairOutputs,
     adapters_disabled,
     denoising_errors,
     denoising_target,
@@ -11,6 +12,7 @@ from diffusion_dpo.diffusion.objective import (
     implicit_reward_scores,
     logratios_from_errors,
     pair_denoising_errors,
+    pair_denoising_outputs,
     pair_logratios,
     per_sample_mse,
     sft_losses,
@@ -20,6 +22,7 @@ from diffusion_dpo.diffusion.processes import DDPMProcess, FlowMatchProcess, as_
 __all__ = [
     "DDPMProcess",
     "FlowMatchProcess",
+    "PairOutputs",
     "RowDraws",
     "as_process",
     "adapters_disabled",
@@ -31,6 +34,7 @@ __all__ = [
     "implicit_reward_scores",
     "logratios_from_errors",
     "pair_denoising_errors",
+    "pair_denoising_outputs",
     "pair_logratios",
     "per_sample_mse",
     "row_generator",

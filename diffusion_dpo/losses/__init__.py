@@ -10,6 +10,12 @@ from diffusion_dpo.losses.pairwise import (
     pairwise_loss_from_logratios,
 )
 from diffusion_dpo.losses.reference_free import orpo_loss, simpo_loss
+from diffusion_dpo.losses.safeguard import (
+    loser_gradient_scale,
+    pairwise_logratio_gradients,
+    safeguard_terms,
+    scale_gradient,
+)
 
 __all__ = [
     "PAIRWISE_LOSSES",
@@ -17,11 +23,15 @@ __all__ = [
     "check_pairwise_args",
     "dpo_loss",
     "kto_loss",
+    "loser_gradient_scale",
     "mapo_loss",
     "mapo_score",
     "masked_mean",
     "orpo_loss",
+    "pairwise_logratio_gradients",
     "pairwise_loss_from_logratios",
     "preference_metrics",
+    "safeguard_terms",
+    "scale_gradient",
     "simpo_loss",
 ]

@@ -28,6 +28,7 @@ from diffusion_dpo.training import distributed as dist
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.guards import BadRows, NonFiniteSteps, PreemptionSignals, RunStopped
 from diffusion_dpo.training.models import encoders_on, setup_models
+from diffusion_dpo.training.monitors import RunMonitors
 from diffusion_dpo.training.optim import make_optimizer
 from diffusion_dpo.training.saving import final_samples, save_final_model, validation_images
 from diffusion_dpo.training.step import compute_batch_loss
@@ -109,6 +110,16 @@ class StepWindow:
             "metrics": metrics, "rows": int(rows), "skipped": int(skipped), "nonfinite": nonfinite > 0,
             "stop": stop_any > 0, "grad_norm": norm_value,
         }  # fmt: skip
+
+
+def _monitor_postfix(row: dict) -> dict:
+    # the progress bar's monitors: the winner's error vs the reference (relative trend), the gradient factor
+    shown = {}
+    if row.get("monitors/chosen_rel_trend") is not None:
+        shown["w_err"] = f"{row['monitors/chosen_rel_trend']:+.1%}"
+    if row.get("monitors/grad_factor") is not None:
+        shown["gf"] = f"{row['monitors/grad_factor']:.2f}"
+    return shown
 
 
 def _gather_bad_rows(accelerator, local: list[dict]) -> list[dict]:
@@ -239,6 +250,7 @@ def train(cfg: TrainConfig) -> dict:
 
     nonfinite = NonFiniteSteps(cfg.max_nonfinite_steps)
     bad = BadRows(cfg.max_bad_row_fraction)
+    monitors = RunMonitors(cfg)  # docs/monitors.md: warnings, --auto_beta, --stop_on_degradation
     stats = data.stats
     if stats is not None and getattr(stats, "bad_labels", 0):
         bad.set_load_time(
@@ -261,6 +273,8 @@ def train(cfg: TrainConfig) -> dict:
             )
         if "bad_rows" in state:
             bad.load_state_dict(state["bad_rows"])
+        if "monitors" in state:
+            monitors.load_state_dict(state["monitors"])
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, global_step, epoch)
         if accelerator.is_main_process:
             _truncate_metrics(out / "metrics.jsonl", global_step)
@@ -298,6 +312,7 @@ def train(cfg: TrainConfig) -> dict:
         step_state.update(
             nonfinite={"skipped": nonfinite.skipped, "consecutive": nonfinite.consecutive},
             bad_rows=bad.state_dict(),
+            monitors=monitors.state_dict(),
         )
         return ckpt.save_checkpoint(accelerator, out, global_step, step_state, cfg.checkpoints_total_limit)
 
@@ -329,7 +344,9 @@ def train(cfg: TrainConfig) -> dict:
                 else:
                     rows_done += group
                 with accelerator.accumulate(unet):
-                    loss, metrics = compute_batch_loss(models, batch, cfg, all_reduce_sum=all_reduce_sum)
+                    loss, metrics = compute_batch_loss(
+                        models, batch, cfg, all_reduce_sum=all_reduce_sum, beta=monitors.beta
+                    )
                     accelerator.backward(loss)
                 window.add(loss, metrics, batch)
                 if not accelerator.sync_gradients:
@@ -377,11 +394,13 @@ def train(cfg: TrainConfig) -> dict:
                     row["eval/implicit_acc"] = heldout_accuracy(
                         models, heldout, cfg.validation_timesteps, cfg.seed, accelerator=accelerator
                     )
+                monitors.after_step(global_step, row)  # same gathered values, same state on every process
                 if accelerator.is_main_process:
                     _append_metrics(out / "metrics.jsonl", row)
                     progress.set_postfix(
                         loss=f"{row['loss']:.4f}" if row.get("loss") is not None else "n/a",
                         acc=f"{row.get('rewards/accuracies') or float('nan'):.2f}",
+                        **_monitor_postfix(row),
                     )
                 # trackers take numbers only (not the lists of bad rows, not a missing value)
                 accelerator.log(
@@ -403,6 +422,14 @@ def train(cfg: TrainConfig) -> dict:
                 if bad.too_many():
                     path = save({"global_step": global_step, "epoch": epoch})
                     raise RunStopped(f"{bad.message()} (checkpoint {path})", exit_code=1, checkpoint=path)
+                degraded = monitors.stop_reason(global_step)
+                if degraded:
+                    path = save({"global_step": global_step, "epoch": epoch})
+                    raise RunStopped(
+                        f"{degraded} Checkpoint {path}; change the settings, then resume with "
+                        "--resume_from_checkpoint latest.",
+                        exit_code=1, checkpoint=path,
+                    )  # fmt: skip
                 if totals["stop"]:
                     path = save({"global_step": global_step, "epoch": epoch})
                     signum = signals.received or 15  # another process got the signal
@@ -456,6 +483,7 @@ def train(cfg: TrainConfig) -> dict:
         "last_metrics": last_row,
         "train/skipped_steps": nonfinite.skipped,
         **bad.summary(),
+        **monitors.summary(),
         "seconds": time.time() - started,
         "is_main_process": accelerator.is_main_process,
         "models": models,
