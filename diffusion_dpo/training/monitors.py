@@ -85,34 +85,39 @@ def derived_monitors(metrics: dict) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class Threshold:
-    """When a monitor's value is past its threshold, and what to say then."""
+    """When a monitor's value is past its threshold (outside ``[low, high]``), and what to say then."""
 
-    key: str  # the value checked: a trend "…/trend" or a metric
-    above: bool  # past when value > limit (True) or value < limit (False)
-    limit: float
+    key: str  # the value checked: a trend "…_trend" or a metric
+    low: float | None
+    high: float | None
     meaning: str
     advice: str
 
     def past(self, value: float) -> bool:
-        return value > self.limit if self.above else value < self.limit
+        return (self.low is not None and value < self.low) or (self.high is not None and value > self.high)
+
+    @property
+    def limit(self) -> str:
+        return " / ".join(f"{side} {v}" for side, v in (("<", self.low), (">", self.high)) if v is not None)
 
 
 TRY = "lower --learning_rate, raise --beta_dpo, or enable --winner_safeguard"
 
-#: The thresholds, chosen so that the embedded default (configs/tiny.yaml) never crosses them and a
-#: run at 10-30x its learning rate does (docs/monitors.md has the measured values).
+#: The thresholds: the embedded default (configs/tiny.yaml, 300 steps) stays inside all of them, a
+#: run at 15x its learning rate leaves the first within 20 steps (docs/monitors.md has the values).
 THRESHOLDS = (
+    # fmt: off
     Threshold(
         "monitors/chosen_rel_trend",
-        True,
-        0.10,
+        None,
+        0.5,
         "the policy denoises the PREFERRED images {value:.0%} worse than the reference (trend): the margin "
         "can still grow while both errors rise, and samples degrade (Diffusion-SDPO's failure mode)",
         TRY,
     ),
     Threshold(
         "monitors/negative_margins_trend",
-        True,
+        None,
         0.55,
         "{value:.0%} of the training pairs have a negative margin (trend): the policy now prefers the "
         "rejected images of most pairs; the updates overshoot or the labels are noisy",
@@ -120,28 +125,29 @@ THRESHOLDS = (
     ),
     Threshold(
         "monitors/grad_factor_trend",
-        False,
         0.02,
+        None,
         "the mean gradient factor σ(−βδ) fell to {value:.3f} (trend): the margins are so large that the "
         "loss barely teaches any more; the policy has drifted far from the reference",
         "lower --learning_rate or train fewer steps, raise --beta_dpo, or use --auto_beta",
     ),
     Threshold(
         "monitors/pred_norm_ratio_trend",
-        True,
-        1.10,
-        "the policy's predictions are {value:.2f}x the reference's in norm (trend; NormGuard): inflated "
-        "predictions come before over-saturated, broken samples",
+        0.85,
+        1.15,
+        "the policy's predictions are {value:.2f}x the reference's in norm (trend): fine-tuning that inflates "
+        "(NormGuard) or shrinks them has left the reference's scale, before the samples show it",
         TRY,
     ),
     Threshold(
         "eval/implicit_acc",
-        False,
         0.5,
+        None,
         "the held-out implicit-reward accuracy fell to {value:.2f}, below chance: the policy learns the "
         "training pairs but not the preference",
         "train fewer steps, lower --learning_rate, raise --beta_dpo; check the labels",
     ),
+    # fmt: on
 )
 
 
@@ -272,7 +278,7 @@ class RunMonitors:
             return None
         return (
             f"stopped at step {step}: monitor {stalled['monitor']} has been past its threshold "
-            f"{stalled['threshold']} for {stalled['checks']} checks in a row (--stop_on_degradation "
+            f"({stalled['threshold']}) for {stalled['checks']} checks in a row (--stop_on_degradation "
             f"{self.stop_after}). First warning, {stalled['message']}"
         )
 
