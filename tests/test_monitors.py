@@ -22,7 +22,7 @@ import pytest
 import torch
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.losses import (
     PAIRWISE_LOSSES,
     loser_gradient_scale,
