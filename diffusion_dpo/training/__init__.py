@@ -1,7 +1,8 @@
 """The trainer (``train_sd.py``): the config (:mod:`.config`, YAML mirrored by a dataclass), model set-up
 (:mod:`.models`), the optimizer (:mod:`.optim`), the rows of a process (:mod:`.data_setup`), the loss of
 one micro-batch (:mod:`.step`), the loop (:mod:`.loop`) and what processes exchange
-(:mod:`.collectives`), the guards of a long run (:mod:`.guards`), checkpoints (:mod:`.checkpoint`),
+(:mod:`.collectives`), the guards of a long run (:mod:`.guards`), the monitors of a run going wrong
+(:mod:`.monitors`, :mod:`.auto_beta`; docs/monitors.md), checkpoints (:mod:`.checkpoint`),
 held-out accuracy (:mod:`.validation`), outputs (:mod:`.saving`), FSDP/DeepSpeed specifics
 (:mod:`.distributed`), ``metrics.jsonl`` (:mod:`.metrics_file`) and the run's closing lines
 (:mod:`.summary`). Around the run: the checks before anything loads (:mod:`.preflight`), an output

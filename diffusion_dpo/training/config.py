@@ -193,6 +193,30 @@ class TrainConfig:
         "A NaN/Inf loss or gradient skips its optimizer step (weights, optimizer and lr schedule "
         "untouched; counted as train/skipped_steps); this many in a row stop the run with a checkpoint.",
     )
+    # --- guards against a run going wrong (docs/monitors.md) ---
+    stop_on_degradation: int = _f(
+        0,
+        "Stop with a checkpoint and advice when a training monitor (docs/monitors.md) stays past its "
+        "threshold for this many checks in a row (steps; validations for the held-out accuracy). 0: only warn.",
+    )
+    winner_safeguard: bool = _f(
+        False,
+        "Diffusion-SDPO (arXiv 2511.03317): scale the loser's gradient in closed form so that an update does "
+        "not raise the winner's denoising error to first order. Any pairwise --loss_type.",
+    )
+    winner_safeguard_mu: float = _f(
+        0.9,
+        "μ of the safeguard: the share of the winner's own decrease that must survive (paper scripts: 0.9).",
+    )
+    auto_beta: bool = _f(
+        False,
+        "Adapt β after each step so that a pair with the typical margin |δ| (an EMA over steps) has the "
+        "gradient factor σ(−β|δ|) = --auto_beta_target (SimpleTuner's auto_beta); starts at --beta_dpo.",
+    )
+    auto_beta_target: float = _f(0.2, "--auto_beta: the target gradient factor, in (0, 0.5).")
+    auto_beta_decay: float = _f(0.99, "--auto_beta: decay of the EMA of the batch mean |δ|.")
+    auto_beta_min: float | None = _f(None, "--auto_beta: smallest β (default --beta_dpo / 10).")
+    auto_beta_max: float | None = _f(None, "--auto_beta: largest β (default 10 × --beta_dpo).")
     use_lora: bool = _f(False, "Train LoRA adapters; the reference is the same UNet with adapters disabled.")
     rank: int = _f(8, "LoRA rank.")
     lora_alpha: int | None = _f(None, "LoRA alpha (default: the rank).")
@@ -285,6 +309,13 @@ class TrainConfig:
         """Soft labels keep ties at p = 0.5 (they say "no preference", which the expected loss uses)."""
         return self.keep_ties or self.label_mode == "soft"
 
+    @property
+    def beta_range(self) -> tuple[float, float]:
+        """--auto_beta's bounds: the flags, or a factor 10 either side of --beta_dpo."""
+        low = self.beta_dpo / 10 if self.auto_beta_min is None else self.auto_beta_min
+        high = self.beta_dpo * 10 if self.auto_beta_max is None else self.auto_beta_max
+        return low, high
+
     def __post_init__(self):
         if self.mixed_precision is None:
             # as diffusers' training scripts and accelerate itself resolve it: `accelerate launch
@@ -352,6 +383,26 @@ class TrainConfig:
                 f"full --objective {self.effective_objective} fine-tune has none; drop it or train LoRA "
                 "(--use_lora), whose reference is the base under the adapters"
             )
+        if (self.winner_safeguard or self.auto_beta) and self.effective_objective != "dpo":
+            raise ValueError(
+                "--winner_safeguard and --auto_beta act on the pairwise losses of --objective dpo, not on "
+                f"--objective {self.effective_objective}"
+            )
+        if not 0.0 <= self.winner_safeguard_mu <= 1.0:
+            raise ValueError(f"--winner_safeguard_mu must be in [0, 1], got {self.winner_safeguard_mu}")
+        if not 0.0 < self.auto_beta_target < 0.5:
+            raise ValueError(
+                f"--auto_beta_target must be in (0, 0.5) (σ(−β|δ|) < 0.5 for β|δ| > 0), got {self.auto_beta_target}"
+            )
+        if not 0.0 <= self.auto_beta_decay < 1.0:
+            raise ValueError(f"--auto_beta_decay must be in [0, 1), got {self.auto_beta_decay}")
+        if self.auto_beta and not 0 < self.beta_range[0] <= self.beta_dpo <= self.beta_range[1]:
+            raise ValueError(
+                f"--auto_beta_min {self.beta_range[0]} <= --beta_dpo {self.beta_dpo} <= --auto_beta_max "
+                f"{self.beta_range[1]} must hold, with the minimum > 0"
+            )
+        if self.stop_on_degradation < 0:
+            raise ValueError(f"--stop_on_degradation must be >= 0 (0: off), got {self.stop_on_degradation}")
         positive = (
             "resolution",
             "train_batch_size",
