@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_dpo.data.removed import check_not_removed
 from diffusion_dpo.evaluation.cli import run_script
 from diffusion_dpo.evaluation.generate import (
     DTYPES,
@@ -222,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _run(parser: argparse.ArgumentParser, args) -> dict:
     try:
+        check_not_removed(args.prompts, flag="--prompts")
+        check_not_removed(args.implicit_pairs, flag="--implicit_pairs")
         models = [parse_model_spec(spec) for spec in args.model]
         names = [m.name for m in models]
         if len(set(names)) != len(names):

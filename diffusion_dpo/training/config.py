@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from diffusion_dpo.data.formats import DATASET_FORMATS
 from diffusion_dpo.losses import PAIRWISE_LOSSES, check_mapo_args, check_pairwise_args
 from diffusion_dpo.training import cli_help
 
@@ -48,7 +49,7 @@ class TrainConfig:
     # --- data ---
     dataset_name: str = _f(
         None,
-        "Preference data: a hub id (yuvalkirstain/pickapic_v2), a local parquet file/folder, a `datasets` "
+        "Preference data: a hub id (liuhuohuo2/pick-a-pic-v2; docs/data.md lists live sets), a local parquet file/folder, a `datasets` "
         "save_to_disk folder, or a JSONL/CSV of caption,image_w,image_l (KTO: caption,image,label).",
     )
     dataset_split: str = _f("train", "Split of the dataset to train on.")
@@ -61,6 +62,30 @@ class TrainConfig:
     )
     streaming: bool = _f(False, "Stream the dataset instead of downloading it (for sets too large for disk).")
     keep_ties: bool = _f(False, "Keep tied pairs (label_0 = 0.5). By default they are dropped and counted.")
+    dataset_format: str = _f(
+        "auto",
+        "Schema of --dataset_name: auto (recognised from the columns), pickapic, ordered, columns "
+        "(caption,image_0,image_1,label_0), hpdv3 (HPDv3/HPDv3++), imagereward, open_image_preferences, "
+        "open_image_preferences_votes or webdataset. docs/data.md lists datasets in each.",
+        choices=DATASET_FORMATS,
+    )
+    image_root: str | None = _f(
+        None,
+        "Folder that relative image paths resolve against (HPDv3: where images.tar.gz.* was extracted); "
+        "default: the JSON/JSONL/CSV file's own folder.",
+    )
+    label_mode: str = _f(
+        "hard",
+        "hard: the winner is preferred (p = 1). soft: train on p = P(winner preferred) where the data carries "
+        "vote shares (Pick-a-Pic ties, HPDv3 choice_dist, vote counts) with the expected loss "
+        "p·ℓ(z) + (1−p)·ℓ(−z); ties are kept at p = 0.5 instead of dropped (docs/data.md#soft-labels).",
+        choices=("hard", "soft"),
+    )
+    min_label_margin: float = _f(
+        0.0,
+        "Drop near-ties: pairs whose vote margin |P(image 0) − P(image 1)| is below this (0: keep all; "
+        "ties have margin 0 and are dropped by any value > 0).",
+    )
     max_train_samples: int | None = _f(
         None,
         "Use only N rows: a seeded random subset (the paper's shuffle(seed).select(range(N))); with "
@@ -96,6 +121,12 @@ class TrainConfig:
         "Skip the start-up shortcut audit, which reads the file headers of up to 256 pairs (a few seconds at "
         "most) and warns when size, format, JPEG quality or bytes per pixel alone predicts the winner, or the "
         "labels favour one position. The full audit: python data/audit_pairs.py --dataset NAME.",
+    )
+    audit_scorers: list[str] = _f(
+        (),
+        "Scorers (e.g. pickscore, hpsv2.1, aesthetic; as eval's --scorer) whose agreement with the labels the "
+        'start-up audit reports on up to 64 pairs: "labels agree with pickscore on 54% of pairs". Loads '
+        "each scorer once; the full report: python data/audit_pairs.py --dataset NAME --scorer NAME.",
     )
     # --- objective ---
     objective: str = _f(
@@ -162,6 +193,30 @@ class TrainConfig:
         "A NaN/Inf loss or gradient skips its optimizer step (weights, optimizer and lr schedule "
         "untouched; counted as train/skipped_steps); this many in a row stop the run with a checkpoint.",
     )
+    # --- guards against a run going wrong (docs/monitors.md) ---
+    stop_on_degradation: int = _f(
+        0,
+        "Stop with a checkpoint and advice when a training monitor (docs/monitors.md) stays past its "
+        "threshold for this many checks in a row (steps; validations for the held-out accuracy). 0: only warn.",
+    )
+    winner_safeguard: bool = _f(
+        False,
+        "Diffusion-SDPO (arXiv 2511.03317): scale the loser's gradient in closed form so that an update does "
+        "not raise the winner's denoising error to first order. Any pairwise --loss_type.",
+    )
+    winner_safeguard_mu: float = _f(
+        0.9,
+        "μ of the safeguard: the share of the winner's own decrease that must survive (paper scripts: 0.9).",
+    )
+    auto_beta: bool = _f(
+        False,
+        "Adapt β after each step so that a pair with the typical margin |δ| (an EMA over steps) has the "
+        "gradient factor σ(−β|δ|) = --auto_beta_target (SimpleTuner's auto_beta); starts at --beta_dpo.",
+    )
+    auto_beta_target: float = _f(0.2, "--auto_beta: the target gradient factor, in (0, 0.5).")
+    auto_beta_decay: float = _f(0.99, "--auto_beta: decay of the EMA of the batch mean |δ|.")
+    auto_beta_min: float | None = _f(None, "--auto_beta: smallest β (default --beta_dpo / 10).")
+    auto_beta_max: float | None = _f(None, "--auto_beta: largest β (default 10 × --beta_dpo).")
     use_lora: bool = _f(False, "Train LoRA adapters; the reference is the same UNet with adapters disabled.")
     rank: int = _f(8, "LoRA rank.")
     lora_alpha: int | None = _f(None, "LoRA alpha (default: the rank).")
@@ -249,6 +304,18 @@ class TrainConfig:
     def effective_objective(self) -> str:
         return "sft" if self.sft else self.objective
 
+    @property
+    def effective_keep_ties(self) -> bool:
+        """Soft labels keep ties at p = 0.5 (they say "no preference", which the expected loss uses)."""
+        return self.keep_ties or self.label_mode == "soft"
+
+    @property
+    def beta_range(self) -> tuple[float, float]:
+        """--auto_beta's bounds: the flags, or a factor 10 either side of --beta_dpo."""
+        low = self.beta_dpo / 10 if self.auto_beta_min is None else self.auto_beta_min
+        high = self.beta_dpo * 10 if self.auto_beta_max is None else self.auto_beta_max
+        return low, high
+
     def __post_init__(self):
         if self.mixed_precision is None:
             # as diffusers' training scripts and accelerate itself resolve it: `accelerate launch
@@ -271,6 +338,11 @@ class TrainConfig:
                 "--dataset_name is required (a hub id, a parquet file/folder, or a JSONL/CSV), or "
                 "--latents_cache (a folder made by data/precompute_latents.py)"
             )
+        from diffusion_dpo.data.removed import check_not_removed
+
+        # before any model loads: a removed hub id fails in one line, not in the hub client minutes later
+        check_not_removed(self.dataset_name, flag="--dataset_name")
+        check_not_removed(self.validation_dataset_name, flag="--validation_dataset_name")
         if self.latents_cache and self.random_crop:
             raise ValueError(
                 "--random_crop cannot be used with --latents_cache: the cache holds center crops (each crop "
@@ -281,6 +353,18 @@ class TrainConfig:
                 "--latents_cache holds preference pairs, and --objective kto trains on unpaired images; "
                 "train KTO from --dataset_name"
             )
+        if self.label_mode == "soft" and self.effective_objective != "dpo":
+            raise ValueError(
+                f"--label_mode soft weights the pairwise DPO losses; --objective {self.effective_objective} has "
+                "no such loss (drop --label_mode soft)"
+            )
+        if self.label_mode == "soft" and self.latents_cache:
+            raise ValueError(
+                "--label_mode soft needs each pair's vote share, which a --latents_cache does not hold; train "
+                "from --dataset_name"
+            )
+        if not 0.0 <= self.min_label_margin <= 1.0:
+            raise ValueError(f"--min_label_margin must be in [0, 1], got {self.min_label_margin}")
         if self.sft and self.objective not in ("dpo", "sft"):
             raise ValueError(f"--sft contradicts --objective {self.objective}")
         if self.effective_objective == "dpo":
@@ -299,6 +383,26 @@ class TrainConfig:
                 f"full --objective {self.effective_objective} fine-tune has none; drop it or train LoRA "
                 "(--use_lora), whose reference is the base under the adapters"
             )
+        if (self.winner_safeguard or self.auto_beta) and self.effective_objective != "dpo":
+            raise ValueError(
+                "--winner_safeguard and --auto_beta act on the pairwise losses of --objective dpo, not on "
+                f"--objective {self.effective_objective}"
+            )
+        if not 0.0 <= self.winner_safeguard_mu <= 1.0:
+            raise ValueError(f"--winner_safeguard_mu must be in [0, 1], got {self.winner_safeguard_mu}")
+        if not 0.0 < self.auto_beta_target < 0.5:
+            raise ValueError(
+                f"--auto_beta_target must be in (0, 0.5) (σ(−β|δ|) < 0.5 for β|δ| > 0), got {self.auto_beta_target}"
+            )
+        if not 0.0 <= self.auto_beta_decay < 1.0:
+            raise ValueError(f"--auto_beta_decay must be in [0, 1), got {self.auto_beta_decay}")
+        if self.auto_beta and not 0 < self.beta_range[0] <= self.beta_dpo <= self.beta_range[1]:
+            raise ValueError(
+                f"--auto_beta_min {self.beta_range[0]} <= --beta_dpo {self.beta_dpo} <= --auto_beta_max "
+                f"{self.beta_range[1]} must hold, with the minimum > 0"
+            )
+        if self.stop_on_degradation < 0:
+            raise ValueError(f"--stop_on_degradation must be >= 0 (0: off), got {self.stop_on_degradation}")
         positive = (
             "resolution",
             "train_batch_size",
@@ -338,7 +442,7 @@ class TrainConfig:
             raise ValueError(f"--max_sequence_length must be >= 1, got {self.max_sequence_length}")
         for name in (
             "mixed_precision", "objective", "loss_type", "on_bad_example", "adam_implementation",
-            "weighting_scheme", "flow_error_weighting",
+            "weighting_scheme", "flow_error_weighting", "dataset_format", "label_mode",
         ):  # fmt: skip
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:

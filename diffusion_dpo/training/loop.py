@@ -42,6 +42,7 @@ from diffusion_dpo.training.guards import BadRows, NonFiniteSteps, PreemptionSig
 from diffusion_dpo.training.metrics_file import append_metrics, truncate_metrics
 from diffusion_dpo.training.model_card import write_model_card
 from diffusion_dpo.training.models import encoders_on, setup_models
+from diffusion_dpo.training.monitors import RunMonitors
 from diffusion_dpo.training.optim import make_optimizer
 from diffusion_dpo.training.preflight import check_sources
 from diffusion_dpo.training.previous_run import start_over
@@ -86,7 +87,9 @@ def train(cfg: TrainConfig) -> dict:
                 batches += 1
                 take_position(run, at, batch)
                 with accelerator.accumulate(models.unet):
-                    loss, metrics = compute_batch_loss(models, batch, cfg, all_reduce_sum=all_reduce_sum)
+                    loss, metrics = compute_batch_loss(
+                        models, batch, cfg, all_reduce_sum=all_reduce_sum, beta=run.monitors.beta
+                    )
                     accelerator.backward(loss)
                 window.add(loss, metrics, batch)
                 if not accelerator.sync_gradients:
@@ -138,6 +141,7 @@ class Run:
     heldout: Any
     nonfinite: NonFiniteSteps
     bad: BadRows
+    monitors: RunMonitors  # docs/monitors.md: warnings, --auto_beta, --stop_on_degradation
 
 
 @dataclass
@@ -227,7 +231,7 @@ def set_up(cfg: TrainConfig) -> Run:
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, models=models, data=data, optimizer=optimizer,
         lr_scheduler=lr_scheduler, lr=lr, params=params, owns_step=owns_step, heldout=heldout,
-        nonfinite=NonFiniteSteps(cfg.max_nonfinite_steps), bad=bad,
+        nonfinite=NonFiniteSteps(cfg.max_nonfinite_steps), bad=bad, monitors=RunMonitors(cfg),
     )  # fmt: skip
 
 
@@ -270,6 +274,8 @@ def resume(run: Run) -> Position:
             )
         if "bad_rows" in state:
             run.bad.load_state_dict(state["bad_rows"])
+        if "monitors" in state:
+            run.monitors.load_state_dict(state["monitors"])
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, at.global_step, at.epoch)
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", at.global_step)
@@ -359,12 +365,25 @@ def log_step(run: Run, at: Position, totals: dict, finite: bool, new_bad: list[d
         row["eval/implicit_acc"] = heldout_accuracy(
             run.models, run.heldout, cfg.validation_timesteps, cfg.seed, accelerator=accelerator
         )
+    run.monitors.after_step(step, row)  # the gathered values: the same state on every process
     if accelerator.is_main_process:
         append_metrics(run.out / "metrics.jsonl", row)
-        bar.set_postfix(progress_fields(row))  # no `nan` for a value that does not exist (yet)
+        bar.set_postfix(
+            progress_fields(row) | _monitor_postfix(row)
+        )  # no `nan` for a value that does not exist (yet)
     # trackers take numbers only (not the lists of bad rows, not a missing value)
     accelerator.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
     return row
+
+
+def _monitor_postfix(row: dict) -> dict:
+    # the progress bar's monitors: the winner's error vs the reference (relative trend), the gradient factor
+    shown = {}
+    if row.get("monitors/chosen_rel_trend") is not None:
+        shown["w_err"] = f"{row['monitors/chosen_rel_trend']:+.1%}"
+    if row.get("monitors/grad_factor") is not None:
+        shown["gf"] = f"{row['monitors/grad_factor']:.2f}"
+    return shown
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,6 +400,7 @@ def save(run: Run, at: Position) -> Path:
     step_state.update(
         nonfinite={"skipped": run.nonfinite.skipped, "consecutive": run.nonfinite.consecutive},
         bad_rows=run.bad.state_dict(),
+        monitors=run.monitors.state_dict(),
     )
     return ckpt.save_checkpoint(
         run.accelerator, run.out, at.global_step, step_state, run.cfg.checkpoints_total_limit
@@ -389,7 +409,8 @@ def save(run: Run, at: Position) -> Path:
 
 def stop_if_asked(run: Run, at: Position, too_many_nonfinite: bool, stop: bool, signum: int | None) -> None:
     """Save and raise :class:`RunStopped` after too many non-finite steps in a row, too many bad rows, or
-    a signal on any process (``stop``: all processes agree on it, it was reduced with the metrics)."""
+    a monitor past its threshold for ``--stop_on_degradation`` checks, or a signal on any process (``stop``:
+    all processes agree on it, it was reduced with the metrics)."""
     step = at.global_step
     if too_many_nonfinite:
         path = save(run, at)
@@ -404,6 +425,13 @@ def stop_if_asked(run: Run, at: Position, too_many_nonfinite: bool, stop: bool, 
     if run.bad.too_many():
         path = save(run, at)
         raise RunStopped(f"{run.bad.message()} (checkpoint {path})", exit_code=1, checkpoint=path)
+    degraded = run.monitors.stop_reason(step)
+    if degraded:
+        path = save(run, at)
+        raise RunStopped(
+            f"{degraded} Checkpoint {path}; change the settings, then resume with --resume_from_checkpoint latest.",
+            exit_code=1, checkpoint=path,
+        )  # fmt: skip
     if stop:
         path = save(run, at)
         signum = signum or 15  # another process got the signal
@@ -468,6 +496,7 @@ def finish(run: Run, at: Position, last_row: dict, started: float) -> dict:
         "last_metrics": last_row,
         "train/skipped_steps": run.nonfinite.skipped,
         **run.bad.summary(),
+        **run.monitors.summary(),
         "seconds": time.time() - started,
         "is_main_process": accelerator.is_main_process,
         "models": models,
