@@ -272,7 +272,7 @@ def test_card_tags_follow_the_family_and_the_fine_tune():
     from diffusion_dpo.training.model_card import build_model_card
 
     base = ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0"]
-    cfg = parse_config([*base, "--dataset_name", "yuvalkirstain/pickapic_v2", "--use_lora", "--rank", "4"])
+    cfg = parse_config([*base, "--dataset_name", "liuhuohuo2/pick-a-pic-v2", "--use_lora", "--rank", "4"])
     card = build_model_card(cfg, "sdxl", 10)
     meta = card.data.to_dict()
     assert (
@@ -280,7 +280,7 @@ def test_card_tags_follow_the_family_and_the_fine_tune():
         and "lora" in meta["tags"]
     )
     assert meta["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"  # Hub ids go in the metadata
-    assert meta["datasets"] == ["yuvalkirstain/pickapic_v2"]
+    assert meta["datasets"] == ["liuhuohuo2/pick-a-pic-v2"]
     assert meta["diffusion_dpo"]["fine_tune"] == "LoRA rank 4"
     assert 'pipe.load_lora_weights("outputs/run")' in card.text
     assert build_model_card(cfg, "sd3", 10).data.tags[:2] == ["sd3", "sd3-diffusers"]
