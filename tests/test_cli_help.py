@@ -49,7 +49,7 @@ def test_help_shows_the_groups_in_order_with_defaults():
     description = " ".join(text.split("\n\n")[1].split())
     for family in FAMILIES:
         assert cli_help.FAMILY_NAMES.get(family.name, family.label) in description
-    assert "Stable Diffusion 1.x/2.x, SDXL and SD3/SD3.5" in description
+    assert "Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5" in description  # oldest first
 
 
 def test_help_all_has_the_whole_descriptions(capsys):

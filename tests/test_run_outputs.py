@@ -272,7 +272,7 @@ def test_card_tags_follow_the_family_and_the_fine_tune():
     from diffusion_dpo.training.model_card import build_model_card
 
     base = ["--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0"]
-    cfg = parse_config([*base, "--dataset_name", "yuvalkirstain/pickapic_v2", "--use_lora", "--rank", "4"])
+    cfg = parse_config([*base, "--dataset_name", "liuhuohuo2/pick-a-pic-v2", "--use_lora", "--rank", "4"])
     card = build_model_card(cfg, "sdxl", 10)
     meta = card.data.to_dict()
     assert (
@@ -280,7 +280,7 @@ def test_card_tags_follow_the_family_and_the_fine_tune():
         and "lora" in meta["tags"]
     )
     assert meta["base_model"] == "stabilityai/stable-diffusion-xl-base-1.0"  # Hub ids go in the metadata
-    assert meta["datasets"] == ["yuvalkirstain/pickapic_v2"]
+    assert meta["datasets"] == ["liuhuohuo2/pick-a-pic-v2"]
     assert meta["diffusion_dpo"]["fine_tune"] == "LoRA rank 4"
     assert 'pipe.load_lora_weights("outputs/run")' in card.text
     assert build_model_card(cfg, "sd3", 10).data.tags[:2] == ["sd3", "sd3-diffusers"]
@@ -288,3 +288,31 @@ def test_card_tags_follow_the_family_and_the_fine_tune():
     sft = parse_config([*base, "--dataset_name", "d.parquet", "--objective", "sft"])
     facts = build_model_card(sft, "sdxl", 10).data.to_dict()["diffusion_dpo"]
     assert facts["objective"] == "sft" and "beta" not in facts and "loss_type" not in facts
+
+
+def test_eval_evaluate_writes_the_win_rate_into_the_trainer_outputs_card(
+    pushed_run, tiny_sd_path, tmp_path, capsys
+):
+    """eval/evaluate.py itself, base vs the trained output (3 prompts, 2 steps, the shapes scorer)."""
+    import shutil
+
+    out = tmp_path / "dpo"
+    shutil.copytree(pushed_run[0], out, ignore=shutil.ignore_patterns("checkpoint-*"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\na green square on a white background\n"
+                       "a yellow triangle on a black background\n")  # fmt: skip
+    spec = importlib.util.spec_from_file_location("eval_evaluate_card", ROOT / "eval" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    summary = evaluate.main(
+        ["--model", f"base={tiny_sd_path}", "--model", f"dpo={out}", "--prompts", str(prompts),
+         "--scorer", "shapes", "--output_dir", str(tmp_path / "eval"), "--num_images_per_prompt", "1",
+         "--num_inference_steps", "2", "--resolution", "32", "--device", "cpu", "--n_bootstrap", "200",
+         "--no_progress"]
+    )  # fmt: skip
+    assert f"model card with the win rate: {out / 'README.md'}" in capsys.readouterr().out
+    recorded = ModelCard.load(out / "README.md").data.to_dict()["diffusion_dpo"]["evaluation"]
+    expected = summary["win_rates"]["dpo"]["shapes"]
+    assert recorded["baseline"] == "base" and recorded["prompts"] == 3 and recorded["seeds"] == 1
+    assert recorded["win_rates"]["shapes"] == {k: expected[k] for k in ("win_rate", "ci_low", "ci_high")}
+    assert not (Path(tiny_sd_path) / "README.md").exists()  # the baseline is not a trainer output

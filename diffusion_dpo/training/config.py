@@ -523,7 +523,11 @@ def build_parser(full_help: bool = False) -> argparse.ArgumentParser:
     )
     hints = typing.get_type_hints(TrainConfig)
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    for title, names in cli_help.GROUPS:
+    grouped = {name for _, names in cli_help.GROUPS for name in names}
+    ungrouped = tuple(name for name in fields if name not in grouped)  # never a field without its flag
+    for title, names in (*cli_help.GROUPS, (cli_help.OTHER, ungrouped)):
+        if not names:
+            continue
         group = parser.add_argument_group(title)
         for name in names:
             f = fields[name]
