@@ -65,8 +65,8 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_same_training(base_unet: Path, one: Path, two: Path) -> None:
-    base, a, b = (load_file(p) for p in (base_unet, one / UNET, two / UNET))
+def _assert_same_training(base_unet: Path, one: Path, two: Path, weights: str = UNET) -> None:
+    base, a, b = (load_file(p) for p in (base_unet, one / weights, two / weights))
     update = max((a[k] - base[k]).abs().max().item() for k in a)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert update > 1e-5, "training did not move the weights"
@@ -181,6 +181,22 @@ def test_each_row_draws_its_own_noise_whatever_the_batching():
     assert not torch.equal(whole.posterior[0], whole.posterior[1])  # winner and loser posteriors differ
     other_epoch = draw_for_rows(0, 1, [0], (4, 4, 4), 1000, images_per_row=2)
     assert not torch.equal(other_epoch.noise[0], whole.noise[0])
+
+
+def test_two_processes_train_the_sd3_transformer_that_one_process_trains(tmp_path, tiny_sd3_path):
+    """A flow model's σ is drawn per row from (seed, epoch, row), like its noise: 2 processes with 1
+    row each draw the σ that 1 process with 2 rows draws, so they train the same transformer and log
+    the same losses. A σ tied to a row's place in its micro-batch, or to the process, would differ."""
+    data = synthetic.write_pair_dataset(tmp_path / "pairs.parquet", 8, seed=0, tie_fraction=0.0)
+    common = dict(
+        pretrained_model_name_or_path=tiny_sd3_path, dataset_name=data, resolution=32, max_train_steps=2,
+        learning_rate=1e-2, adam_epsilon=1.0, lr_warmup_steps=0, checkpointing_steps=100, seed=0,
+        proportion_empty_prompts=0.0,
+    )  # fmt: skip
+    _train(1, output_dir=tmp_path / "one", train_batch_size=2, **common)
+    _train(2, output_dir=tmp_path / "two", train_batch_size=1, **common)
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    _assert_same_training(Path(tiny_sd3_path) / weights, tmp_path / "one", tmp_path / "two", weights)
 
 
 def _has_deepspeed() -> bool:

@@ -19,12 +19,14 @@ from diffusion_dpo.losses.safeguard import (
     safeguard_terms,
     scale_gradient,
 )
+from diffusion_dpo.losses.soft_labels import expected_pairwise_loss
 
 __all__ = [
     "PAIRWISE_LOSSES",
     "check_mapo_args",
     "check_pairwise_args",
     "dpo_loss",
+    "expected_pairwise_loss",
     "kto_loss",
     "loser_gradient_scale",
     "mapo_loss",

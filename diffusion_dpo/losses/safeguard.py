@@ -34,6 +34,7 @@ def pairwise_logratio_gradients(
     beta: float,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    label_p: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(∂L/∂rc, ∂L/∂rr)``, each ``[B]``, of ``L = Σ weights·loss_i`` for the pairwise ``loss_type``
     (``weights`` ``[B]``: how much each pair's loss counts, 0 for a skipped row). Detached; computed
@@ -42,7 +43,7 @@ def pairwise_logratio_gradients(
     rr = rejected_logratios.detach().float().requires_grad_(True)
     with torch.enable_grad():
         losses, _, _ = pairwise_loss_from_logratios(
-            rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing
+            rc, rr, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, label_p=label_p
         )
         grad_c, grad_r = torch.autograd.grad((losses * weights.float()).sum(), (rc, rr))
     return grad_c, grad_r

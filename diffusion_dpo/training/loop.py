@@ -37,11 +37,15 @@ from diffusion_dpo.training import checkpoint as ckpt
 from diffusion_dpo.training import distributed as dist
 from diffusion_dpo.training.collectives import StepWindow, gather_bad_rows, stream_position, synchronized
 from diffusion_dpo.training.config import TrainConfig
+from diffusion_dpo.training.console import progress_fields, setup_logging
 from diffusion_dpo.training.guards import BadRows, NonFiniteSteps, PreemptionSignals, RunStopped
 from diffusion_dpo.training.metrics_file import append_metrics, truncate_metrics
+from diffusion_dpo.training.model_card import write_model_card
 from diffusion_dpo.training.models import encoders_on, setup_models
 from diffusion_dpo.training.monitors import RunMonitors
 from diffusion_dpo.training.optim import make_optimizer
+from diffusion_dpo.training.preflight import check_sources
+from diffusion_dpo.training.previous_run import start_over
 from diffusion_dpo.training.saving import final_samples, save_final_model, validation_images
 from diffusion_dpo.training.step import compute_batch_loss
 from diffusion_dpo.training.validation import encode_heldout_pairs, heldout_accuracy
@@ -164,6 +168,7 @@ def set_up(cfg: TrainConfig) -> Run:
         open_fitting_cache,
     )
 
+    check_sources(cfg)  # every path and hub id the run reads, before anything is created or loaded
     out = Path(cfg.output_dir)
     accelerator = _accelerator(cfg, out)
     # Seeds model initialisation (LoRA adapters) alike on every process. The training draws do not use
@@ -241,9 +246,7 @@ def _accelerator(cfg: TrainConfig, out: Path):
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         kwargs_handlers=dist.process_group_kwargs(),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    # accelerate logs four lines per checkpoint (weights, optimizer, scheduler, RNG); ours logs one
-    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    setup_logging()
     dist.check_launch(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -279,11 +282,8 @@ def resume(run: Run) -> Position:
     elif accelerator.is_main_process:
         # a fresh run: metrics of an earlier run in the same output_dir are not continued
         truncate_metrics(out / "metrics.jsonl", 0)
-        if ckpt.list_checkpoints(out):
-            logger.warning(
-                "%s already holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it",
-                out,
-            )
+        if note := start_over(cfg):  # an earlier run there: say that this one replaces it
+            logger.warning(note)
     if run.bad.too_many():
         raise ValueError(run.bad.message())
 
@@ -369,10 +369,8 @@ def log_step(run: Run, at: Position, totals: dict, finite: bool, new_bad: list[d
     if accelerator.is_main_process:
         append_metrics(run.out / "metrics.jsonl", row)
         bar.set_postfix(
-            loss=f"{row['loss']:.4f}" if row.get("loss") is not None else "n/a",
-            acc=f"{row.get('rewards/accuracies') or float('nan'):.2f}",
-            **_monitor_postfix(row),
-        )
+            progress_fields(row) | _monitor_postfix(row)
+        )  # no `nan` for a value that does not exist (yet)
     # trackers take numbers only (not the lists of bad rows, not a missing value)
     accelerator.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
     return row
@@ -488,6 +486,8 @@ def finish(run: Run, at: Position, last_row: dict, started: float) -> dict:
         save_final_model(run.cfg, models, trained_unet, full_state)
         if run.cfg.validation_prompts:
             final_samples(run.cfg, models, accelerator.device)
+        family = models.components.family.name  # README.md: base, method, data, steps, held-out accuracy
+        write_model_card(run.cfg, at.global_step, family_name=family, num_processes=accelerator.num_processes)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     models.unet = trained_unet

@@ -49,6 +49,18 @@ def _summed_over_valid(losses: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, losses, 0.0).sum() / losses.shape[0]
 
 
+def label_metrics(label_p: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """The label distribution of a batch's valid pairs (whatever ``--label_mode`` trains with):
+    ``labels/p_mean`` (mean P(winner preferred)), ``labels/tie_share`` (p = 0.5), ``labels/split_share``
+    (0.5 < p < 1: split votes)."""
+    p = label_p.float()
+    return {
+        "labels/p_mean": masked_mean(p, valid),
+        "labels/tie_share": masked_mean((p == 0.5).float(), valid),
+        "labels/split_share": masked_mean(((p > 0.5) & (p < 1.0)).float(), valid),
+    }
+
+
 def _latent_shape(vae, batch: dict, suffix: str) -> tuple[int, int, int]:
     """``(C, h, w)`` of one image's latents in ``batch``: cached, or what the VAE makes of its pixels."""
     if f"latents_mean{suffix}" in batch:
@@ -193,7 +205,12 @@ def compute_batch_loss(
     )  # fmt: skip
     model_err, ref_err = out.model_errors, out.ref_errors
     beta = cfg.beta_dpo if beta is None else beta
-    loss_args = dict(beta=beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing)
+    # P(winner preferred) of each pair [B]: 1 unless the data carries vote shares (docs/data.md#soft-labels)
+    label_p = to_device(batch["label_p"], device) if "label_p" in batch else torch.ones(n, device=device)
+    loss_args = dict(
+        beta=beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+        label_p=label_p if cfg.label_mode == "soft" else None,
+    )  # fmt: skip
     extra = {}
     if cfg.winner_safeguard:
         scale = _loser_scale(out, valid, n, loss_args, cfg.winner_safeguard_mu, all_reduce_sum)
@@ -206,6 +223,7 @@ def compute_batch_loss(
     metrics = {
         "loss": masked_mean(losses.detach(), valid),
         **preference_metrics(chosen_rewards, rejected_rewards, mask=valid),
+        **label_metrics(label_p, valid),
         **pair_monitor_metrics(logratios[:n], logratios[n:], beta, out.model_sq, out.ref_sq, valid),
         **extra,
     }
