@@ -255,7 +255,8 @@ def default_image_size(spec: ModelSpec) -> tuple[int, int] | None:
 
 def trained_sampling_kwargs(spec: ModelSpec) -> dict:
     """The pipeline-call keywords a trainer output was trained for (SD3: its T5 ``max_sequence_length``;
-    the pipeline's own default is 256 tokens), from its ``training_config.yaml``; {} for any other model,
+    the pipeline's own default is 256 tokens; FLUX.1: that and the guidance embedding's ``guidance_scale``,
+    which replaces ``--guidance_scale``), from its ``training_config.yaml``; {} for any other model,
     which samples with its pipeline's defaults."""
     from diffusion_dpo.models.families import family_for_index
     from diffusion_dpo.models.loading import read_model_index
@@ -378,10 +379,10 @@ def generate_images(
                     negative_prompt=negative,
                     generator=generators,
                     num_inference_steps=settings.num_inference_steps,
-                    guidance_scale=settings.guidance_scale,
                     output_type="pil",
                     **size_kwargs,
-                    **sampling,
+                    # a trained FLUX.1's guidance embedding samples at its training value
+                    **{"guidance_scale": settings.guidance_scale, **sampling},
                 )
             flagged += sum(bool(x) for x in (getattr(out, "nsfw_content_detected", None) or []))
             for (path, _), image in zip(chunk, out.images, strict=True):

@@ -254,7 +254,7 @@ def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32)
 
 
 #: ``save_tiny_pipeline(arch=...)`` values and the names they are logged under.
-TINY_ARCHS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3"}
+TINY_ARCHS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
 
 
 def save_tiny_pipeline(
@@ -262,7 +262,7 @@ def save_tiny_pipeline(
 ) -> Path:
     """Build a tiny pipeline and write it as a diffusers folder that ``from_pretrained`` loads.
 
-    ``arch`` is one of :data:`TINY_ARCHS` ("sd15", "sdxl", "sd3"); without it, ``sdxl`` chooses
+    ``arch`` is one of :data:`TINY_ARCHS` ("sd15", "sdxl", "sd3", "flux"); without it, ``sdxl`` chooses
     between SDXL and SD1.5 as before.
     """
     if arch is None:
@@ -274,6 +274,10 @@ def save_tiny_pipeline(
     path = Path(path)
     if arch == "sd3":
         pipe = build_tiny_sd3_pipeline(seed=seed, resolution=resolution)
+    elif arch == "flux":
+        from diffusion_dpo.models.tiny_flux import build_tiny_flux_pipeline  # imports this module
+
+        pipe = build_tiny_flux_pipeline(seed=seed, resolution=resolution)
     else:
         pipe = build_tiny_pipeline(sdxl=arch == "sdxl", seed=seed, resolution=resolution)
     pipe.save_pretrained(path)

@@ -40,9 +40,16 @@ class TrainConfig:
         "SD3/SD3.5: train (and sample) without the T5 text encoder, whose states become zeros as in the "
         "pipeline without it; saves its memory (4.7B parameters in SD3.5).",
     )
-    max_sequence_length: int = _f(
-        77,
-        "SD3/SD3.5: T5 tokens per caption (diffusers' SD3 training scripts: 77; the pipeline samples with 256).",
+    max_sequence_length: int | None = _f(
+        None,
+        "SD3/SD3.5 and FLUX.1: T5 tokens per caption, also used when sampling (default: diffusers' training "
+        "scripts', SD3 77 (its pipeline samples with 256), FLUX.1 512).",
+    )
+    guidance_scale: float | None = _f(
+        None,
+        "FLUX.1 dev: the value fed to its guidance embedding, the same for the policy, the reference and "
+        "sampling (default 3.5, as diffusers' Flux scripts; docs/flux.md#guidance says why some pick 1.0). "
+        "Refused for models without a guidance embedding.",
     )
     # --- data ---
     dataset_name: str = _f(
@@ -318,7 +325,7 @@ class TrainConfig:
                 "--use_adafactor replaces AdamW: drop --use_8bit_adam and --adam_implementation, which choose "
                 "AdamW's kernels"
             )
-        if self.max_sequence_length < 1:
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"--max_sequence_length must be >= 1, got {self.max_sequence_length}")
         for name in (
             "mixed_precision", "objective", "loss_type", "on_bad_example", "adam_implementation",
@@ -332,6 +339,7 @@ class TrainConfig:
         """What the model family is built with (:func:`diffusion_dpo.models.families.family_for_index`)."""
         return dict(
             drop_t5=self.drop_t5, max_sequence_length=self.max_sequence_length,
+            guidance_scale=self.guidance_scale,
             weighting_scheme=self.weighting_scheme, logit_mean=self.logit_mean, logit_std=self.logit_std,
             mode_scale=self.mode_scale, error_weighting=self.flow_error_weighting,
         )  # fmt: skip

@@ -35,13 +35,15 @@ def pipeline_parts(comps: SDComponents, unet: torch.nn.Module, dtype: torch.dtyp
 
 
 def trained_family_options(output_dir: str | Path) -> dict:
-    """The family options a trainer output was trained with (SD3: ``drop_t5``, ``max_sequence_length``),
+    """The family options a trainer output was trained with (SD3: ``drop_t5``, ``max_sequence_length``;
+    FLUX.1: ``max_sequence_length``, ``guidance_scale``),
     from its ``training_config.yaml``; {} for any other pipeline folder or hub id."""
     path = Path(output_dir) / CONFIG_FILE
     if not path.is_file():
         return {}
     saved = yaml.safe_load(path.read_text()) or {}
-    return {key: saved[key] for key in ("drop_t5", "max_sequence_length") if key in saved}
+    keys = ("drop_t5", "max_sequence_length", "guidance_scale")
+    return {key: saved[key] for key in keys if key in saved}
 
 
 def save_final_model(
@@ -81,7 +83,10 @@ def save_final_model(
                 cfg.pretrained_model_name_or_path, revision=cfg.revision, **parts
             )
             pipe.save_pretrained(out)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # with the family's resolved sampling settings (FLUX.1: T5 length and guidance, default None in the
+    # config), which evaluation and validation sample with again
+    settings = {k: v for k, v in family.sampling_kwargs().items() if k in cfg.to_dict()}
+    (out / CONFIG_FILE).write_text(yaml.safe_dump({**cfg.to_dict(), **settings}, sort_keys=False))
     logger.info("saved the %s result to %s", "LoRA" if cfg.use_lora else "full", out)
     return out
 
@@ -154,7 +159,8 @@ def sample_images(
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     device_type = pipe.device.type
-    extra = family_for_pipeline(pipe).sampling_kwargs() if pipeline_kwargs is None else pipeline_kwargs
+    family = family_for_pipeline(pipe)
+    extra = family.sampling_kwargs() if pipeline_kwargs is None else pipeline_kwargs
     paths = []
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(seed + i)
@@ -163,6 +169,7 @@ def sample_images(
                 prompt, num_inference_steps=steps, height=resolution, width=resolution, generator=gen,
                 output_type="latent", **extra,
             ).images  # fmt: skip
+        latents = family.sampled_latents(pipe, latents, resolution, resolution)
         path = out_dir / f"{i:02d}.png"
         decode_latents(pipe, latents)[0].save(path)
         paths.append(path)

@@ -32,17 +32,31 @@ class ModelFamily:
     #: peft LoRA targets (diffusers' LoRA training scripts for this family)
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
 
-    def __init__(self, *, drop_t5: bool = False, max_sequence_length: int | None = None, **process_options):
+    def __init__(
+        self,
+        *,
+        drop_t5: bool = False,
+        max_sequence_length: int | None = None,
+        guidance_scale: float | None = None,
+        **process_options,
+    ):
         if drop_t5:
             raise ValueError(
                 f"--drop_t5: {self.label} models have no T5 text encoder (it applies to SD3 only)"
             )
+        no_guidance_embedding(self.label, guidance_scale)
         self.process_options = process_options
 
     @classmethod
     def matches(cls, index: dict) -> bool:
         """Whether a ``model_index.json`` describes this family."""
         return index.get("_class_name") == cls.pipeline_class_name or _has(index, "unet")
+
+    @classmethod
+    def refusal(cls, index: dict) -> str | None:
+        """Why a relative of this family (a pipeline it recognises but cannot train) is refused; None
+        for every other ``model_index.json``."""
+        return None
 
     # -- loading ------------------------------------------------------------------------------------
 
@@ -86,6 +100,10 @@ class ModelFamily:
             **dtype_kwargs(dtype, "transformers"),
         )  # fmt: skip
         return [tokenizer], [encoder]
+
+    def check_resolution(self, resolution: int, vae_config) -> None:
+        """Raise ``ValueError`` when images of side ``resolution`` cannot be trained (FLUX.1's packing);
+        every multiple of the VAE's factor works for the UNet families and SD3."""
 
     def vae_dtype(self, frozen_dtype: torch.dtype, own_vae: bool) -> torch.dtype:
         """The VAE's dtype: the frozen parts' (``own_vae``: the checkpoint's VAE, not a swapped one)."""
@@ -141,6 +159,10 @@ class ModelFamily:
         """Extra keywords of the pipeline call when sampling."""
         return {}
 
+    def sampled_latents(self, pipe, latents: Tensor, height: int, width: int) -> Tensor:
+        """``[N, C, h, w]`` latents of a pipeline call with ``output_type="latent"`` (FLUX.1's come packed)."""
+        return latents
+
     def lora_save_kwargs(self, peft_state: dict, metadata: dict) -> dict:
         """``save_lora_weights`` keywords for the denoiser's LoRA layers (``peft_state``: peft's state dict
         of the adapters) and their adapter config."""
@@ -155,6 +177,15 @@ class ModelFamily:
         from diffusers.utils import convert_state_dict_to_diffusers
 
         return convert_state_dict_to_diffusers(peft_state)
+
+
+def no_guidance_embedding(label: str, guidance_scale: float | None) -> None:
+    """Refuse ``--guidance_scale`` for a family whose denoiser has no guidance embedding."""
+    if guidance_scale is not None:
+        raise ValueError(
+            f"--guidance_scale {guidance_scale}: {label} models have no guidance embedding (it applies to "
+            "FLUX.1 dev); the classifier-free guidance of sampling is eval/evaluate.py's --guidance_scale"
+        )
 
 
 def _has(index: dict, key: str) -> bool:
