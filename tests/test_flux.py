@@ -211,6 +211,39 @@ def test_flux_packed_objective_equals_the_hand_written_unpacked_formula(tiny_flu
     assert not torch.allclose(rc1, rc)
 
 
+def test_sigma_is_drawn_on_the_unshifted_grid_or_opt_in_on_the_pipelines_resolution_schedule(
+    tmp_path, tiny_flux_path, pairs_path
+):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from diffusion_dpo.models.tiny_flux import FLUX_SCHEDULER_CONFIG
+
+    T = 1000
+    grid = torch.arange(1, T + 1, dtype=torch.float64) / T  # index t (0 = least noise) → (t + 1)/T
+    plain = load_components(str(tiny_flux_path), load_unet=False, load_text_encoders=False)
+    process = plain.family.process(plain.noise_scheduler)
+    torch.testing.assert_close(process.sigmas.double(), grid, rtol=0, atol=1e-6)
+    # opt-in: what FluxPipeline samples at 32 px on the tiny VAE (2×): (32/4)² = 64 image tokens,
+    # μ = 0.5 + (64 − 256)·(1.15 − 0.5)/(4096 − 256), applied by the scheduler's own exponential time shift
+    shifted = load_components(
+        str(tiny_flux_path),
+        load_unet=False,
+        load_text_encoders=False,
+        family_options={"resolution_shift": 32},
+    )
+    mu = 0.5 + (64 - 256) * (1.15 - 0.5) / (4096 - 256)
+    expected = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG).time_shift(mu, 1.0, grid)
+    shifted_process = shifted.family.process(shifted.noise_scheduler)
+    torch.testing.assert_close(shifted_process.sigmas.double(), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(shifted_process.model_timesteps.double(), expected * T, rtol=1e-6, atol=1e-3)
+    # the trainer's flag; refused for a family that samples on a fixed schedule
+    summary = _flux_run(tiny_flux_path, pairs_path, tmp_path / "s", use_lora=True, max_train_steps=1,
+                        resolution_shift=True)  # fmt: skip
+    assert torch.equal(summary["models"].process.sigmas, shifted_process.sigmas)
+    with pytest.raises(ValueError, match="--resolution_shift: SD3 models sample on a fixed schedule"):
+        family_for_index({"_class_name": "StableDiffusion3Pipeline"}, resolution_shift=1024)
+
+
 def test_flux_lora_targets_are_diffusers_flux_list(tiny_flux_path):
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig

@@ -145,6 +145,12 @@ class TrainConfig:
         "of --weighting_scheme). docs/sd3.md says why none is the default.",
         choices=("none", "epsilon", "scheme"),
     )
+    resolution_shift: bool = _f(
+        False,
+        "FLUX.1: draw σ on the schedule FluxPipeline samples at --resolution (shifted by e^μ, μ = "
+        "calculate_shift of the image's token count), instead of the checkpoint's unshifted training "
+        "schedule that diffusers' Flux scripts train on (docs/flux.md#sigma).",
+    )
     # --- optimisation ---
     output_dir: str = _f("outputs/run", "Where checkpoints, metrics.jsonl and the final model are written.")
     seed: int = _f(0, "Seed for model init, noise, timesteps, data order and augmentation.")
@@ -340,6 +346,7 @@ class TrainConfig:
         return dict(
             drop_t5=self.drop_t5, max_sequence_length=self.max_sequence_length,
             guidance_scale=self.guidance_scale,
+            **({"resolution_shift": self.resolution} if self.resolution_shift else {}),
             weighting_scheme=self.weighting_scheme, logit_mean=self.logit_mean, logit_std=self.logit_std,
             mode_scale=self.mode_scale, error_weighting=self.flow_error_weighting,
         )  # fmt: skip

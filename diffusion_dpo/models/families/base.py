@@ -38,13 +38,14 @@ class ModelFamily:
         drop_t5: bool = False,
         max_sequence_length: int | None = None,
         guidance_scale: float | None = None,
+        resolution_shift: int | None = None,
         **process_options,
     ):
         if drop_t5:
             raise ValueError(
                 f"--drop_t5: {self.label} models have no T5 text encoder (it applies to SD3 only)"
             )
-        no_guidance_embedding(self.label, guidance_scale)
+        flux_only_options(self.label, guidance_scale, resolution_shift)
         self.process_options = process_options
 
     @classmethod
@@ -179,12 +180,18 @@ class ModelFamily:
         return convert_state_dict_to_diffusers(peft_state)
 
 
-def no_guidance_embedding(label: str, guidance_scale: float | None) -> None:
-    """Refuse ``--guidance_scale`` for a family whose denoiser has no guidance embedding."""
+def flux_only_options(label: str, guidance_scale: float | None, resolution_shift: int | None) -> None:
+    """Refuse FLUX.1's ``--guidance_scale`` (its guidance embedding) and ``--resolution_shift`` (its
+    resolution-dependent σ shift) for another family."""
     if guidance_scale is not None:
         raise ValueError(
             f"--guidance_scale {guidance_scale}: {label} models have no guidance embedding (it applies to "
             "FLUX.1 dev); the classifier-free guidance of sampling is eval/evaluate.py's --guidance_scale"
+        )
+    if resolution_shift is not None:
+        raise ValueError(
+            f"--resolution_shift: {label} models sample on a fixed schedule, not one shifted by image size "
+            "(it applies to FLUX.1)"
         )
 
 

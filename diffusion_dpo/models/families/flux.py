@@ -73,6 +73,26 @@ def flux_call(model, noisy: Tensor, timesteps: Tensor, hidden: Tensor, cond: dic
     return FluxPipeline._unpack_latents(pred, h, w, 1)
 
 
+def resolution_shifted(scheduler, image_tokens: int):
+    """The training scheduler whose σ are those ``FluxPipeline`` samples on for ``image_tokens`` packed
+    tokens: its exponential time shift by μ = ``calculate_shift(image_tokens, …)`` (the scheduler's
+    config) is the static shift ``e^μ·s / (1 + (e^μ − 1)·s)`` of the unshifted grid s."""
+    import math
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    config = scheduler.config
+    mu = calculate_shift(
+        image_tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift
+    )
+    logger.info("σ drawn on FLUX.1's sampling schedule for %d image tokens: μ %.3f, shift %.3f", image_tokens,
+                mu, math.exp(mu))  # fmt: skip
+    return FlowMatchEulerDiscreteScheduler.from_config(
+        {**config, "use_dynamic_shifting": False, "shift": math.exp(mu)}
+    )
+
+
 def refusal(index: dict) -> str | None:
     """Why a Flux relative's ``model_index.json`` cannot be trained as FLUX.1; None for FLUX.1 itself
     (and for any other pipeline)."""
@@ -106,6 +126,7 @@ class FluxFamily(ModelFamily):
         drop_t5: bool = False,
         max_sequence_length: int | None = None,
         guidance_scale: float | None = None,
+        resolution_shift: int | None = None,
         **process_options,
     ):
         if drop_t5:
@@ -119,6 +140,8 @@ class FluxFamily(ModelFamily):
                 f"--max_sequence_length {self.max_sequence_length}: FluxPipeline takes at most 512 T5 tokens"
             )
         self.guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else float(guidance_scale)
+        #: the resolution whose sampling schedule training draws σ on (None: the unshifted one)
+        self.resolution_shift = resolution_shift
         self.process_options = process_options
 
     @classmethod
@@ -132,11 +155,16 @@ class FluxFamily(ModelFamily):
     # -- loading ------------------------------------------------------------------------------------
 
     def load_noise_scheduler(self, source, revision=None):
-        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-        return FlowMatchEulerDiscreteScheduler.from_pretrained(
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(
             source, subfolder="scheduler", revision=revision
         )
+        if self.resolution_shift is None:
+            return scheduler
+        vae = AutoencoderKL.load_config(source, subfolder="vae", revision=revision)
+        tokens = (self.resolution_shift // (2 * 2 ** (len(vae["block_out_channels"]) - 1))) ** 2
+        return resolution_shifted(scheduler, tokens)
 
     def noise_scheduler_from_config(self, config):
         from diffusers import FlowMatchEulerDiscreteScheduler

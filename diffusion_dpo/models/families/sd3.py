@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_dpo.models.families.base import ModelFamily, _has, clip_token_ids, no_guidance_embedding
+from diffusion_dpo.models.families.base import ModelFamily, _has, clip_token_ids, flux_only_options
 
 Tensor = torch.Tensor
 
@@ -46,9 +46,10 @@ class SD3Family(ModelFamily):
         drop_t5: bool = False,
         max_sequence_length: int | None = None,
         guidance_scale: float | None = None,
+        resolution_shift: int | None = None,
         **process_options,
     ):
-        no_guidance_embedding(self.label, guidance_scale)
+        flux_only_options(self.label, guidance_scale, resolution_shift)
         self.drop_t5 = drop_t5
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
         self.process_options = process_options
