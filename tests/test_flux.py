@@ -114,6 +114,20 @@ def test_schnell_warns_that_it_is_step_distilled_and_gets_no_guidance(tmp_path, 
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_a_fill_or_control_transformer_in_a_flux_folder_is_refused_at_load(tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    from diffusion_dpo.models.tiny_flux import build_tiny_flux_pipeline, tiny_flux_transformer_config
+
+    pipe = build_tiny_flux_pipeline()
+    # FLUX.1 Canny/Depth: the control image's 64 packed features next to the latents', 64 out
+    pipe.transformer = FluxTransformer2DModel(**{**tiny_flux_transformer_config(), "in_channels": 128,
+                                                 "out_channels": 64})  # fmt: skip
+    pipe.save_pretrained(tmp_path / "control")
+    with pytest.raises(ValueError, match="takes 128 input channels for 64 output channels.*Fill or Control"):
+        load_components(str(tmp_path / "control"))
+
+
 # ---- encoding and the objective ----------------------------------------------------------------------
 
 
