@@ -156,7 +156,12 @@ def flux_transformer_config() -> dict:
     32-wide test model is too small to learn the shapes world's captions from renders."""
     from diffusion_dpo.models.tiny_flux import tiny_flux_transformer_config
 
-    return {**tiny_flux_transformer_config(), "num_layers": 2, "num_single_layers": 2, "num_attention_heads": 4}
+    return {
+        **tiny_flux_transformer_config(),
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "num_attention_heads": 4,
+    }
 
 
 def sd3_transformer_config(resolution: int) -> dict:
