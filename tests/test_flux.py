@@ -448,3 +448,30 @@ def test_two_processes_train_the_flux_lora_one_process_trains(tmp_path, tiny_flu
         for key in ("loss", "rewards/accuracies", "eval/implicit_acc"):
             if key in r1:
                 assert r2[key] == pytest.approx(r1[key], rel=1e-3, abs=1e-4), (r1["step"], key)
+
+
+# ---- the synthetic experiment's FLUX.1 arch ------------------------------------------------------------
+
+
+def test_the_synthetic_experiments_flux_base_and_stage_configs(monkeypatch):
+    import numpy as np
+    from diffusers import FluxPipeline
+    from trainer_runs import load_synthetic_experiment
+
+    from diffusion_dpo.experiment.vae import build_base_pipeline, fit_vae, images_to_tensor
+
+    rng = np.random.default_rng(0)
+    pixels = images_to_tensor([synthetic.render(synthetic.sample_spec(rng), rng, 32) for _ in range(8)])
+    vae = fit_vae(pixels, steps=2, batch_size=4, seed=0, latent_channels=16)
+    pipe = build_base_pipeline(vae, seed=0, resolution=32, arch="flux")
+    assert isinstance(pipe, FluxPipeline) and pipe.vae is vae
+    config = pipe.transformer.config
+    assert (config.num_layers, config.num_single_layers, config.num_attention_heads) == (2, 2, 4)
+    assert config.guidance_embeds
+    exp = load_synthetic_experiment(monkeypatch)
+    args = exp.parse_args(["--output_dir", "x", "--arch", "flux", "--quick"])
+    assert args.arch == "flux" and exp.scale_for("flux", True).train_steps["dpo"] == 100
+    for stage in ("base", "dpo", "sft", "kto"):
+        cfg = parse_config(["--config", str(exp.stage_config(stage, "flux"))])
+        assert cfg.guidance_scale == 3.5 and cfg.max_sequence_length == T5_LENGTH
+        assert cfg.proportion_empty_prompts == 0.0  # FLUX.1 samples without CFG
