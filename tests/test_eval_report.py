@@ -12,10 +12,10 @@ from diffusion_dpo.evaluation.report import (
     EvalResults,
     settings_rows,
     summarize_results,
-    verdict,
     verdict_sentences,
     write_report,
 )
+from diffusion_dpo.evaluation.stats import verdict
 
 
 def _wr(win_rate, ci_low, ci_high, n=216, n_prompts=24):

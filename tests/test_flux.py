@@ -16,7 +16,7 @@ import torch
 import yaml
 from trainer_runs import flags, reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.diffusion import pair_logratios
 from diffusion_dpo.diffusion.processes import FlowMatchProcess
 from diffusion_dpo.losses import PAIRWISE_LOSSES, pairwise_loss_from_logratios
@@ -458,7 +458,7 @@ def test_the_synthetic_experiments_flux_base_and_stage_configs(monkeypatch):
     from diffusers import FluxPipeline
     from trainer_runs import load_synthetic_experiment
 
-    from diffusion_dpo.experiment.vae import build_base_pipeline, fit_vae, images_to_tensor
+    from diffusion_dpo.synthetic.vae import build_base_pipeline, fit_vae, images_to_tensor
 
     rng = np.random.default_rng(0)
     pixels = images_to_tensor([synthetic.render(synthetic.sample_spec(rng), rng, 32) for _ in range(8)])

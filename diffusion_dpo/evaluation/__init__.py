@@ -1,4 +1,8 @@
-"""Evaluation: prompt sets, cached generation and scores, statistics, reports (``eval/evaluate.py``)."""
+"""Evaluation: prompt sets, cached generation and scores, statistics, reports (``eval/evaluate.py``).
+
+May import: ``models`` and :mod:`diffusion_dpo.training.saving` (a trained output is loaded as it was
+trained), ``scorers``. :mod:`.stats`, :mod:`.plots` and :mod:`.prompts` import nothing of the package.
+"""
 
 from diffusion_dpo.evaluation.generate import (
     GenerationSettings,

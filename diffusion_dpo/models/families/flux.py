@@ -55,15 +55,14 @@ def flux_call(model, noisy: Tensor, timesteps: Tensor, hidden: Tensor, cond: dic
     """A ``FluxTransformer2DModel`` on ``noisy`` ``[N, C, h, w]``: packed 2×2, called with σ (``timesteps``
     are the schedule's σ·1000) and, when it has a guidance embedding, ``cond["guidance"]`` ``[N]``;
     returns the prediction unpacked to ``[N, C, h, w]``."""
+    from accelerate.utils import extract_model_from_parallel
     from diffusers import FluxPipeline
-
-    from diffusion_dpo.diffusion.objective import _unwrap
 
     n, c, h, w = noisy.shape
     packed = FluxPipeline._pack_latents(noisy, n, c, h, w)
     img_ids = FluxPipeline._prepare_latent_image_ids(n, h // 2, w // 2, noisy.device, noisy.dtype)
     txt_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
-    guidance = cond.get("guidance") if _unwrap(model).config.guidance_embeds else None
+    guidance = cond.get("guidance") if extract_model_from_parallel(model).config.guidance_embeds else None
     pred = model(
         hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
         pooled_projections=cond["pooled_projections"], encoder_hidden_states=hidden, txt_ids=txt_ids,
@@ -192,7 +191,7 @@ class FluxFamily(ModelFamily):
     def load_text_encoders(self, source, revision=None, variant=None, dtype=torch.float32):
         from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-        from diffusion_dpo.models.loading import dtype_kwargs
+        from diffusion_dpo.models.pretrained import dtype_kwargs
 
         kw = dict(revision=revision, variant=variant, **dtype_kwargs(dtype, "transformers"))
         tokenizers = [

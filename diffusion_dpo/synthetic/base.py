@@ -68,14 +68,14 @@ def build_tiny_base(
     """
     import numpy as np
 
-    from diffusion_dpo.data import synthetic
-    from diffusion_dpo.experiment.vae import (
+    from diffusion_dpo import synthetic
+    from diffusion_dpo.models.pretrained import quiet_loading
+    from diffusion_dpo.synthetic.vae import (
         ARCH_LATENT_CHANNELS,
         build_base_pipeline,
         fit_vae,
         images_to_tensor,
     )
-    from diffusion_dpo.models.loading import quiet_loading
     from diffusion_dpo.training.config import parse_config
     from diffusion_dpo.training.distributed import reset_accelerate_state
     from diffusion_dpo.training.loop import train
@@ -125,7 +125,7 @@ def build_tiny_base(
 
 def ensure_tiny_assets(cfg: TrainConfig) -> None:
     """Create the tiny base model and the synthetic datasets at the configured paths if they are missing."""
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     model = Path(cfg.pretrained_model_name_or_path)
     if not model.exists():
@@ -136,7 +136,7 @@ def ensure_tiny_assets(cfg: TrainConfig) -> None:
         )  # fmt: skip
         build_tiny_base(
             model, seed=cfg.seed, resolution=cfg.resolution, arch=arch,
-            max_sequence_length=cfg.max_sequence_length,
+            max_sequence_length=cfg.max_sequence_length or 16,
         )  # fmt: skip
     train_path = Path(cfg.dataset_name)
     if not train_path.exists():
