@@ -95,7 +95,7 @@ def test_the_trainer_refuses_a_side_not_divisible_by_the_packing(tmp_path, tiny_
 
 
 def test_schnell_warns_that_it_is_step_distilled_and_gets_no_guidance(tmp_path, caplog):
-    from diffusion_dpo.models.tiny_flux import build_tiny_flux_pipeline
+    from diffusion_dpo.models.tiny import build_tiny_flux_pipeline
 
     path = tmp_path / "schnell"
     build_tiny_flux_pipeline(guidance_embeds=False).save_pretrained(path)
@@ -117,7 +117,7 @@ def test_schnell_warns_that_it_is_step_distilled_and_gets_no_guidance(tmp_path, 
 def test_a_fill_or_control_transformer_in_a_flux_folder_is_refused_at_load(tmp_path):
     from diffusers import FluxTransformer2DModel
 
-    from diffusion_dpo.models.tiny_flux import build_tiny_flux_pipeline, tiny_flux_transformer_config
+    from diffusion_dpo.models.tiny import build_tiny_flux_pipeline, tiny_flux_transformer_config
 
     pipe = build_tiny_flux_pipeline()
     # FLUX.1 Canny/Depth: the control image's 64 packed features next to the latents', 64 out
@@ -230,7 +230,7 @@ def test_sigma_is_drawn_on_the_unshifted_grid_or_opt_in_on_the_pipelines_resolut
 ):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from diffusion_dpo.models.tiny_flux import FLUX_SCHEDULER_CONFIG
+    from diffusion_dpo.models.tiny import FLUX_SCHEDULER_CONFIG
 
     T = 1000
     grid = torch.arange(1, T + 1, dtype=torch.float64) / T  # index t (0 = least noise) → (t + 1)/T

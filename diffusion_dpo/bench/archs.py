@@ -252,7 +252,7 @@ ARCHS = {
     ),
     "tiny_flux": Arch(
         "flux", 64, "the test model, FLUX.1-shaped: tiny transformer on packed latents with the guidance "
-        "embedding, 16-channel VAE, CLIP pooled + T5 (diffusion_dpo.models.tiny_flux)",
+        "embedding, 16-channel VAE, CLIP pooled + T5 (diffusion_dpo.models.tiny)",
     ),
     "flux_dev": Arch(
         "flux", 1024,
@@ -299,7 +299,7 @@ def build_pipeline(arch: str, seed: int = 0):
     if arch == "tiny_sd3":  # with its tiny T5: the rows run SD3's whole text path
         return build_tiny_sd3_pipeline(seed=seed)
     if arch == "tiny_flux":
-        from diffusion_dpo.models.tiny_flux import build_tiny_flux_pipeline
+        from diffusion_dpo.models.tiny import build_tiny_flux_pipeline
 
         return build_tiny_flux_pipeline(seed=seed)
     import tempfile

@@ -151,10 +151,10 @@ ARCH_LATENT_CHANNELS = {"sd15": 4, "sd3": 16, "flux": 16}
 
 
 def flux_transformer_config() -> dict:
-    """The tiny FLUX.1 transformer (:func:`~diffusion_dpo.models.tiny_flux.tiny_flux_transformer_config`)
+    """The tiny FLUX.1 transformer (:func:`~diffusion_dpo.models.tiny.tiny_flux_transformer_config`)
     at the tiny SD3 transformer's width, 2 double and 2 single blocks of 4 heads × 16: the 1+1-block,
     32-wide test model is too small to learn the shapes world's captions from renders."""
-    from diffusion_dpo.models.tiny_flux import tiny_flux_transformer_config
+    from diffusion_dpo.models.tiny import tiny_flux_transformer_config
 
     return {
         **tiny_flux_transformer_config(),
@@ -200,7 +200,7 @@ def build_base_pipeline(
     (``fit_vae(latent_channels=16)``). ``prediction_type`` does not apply: a flow model predicts the
     velocity ``ε − x0``.
 
-    ``arch="flux"``: the FLUX.1-shaped pipeline of :func:`~diffusion_dpo.models.tiny_flux.build_tiny_flux_pipeline`
+    ``arch="flux"``: the FLUX.1-shaped pipeline of :func:`~diffusion_dpo.models.tiny.build_tiny_flux_pipeline`
     (CLIP pooled + T5 states, FLUX.1's scheduler) with the transformer of :func:`flux_transformer_config`
     and a 16-channel ``vae``.
     """
@@ -214,7 +214,7 @@ def build_base_pipeline(
     if arch == "flux":
         from diffusers import FluxTransformer2DModel
 
-        from diffusion_dpo.models.tiny_flux import build_tiny_flux_pipeline
+        from diffusion_dpo.models.tiny import build_tiny_flux_pipeline
 
         pipe = build_tiny_flux_pipeline(seed=seed, resolution=resolution)
         torch.manual_seed(seed)
