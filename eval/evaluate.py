@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_dpo.data.removed import check_not_removed
 from diffusion_dpo.evaluation.cli import run_script
 from diffusion_dpo.evaluation.generate import (
     DTYPES,
@@ -35,6 +36,7 @@ from diffusion_dpo.evaluation.generate import (
 from diffusion_dpo.evaluation.prompts import load_prompts
 from diffusion_dpo.evaluation.report import EvalResults, summarize_results, write_report
 from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key, scorer_if_needed
+from diffusion_dpo.training.model_card import record_evaluations
 
 logger = logging.getLogger("evaluate")
 
@@ -221,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _run(parser: argparse.ArgumentParser, args) -> dict:
     try:
+        check_not_removed(args.prompts, flag="--prompts")
+        check_not_removed(args.implicit_pairs, flag="--implicit_pairs")
         models = [parse_model_spec(spec) for spec in args.model]
         names = [m.name for m in models]
         if len(set(names)) != len(names):
@@ -305,6 +309,8 @@ def _run(parser: argparse.ArgumentParser, args) -> dict:
     )
     print(format_table(summary))
     print(f"\nreport: {paths['html']}\nsummary: {paths['summary']}\nper-image scores: {paths['csv']}")
+    for card in record_evaluations(summary, {m.name: m.source for m in models}):  # trainer outputs
+        print(f"model card with the win rate: {card}")
     return summary
 
 

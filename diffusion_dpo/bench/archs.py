@@ -179,6 +179,36 @@ SD35_VAE = dict(
 #: its text_encoder and text_encoder_2 are CLIP_L_TEXT and CLIP_G_TEXT, both with projection
 SD35_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0)
 
+#: Qwen/Qwen-Image transformer/config.json (60 MMDiT blocks, 3072 wide; 20.4B parameters)
+QWEN_IMAGE_TRANSFORMER = dict(
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+
+#: Qwen/Qwen-Image vae/config.json: diffusers' AutoencoderKLQwenImage defaults (spatial factor 8, 16
+#: channels, per-channel latents_mean/latents_std)
+QWEN_IMAGE_VAE = dict(
+    base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    temperal_downsample=[False, True, True],
+)  # fmt: skip
+
+#: Qwen/Qwen-Image text_encoder/config.json: Qwen2.5-VL-7B-Instruct (8.3B parameters with its vision tower)
+QWEN25_VL_7B = dict(
+    text_config=dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=128000, tie_word_embeddings=False,
+        rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [16, 24, 24]},
+    ),
+    vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+    ),
+    vocab_size=152064, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)  # fmt: skip
+
 
 #: black-forest-labs/FLUX.1-dev transformer/config.json (BFL's flux-dev params: hidden 3072 = 24 × 128,
 #: 19 double and 38 single blocks, rotary axes 16/56/56, the guidance embedding; 11.9B parameters)
@@ -229,7 +259,7 @@ T5_XXL = dict(
 class Arch:
     """An ``--arch``: what it is, and what every one of its rows is run with."""
 
-    #: its model family's name (diffusion_dpo.models.families): "sd", "sdxl", "sd3" or "flux"
+    #: its model family's name (diffusion_dpo.models.families): "sd", "sdxl", "sd3", "flux" or "qwen_image"
     family: str
     #: the default image size
     resolution: int
@@ -258,6 +288,16 @@ ARCHS = {
         "flux", 1024,
         "FLUX.1 [dev]'s transformer, VAE, CLIP ViT-L and T5-XXL text encoders, random weights; T5 at 512 "
         "tokens, guidance 3.5 (docs/flux.md)",
+    ),
+    "tiny_qwen_image": Arch(
+        "qwen_image", 64, "the test model, Qwen-Image-shaped: tiny MMDiT on packed latents, Qwen2.5-VL, video VAE",
+        {"max_sequence_length": 16},
+    ),
+    "qwen_image": Arch(
+        "qwen_image", 1024,
+        "Qwen-Image's 20B MMDiT, VAE and Qwen2.5-VL-7B text encoder, random weights; 128 text tokens "
+        "(configs/qwen_image_lora.yaml)",
+        {"max_sequence_length": 128},
     ),
 }  # fmt: skip
 
@@ -302,6 +342,8 @@ def build_pipeline(arch: str, seed: int = 0):
         from diffusion_dpo.models.tiny import build_tiny_flux_pipeline
 
         return build_tiny_flux_pipeline(seed=seed)
+    if arch in ("tiny_qwen_image", "qwen_image"):
+        return build_qwen_image_pipeline(tiny=arch == "tiny_qwen_image", seed=seed)
     import tempfile
 
     torch.manual_seed(seed)
@@ -372,6 +414,36 @@ def _flux_dev_pipeline(tokenizer):
         tokenizer=tokenizer,
         text_encoder_2=T5EncoderModel(T5Config(**T5_XXL)),
         tokenizer_2=tokenizer_2,
+    )
+
+
+def build_qwen_image_pipeline(tiny: bool, seed: int = 0):
+    """The tiny test Qwen-Image pipeline, or the published architecture with random weights. Both use the
+    tiny Qwen tokenizer (its template prefix is the 34 tokens the pipeline drops): the text encoder sees
+    sequences of the real length whatever ids they hold."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from diffusion_dpo.models.tiny_qwen_image import (
+        QWEN_IMAGE_SCHEDULER,
+        build_tiny_qwen_image_pipeline,
+        build_tiny_qwen_tokenizer,
+    )
+
+    if tiny:
+        return build_tiny_qwen_image_pipeline(seed=seed)
+    torch.manual_seed(seed)
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+        vae=AutoencoderKLQwenImage(**QWEN_IMAGE_VAE),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B)),
+        tokenizer=build_tiny_qwen_tokenizer(),
+        transformer=QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER),
     )
 
 

@@ -8,8 +8,9 @@ CLIP BPE tokenizer) at toy sizes, are saved with ``save_pretrained`` and are loa
 Why one module of ~530 lines: the four families' builders (SD1.5, SDXL, SD3, FLUX.1) share the
 tokenizers, the text-encoder configs, the word-embedding separation and SD3's VAE, and the embedded
 default, the tests and the benchmark reach them through :func:`save_tiny_pipeline` (a FLUX.1 module
-of its own would import this one and be imported by it: a cycle). With a fifth family (Qwen-Image) it
-becomes a package ``models/tiny/`` with one module per family beside the shared text parts.
+of its own would import this one and be imported by it: a cycle). Qwen-Image's builder shares none of
+them and lives in ``tiny_qwen_image.py``; one more family sharing them makes this a package
+``models/tiny/`` with one module per family beside the shared text parts.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32)
 
 
 #: ``save_tiny_pipeline(arch=...)`` values and the names they are logged under.
-TINY_ARCHS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1"}
+TINY_ARCHS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1", "qwen_image": "Qwen-Image"}
 
 
 def save_tiny_pipeline(
@@ -268,8 +269,8 @@ def save_tiny_pipeline(
 ) -> Path:
     """Build a tiny pipeline and write it as a diffusers folder that ``from_pretrained`` loads.
 
-    ``arch`` is one of :data:`TINY_ARCHS` ("sd15", "sdxl", "sd3", "flux"); without it, ``sdxl`` chooses
-    between SDXL and SD1.5 as before.
+    ``arch`` is one of :data:`TINY_ARCHS` ("sd15", "sdxl", "sd3", "flux", "qwen_image"); without it,
+    ``sdxl`` chooses between SDXL and SD1.5 as before.
     """
     if arch is None:
         arch = "sdxl" if sdxl else "sd15"
@@ -278,7 +279,11 @@ def save_tiny_pipeline(
     elif sdxl and arch != "sdxl":
         raise ValueError(f"sdxl=True contradicts arch={arch!r}")
     path = Path(path)
-    if arch == "sd3":
+    if arch == "qwen_image":  # diffusion_dpo/models/tiny_qwen_image.py
+        from diffusion_dpo.models.tiny_qwen_image import build_tiny_qwen_image_pipeline as build
+
+        pipe = build(seed=seed, resolution=resolution)
+    elif arch == "sd3":
         pipe = build_tiny_sd3_pipeline(seed=seed, resolution=resolution)
     elif arch == "flux":
         pipe = build_tiny_flux_pipeline(seed=seed, resolution=resolution)

@@ -1,6 +1,6 @@
-"""One small module per model family (SD1.x/2.x, SDXL, SD3/3.5, FLUX.1): see :mod:`.base` for what each
-knows. A family's relatives it cannot train (FLUX.1 Kontext/Fill/Control, FLUX.2) are refused with what
-they would need (``ModelFamily.refusal``).
+"""One small module per model family (SD1.x/2.x, SDXL, SD3/3.5, FLUX.1, Qwen-Image): see :mod:`.base` for
+what each knows. A family's relatives it cannot train (FLUX.1 Kontext/Fill/Control, FLUX.2) are refused
+with what they would need (``ModelFamily.refusal``).
 
 Adding a family is one new module here (a :class:`~.base.ModelFamily` subclass) and its entry in
 :data:`FAMILIES`; the loop, the step, the objective and evaluation do not change. May import:
@@ -14,13 +14,14 @@ from pathlib import Path
 
 from diffusion_dpo.models.families.base import ModelFamily
 from diffusion_dpo.models.families.flux import FluxFamily
+from diffusion_dpo.models.families.qwen_image import QwenImageFamily
 from diffusion_dpo.models.families.sd import SDFamily
 from diffusion_dpo.models.families.sd3 import SD3Family
 from diffusion_dpo.models.families.sdxl import SDXLFamily
 from diffusion_dpo.models.pretrained import read_model_index
 
 #: most specific first: an SDXL index also has a UNet
-FAMILIES: tuple[type[ModelFamily], ...] = (FluxFamily, SD3Family, SDXLFamily, SDFamily)
+FAMILIES: tuple[type[ModelFamily], ...] = (FluxFamily, QwenImageFamily, SD3Family, SDXLFamily, SDFamily)
 
 
 def family_for_index(index: dict, where: str = "the model", **options) -> ModelFamily:
@@ -31,6 +32,11 @@ def family_for_index(index: dict, where: str = "the model", **options) -> ModelF
         reason = family.refusal(index)
         if reason:
             raise ValueError(f"{where} is a {name}: {reason}")
+    if name.startswith("QwenImage") and name != QwenImageFamily.pipeline_class_name:
+        raise ValueError(
+            f"{where} is a {name}: of the Qwen-Image pipelines only the text-to-image QwenImagePipeline is "
+            "supported (edit, inpainting and ControlNet ones take condition images)"
+        )
     for family in FAMILIES:
         if family.matches(index):
             return family(**options)
@@ -64,6 +70,7 @@ __all__ = [
     "FAMILIES",
     "FluxFamily",
     "ModelFamily",
+    "QwenImageFamily",
     "SD3Family",
     "SDFamily",
     "SDXLFamily",

@@ -248,7 +248,3 @@ class FluxFamily(ModelFamily):
 
     def sampling_kwargs(self):
         return {"max_sequence_length": self.max_sequence_length, "guidance_scale": self.guidance_scale}
-
-    def sampled_latents(self, pipe, latents: Tensor, height: int, width: int) -> Tensor:
-        # FluxPipeline returns its latents packed when output_type="latent"
-        return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
