@@ -17,7 +17,7 @@ import textwrap
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", (
         "pretrained_model_name_or_path", "revision", "variant", "vae_model_name_or_path", "use_lora", "rank",
-        "lora_alpha", "drop_t5", "max_sequence_length",
+        "lora_alpha", "drop_t5", "max_sequence_length", "guidance_scale",
     )),
     ("data", (
         "dataset_name", "dataset_split", "latents_cache", "streaming", "keep_ties", "max_train_samples",
@@ -28,7 +28,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("objective", (
         "objective", "sft", "beta_dpo", "loss_type", "label_smoothing", "kto_desirable_weight",
         "kto_undesirable_weight", "beta_mapo", "snr_value", "weighting_scheme", "logit_mean", "logit_std",
-        "mode_scale", "flow_error_weighting",
+        "mode_scale", "flow_error_weighting", "resolution_shift",
     )),
     ("optimisation", (
         "seed", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
@@ -57,7 +57,9 @@ SHORT_HELP = {
     "pretrained_model_name_or_path": "Base model: a hub id or a local diffusers folder.",
     "vae_model_name_or_path": "Another VAE (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).",
     "drop_t5": "SD3/SD3.5: train and sample without the T5 text encoder.",
-    "max_sequence_length": "SD3/SD3.5: T5 tokens per caption.",
+    "max_sequence_length": "SD3/SD3.5, FLUX.1: T5 tokens per caption (also when sampling).",
+    "guidance_scale": "FLUX.1 dev: its guidance embedding's value (default 3.5).",
+    "resolution_shift": "FLUX.1: draw σ on FluxPipeline's schedule at --resolution.",
     "dataset_name": "Pairs: a hub id, parquet, save_to_disk folder, JSONL or CSV.",
     "latents_cache": "Train from data/precompute_latents.py's latents instead.",
     "streaming": "Stream the dataset instead of downloading it first.",
@@ -99,7 +101,7 @@ SHORT_HELP = {
 ONE_LINE = 64
 
 #: how --help names the supported families (``family.name``); a family not listed shows its label
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5"}
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "FLUX.1"}
 
 _SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)\.(?:\s|$)")
 
