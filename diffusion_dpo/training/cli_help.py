@@ -23,7 +23,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "dataset_name", "dataset_split", "latents_cache", "streaming", "keep_ties", "max_train_samples",
         "cache_dir", "resolution", "random_crop", "no_hflip", "proportion_empty_prompts",
         "dataloader_num_workers", "shuffle_buffer_size", "on_bad_example", "max_bad_row_fraction",
-        "no_audit_pairs",
+        "no_audit_pairs", "audit_scorers", "dataset_format", "image_root", "label_mode", "min_label_margin",
     )),
     ("objective", (
         "objective", "sft", "beta_dpo", "loss_type", "label_smoothing", "kto_desirable_weight",
@@ -34,6 +34,10 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "seed", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
         "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
         "adam_epsilon", "max_grad_norm", "use_adafactor", "max_nonfinite_steps",
+    )),
+    ("guards and monitors", (
+        "stop_on_degradation", "winner_safeguard", "winner_safeguard_mu", "auto_beta", "auto_beta_target",
+        "auto_beta_decay", "auto_beta_min", "auto_beta_max",
     )),
     ("speed and memory", (
         "mixed_precision", "gradient_checkpointing", "enable_xformers_memory_efficient_attention",
@@ -96,6 +100,14 @@ SHORT_HELP = {
     "hub_model_id": "Hub repo to push to (default: the output folder's name).",
     "hub_token": "Hub token (default: `hf auth login`'s); never written out.",
     "create_tiny_assets": "Build missing paths inside ./outputs/ (the embedded default).",
+    "dataset_format": "Schema of --dataset_name (auto: read from the columns).",
+    "image_root": "Folder that relative image paths resolve against.",
+    "min_label_margin": "Drop pairs whose vote margin |p0 − p1| is below this.",
+    "audit_scorers": "Scorers whose agreement with the labels the audit reports.",
+    "stop_on_degradation": "Stop (checkpoint, advice) after N checks past a monitor.",
+    "winner_safeguard": "Diffusion-SDPO: the winner's error must not rise (1st order).",
+    "winner_safeguard_mu": "Safeguard μ: share of the winner's decrease kept (paper 0.9).",
+    "auto_beta": "Adapt β to a target gradient factor (--auto_beta_target).",
 }
 #: the longest one-line help: with its default it fits beside the flag in a 120-column terminal
 ONE_LINE = 64
