@@ -13,31 +13,29 @@ import difflib
 import re
 import textwrap
 
-#: --help's groups, in order: (title, field names)
+#: --help's groups, in order: (title, field names); a field in none is shown under OTHER (and a test fails)
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", (
         "pretrained_model_name_or_path", "revision", "variant", "vae_model_name_or_path", "use_lora", "rank",
         "lora_alpha", "drop_t5", "max_sequence_length", "guidance_scale",
     )),
     ("data", (
-        "dataset_name", "dataset_split", "latents_cache", "streaming", "keep_ties", "max_train_samples",
+        "dataset_name", "dataset_split", "dataset_format", "image_root", "label_mode", "min_label_margin",
+        "latents_cache", "streaming", "keep_ties", "max_train_samples",
         "cache_dir", "resolution", "random_crop", "no_hflip", "proportion_empty_prompts",
         "dataloader_num_workers", "shuffle_buffer_size", "on_bad_example", "max_bad_row_fraction",
-        "no_audit_pairs", "audit_scorers", "dataset_format", "image_root", "label_mode", "min_label_margin",
+        "no_audit_pairs", "audit_scorers",
     )),
     ("objective", (
         "objective", "sft", "beta_dpo", "loss_type", "label_smoothing", "kto_desirable_weight",
         "kto_undesirable_weight", "beta_mapo", "snr_value", "weighting_scheme", "logit_mean", "logit_std",
-        "mode_scale", "flow_error_weighting", "resolution_shift",
+        "mode_scale", "flow_error_weighting", "resolution_shift", "winner_safeguard", "winner_safeguard_mu",
+        "auto_beta", "auto_beta_target", "auto_beta_decay", "auto_beta_min", "auto_beta_max",
     )),
     ("optimisation", (
         "seed", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
         "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
         "adam_epsilon", "max_grad_norm", "use_adafactor", "max_nonfinite_steps",
-    )),
-    ("guards and monitors", (
-        "stop_on_degradation", "winner_safeguard", "winner_safeguard_mu", "auto_beta", "auto_beta_target",
-        "auto_beta_decay", "auto_beta_min", "auto_beta_max",
     )),
     ("speed and memory", (
         "mixed_precision", "gradient_checkpointing", "enable_xformers_memory_efficient_attention",
@@ -45,7 +43,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("runs and checkpoints", (
         "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
-        "create_tiny_assets",
+        "stop_on_degradation", "create_tiny_assets",
     )),
     ("validation", (
         "validation_dataset_name", "validation_split", "num_validation_pairs", "validation_timesteps",
@@ -65,6 +63,15 @@ SHORT_HELP = {
     "guidance_scale": "FLUX.1 dev: its guidance embedding's value (default 3.5).",
     "resolution_shift": "FLUX.1: draw σ on FluxPipeline's schedule at --resolution.",
     "dataset_name": "Pairs: a hub id, parquet, save_to_disk folder, JSONL or CSV.",
+    "dataset_format": "Schema of --dataset_name: auto, pickapic, hpdv3, webdataset, ...",
+    "image_root": "Folder that relative image paths resolve against.",
+    "label_mode": "hard (the winner is preferred) or soft (train on vote shares).",
+    "min_label_margin": "Drop pairs whose vote margin is below this (near-ties).",
+    "audit_scorers": "Scorers whose agreement with the labels the audit reports.",
+    "stop_on_degradation": "Stop when a training monitor stays past its threshold this long.",
+    "winner_safeguard": "Diffusion-SDPO: keep an update from raising the winner's error.",
+    "winner_safeguard_mu": "μ of the safeguard: the share of the winner's decrease kept.",
+    "auto_beta": "Adapt β each step to a target gradient factor (SimpleTuner's).",
     "latents_cache": "Train from data/precompute_latents.py's latents instead.",
     "streaming": "Stream the dataset instead of downloading it first.",
     "max_train_samples": "Train on a seeded random subset of N rows.",
@@ -100,17 +107,11 @@ SHORT_HELP = {
     "hub_model_id": "Hub repo to push to (default: the output folder's name).",
     "hub_token": "Hub token (default: `hf auth login`'s); never written out.",
     "create_tiny_assets": "Build missing paths inside ./outputs/ (the embedded default).",
-    "dataset_format": "Schema of --dataset_name (auto: read from the columns).",
-    "image_root": "Folder that relative image paths resolve against.",
-    "min_label_margin": "Drop pairs whose vote margin |p0 − p1| is below this.",
-    "audit_scorers": "Scorers whose agreement with the labels the audit reports.",
-    "stop_on_degradation": "Stop (checkpoint, advice) after N checks past a monitor.",
-    "winner_safeguard": "Diffusion-SDPO: the winner's error must not rise (1st order).",
-    "winner_safeguard_mu": "Safeguard μ: share of the winner's decrease kept (paper 0.9).",
-    "auto_beta": "Adapt β to a target gradient factor (--auto_beta_target).",
 }
 #: the longest one-line help: with its default it fits beside the flag in a 120-column terminal
 ONE_LINE = 64
+
+OTHER = "other options"
 
 #: how --help names the supported families (``family.name``); a family not listed shows its label
 FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "FLUX.1"}
