@@ -43,6 +43,12 @@ normalisation ((z − shift)·scale), the base is pretrained by flow matching, a
 through configs/synthetic_sd3_*.yaml (their own β and learning rates, measured there).
 
     python data/synthetic_experiment.py --arch sd3 --output_dir outputs/synthetic_sd3 [--quick]
+
+--arch flux does the same on a tiny FLUX.1-shaped model (diffusion_dpo.synthetic.vae.flux_transformer_config:
+packed 2×2 latents, the guidance embedding fed 3.5, CLIP pooled + T5 states) through
+configs/synthetic_flux_*.yaml; it samples without classifier-free guidance, as FLUX.1 [dev] does.
+
+    python data/synthetic_experiment.py --arch flux --output_dir outputs/synthetic_flux [--quick]
 """
 
 # Why a script of ~730 lines: it is the study's driver, its stages run the entry points (train_sd.py,
@@ -74,9 +80,9 @@ logger = logging.getLogger("synthetic_experiment")
 CONFIGS = ROOT / "configs"
 #: ``--arch``: the tiny model family the stages build and train, and the prefix of its stage configs
 #: (``configs/PREFIX{pretrain,dpo,sft,kto,...}.yaml``).
-ARCH_CONFIG_PREFIX = {"sd15": "synthetic_", "sd3": "synthetic_sd3_"}
+ARCH_CONFIG_PREFIX = {"sd15": "synthetic_", "sd3": "synthetic_sd3_", "flux": "synthetic_flux_"}
 #: How each arch samples at evaluation (the footer of the results table).
-ARCH_SAMPLER = {"sd15": "DDIM", "sd3": "flow-matching Euler"}
+ARCH_SAMPLER = {"sd15": "DDIM", "sd3": "flow-matching Euler", "flux": "flow-matching Euler"}
 METHODS = results.METHODS  # ("dpo", "sft", "kto")
 WORLD_METHODS = {"shapes": METHODS, "imperfect": ("dpo", "sft", "kto", "ipo", "mapo")}
 #: Methods trained through another method's config: IPO is the dpo objective with --loss_type ipo.
@@ -100,7 +106,7 @@ CAPTION_NOISE = 0.3
 #: steps than a laptop has before its samples from pure noise look like anything.
 PREDICTION_TYPE = "v_prediction"
 #: What each arch's denoiser predicts (results.json's settings); SD3 is a flow model: the velocity ε − x0.
-ARCH_PREDICTION = {"sd15": PREDICTION_TYPE, "sd3": "flow_matching"}
+ARCH_PREDICTION = {"sd15": PREDICTION_TYPE, "sd3": "flow_matching", "flux": "flow_matching"}
 
 
 @dataclass(frozen=True)
@@ -151,7 +157,8 @@ QUICK = Scale(
 #: configs/synthetic_sd3_*.yaml hold the full scale's).
 SD3_FULL = replace(FULL, train_steps={"base": None, "dpo": None, "sft": None, "kto": None})
 SD3_QUICK = replace(QUICK, train_steps={"base": 400, "dpo": 100, "sft": 40, "kto": 40})
-SCALES = {("sd15", False): FULL, ("sd15", True): QUICK, ("sd3", False): SD3_FULL, ("sd3", True): SD3_QUICK}
+SCALES = {("sd15", False): FULL, ("sd15", True): QUICK, ("sd3", False): SD3_FULL, ("sd3", True): SD3_QUICK,
+          ("flux", False): SD3_FULL, ("flux", True): SD3_QUICK}  # fmt: skip
 
 
 def scale_for(arch: str, quick: bool) -> Scale:
@@ -181,7 +188,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a reduced run (minutes): direction, not size")
     parser.add_argument(
         "--arch", choices=tuple(ARCH_CONFIG_PREFIX), default="sd15",
-        help="the tiny model: sd15 (UNet, DDPM v-prediction) or sd3 (MMDiT, rectified flow, 2 CLIPs + T5; "
+        help="the tiny model: sd15 (UNet, DDPM v-prediction), sd3 (MMDiT, rectified flow, 2 CLIPs + T5) or "
+        "flux (FLUX.1-shaped: packed latents, guidance embedding, CLIP pooled + T5; "
         "shapes world only)",
     )  # fmt: skip
     parser.add_argument(
@@ -364,7 +372,7 @@ def build_initial_pipeline(path: Path, scale: Scale, seed: int, arch: str = "sd1
         "vae_reconstruction_faithfulness": mean_faithfulness(recons),
         "vae_scaling_factor": round(float(vae.config.scaling_factor), 6),
     }
-    if arch == "sd3":
+    if arch != "sd15":  # SD3's and FLUX.1's (z − shift)·scale
         check["vae_shift_factor"] = round(float(vae.config.shift_factor), 6)
     print(
         f"  faithfulness of {n} renders {check['render_faithfulness']:.3f}, of their VAE reconstructions "
@@ -528,12 +536,12 @@ def prepare_seed(args, seed: int, out: Path, scale: Scale, stages: Stages) -> tu
     models = {name: out / "models" / name for name in ("init", "base", *WORLD_METHODS[args.world])}
     stages.run("data", "writing the synthetic datasets", write_data, data, scale, seed, args.world)
     stages.run(
-        "vae", f"fitting the tiny {'SD3 (16-channel) ' if arch == 'sd3' else ''}VAE ({scale.vae_steps} steps) "
+        "vae", f"fitting the tiny {'16-channel ' if arch != 'sd15' else ''}VAE ({scale.vae_steps} steps) "
         "and building the untrained pipeline",
         build_initial_pipeline, models["init"], scale, seed, arch=arch,
     )  # fmt: skip
     stages.run(
-        "base", f"pretraining the base {'transformer' if arch == 'sd3' else 'UNet'} on noisy captions "
+        "base", f"pretraining the base {'transformer' if arch != 'sd15' else 'UNet'} on noisy captions "
         f"(train_sd.py, configs/{stage_config('base', arch).name})",
         train_stage, "base", models["init"], data["captions"], models["base"], scale, seed, arch=arch,
     )  # fmt: skip

@@ -35,6 +35,13 @@ def tiny_sd3_path(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory):
+    from diffusion_dpo.models.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("tiny_flux"), arch="flux", seed=0)
+
+
+@pytest.fixture(scope="session")
 def embedded_default_run(tmp_path_factory):
     """The README's first command, exactly as a new user runs it, from a fresh directory: it builds the
     tiny base model and the data, then trains (about two and a half minutes on 2 cores). Returns the

@@ -691,3 +691,85 @@ def test_the_suite_runs_its_commands_on_the_test_models_and_keeps_to_its_budget(
     assert skipped[0]["why"].endswith("s of the budget left")
     with pytest.raises(SystemExit, match="no command named"):
         suite.main(["--output_dir", str(tmp_path / "x"), "--only", "sd16"])
+
+
+def test_flux_dev_is_the_published_architecture_and_its_rows_train_at_512_t5_tokens(tmp_path):
+    """FLUX.1 [dev]'s configs are BFL's flux-dev params as diffusers names them; every row (without
+    building the model) trains the flux family at 1024 px with T5's 512 tokens and guidance 3.5."""
+    t, v = archs.FLUX1_DEV_TRANSFORMER, archs.FLUX1_VAE
+    assert t["num_attention_heads"] * t["attention_head_dim"] == 3072 and sum(t["axes_dims_rope"]) == 128
+    assert (t["num_layers"], t["num_single_layers"], t["in_channels"], t["guidance_embeds"]) == (
+        19,
+        38,
+        64,
+        True,
+    )
+    assert (t["joint_attention_dim"], t["pooled_projection_dim"]) == (archs.T5_XXL["d_model"], 768)
+    assert (v["latent_channels"], v["scaling_factor"], v["shift_factor"]) == (16, 0.3611, 0.1159)
+    assert v["block_out_channels"] == (128, 256, 512, 512)  # BFL's ch 128, ch_mult (1, 2, 4, 4)
+    assert archs.FLUX1_SCHEDULE["use_dynamic_shifting"]
+    assert archs.family("flux_dev").name == archs.family("tiny_flux").name == "flux"
+    args = cli.build_parser().parse_args(["--arch", "flux_dev", "--batch_pairs", "1"])
+    args.resolution = archs.default_resolution("flux_dev")
+    rows = cli.build_rows(args, "cpu", tmp_path / "flux_dev")
+    assert [r.name for r in rows] == ["paper_baseline", "default", "full", "lora", "cached_latents", "mapo"]
+    for row in rows:
+        cfg = TrainConfig(**row.train)
+        cfg.validate()
+        assert cfg.resolution == 1024 and cfg.max_sequence_length is None  # the family's 512
+
+
+def test_tiny_flux_runs_every_comparison_row(model_dir, tmp_path):
+    """The tiny FLUX.1 model through every row: packed latents, the guidance embedding, its LoRA targets,
+    and batches from a cache with CLIP's pooled embedding."""
+    out = tmp_path / "bench_flux.json"
+    cli.main(["--arch", "tiny_flux", *TINY_ARGS, "--model_dir", str(model_dir), "--output", str(out)])
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["paper_baseline", "default", "full", "lora", "cached_latents", "mapo"]
+    for row in rows.values():
+        assert row["status"] == "ok", row.get("error")
+        assert row["pairs_per_s"] > 0 and row["flops_per_step"] > 0 and row["peak_memory_bytes"] > 0
+    assert 0 < rows["cached_latents"]["flops_per_step"] < rows["full"]["flops_per_step"]
+
+
+@pytest.mark.slow
+def test_flux_dev_parameters_and_step_flops_on_the_meta_device():
+    """FLUX.1 [dev] built on the meta device (no memory): 11.9B transformer and 4.76B T5 parameters, and
+    the model FLOPs of one DPO step on one cached pair at 1024 px, full (with its reference) and LoRA
+    (diffusers' targets, rank 16). Measured: 595 and 477 TFLOPs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from diffusion_dpo.models.families import FluxFamily
+    from diffusion_dpo.models.loading import SDComponents
+    from diffusion_dpo.training.models import Models
+
+    with torch.device("meta"):
+        pipe = archs.build_pipeline("flux_dev")
+        ref = FluxTransformer2DModel(**archs.FLUX1_DEV_TRANSFORMER)
+
+    def params(module):
+        return sum(p.numel() for p in module.parameters())
+
+    assert 11.8e9 < params(pipe.transformer) < 12.0e9 and 4.7e9 < params(pipe.text_encoder_2) < 4.8e9
+    shapes = {"latent": [16, 128, 128], "text": [512, 4096], "pooled": [768]}
+    flops = {}
+    for lora in (False, True):
+        cfg = TrainConfig(pretrained_model_name_or_path="x", dataset_name="x", resolution=1024,
+                          train_batch_size=1, use_lora=lora, rank=16, latents_cache="cache")  # fmt: skip
+        if lora:
+            pipe.transformer.requires_grad_(False)
+            pipe.transformer.add_adapter(
+                LoraConfig(r=16, lora_alpha=16, target_modules=list(FluxFamily.lora_target_modules))
+            )
+        scheduler = FlowMatchEulerDiscreteScheduler(**archs.FLUX1_SCHEDULE)
+        comps = SDComponents(pipe.transformer, pipe.vae, scheduler, family=FluxFamily())
+        models = Models(comps, pipe.transformer, None if lora else ref, torch.float32)
+        batch = make_batch(cfg, False, shapes)
+
+        def step(models=models, batch=batch, cfg=cfg):
+            loss, _ = compute_batch_loss(models, batch, cfg)
+            loss.backward()
+
+        flops[lora] = count_flops(step)
+    assert 4e14 < flops[True] < flops[False] < 7e14

@@ -38,8 +38,8 @@ def test_families_are_told_from_model_index():
         {"_class_name": "StableDiffusion3Pipeline", **_index(transformer=1, text_encoder_3=0)}
     )
     assert type(sd3) is SD3Family and sd3.max_sequence_length == 77
-    with pytest.raises(ValueError, match="Flux is not supported yet"):
-        family_for_index({"_class_name": "FluxPipeline", **_index(transformer=1)})
+    with pytest.raises(ValueError, match="FLUX.2 has another transformer"):  # tests/test_flux.py: more
+        family_for_index({"_class_name": "Flux2Pipeline", **_index(transformer=1)})
     with pytest.raises(ValueError, match="not a Stable Diffusion"):
         family_for_index({"_class_name": "AudioLDMPipeline", **_index(vocoder=1)})
     with pytest.raises(ValueError, match="--drop_t5: SD models have no T5"):

@@ -87,11 +87,17 @@ def sd3_cache(tiny_sd3_path, pairs_path, tmp_path_factory):
     return _write(tiny_sd3_path, pairs_path, out, max_sequence_length=SD3_T5_LENGTH)
 
 
+@pytest.fixture(scope="module")
+def flux_cache(tiny_flux_path, pairs_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache") / "flux"
+    return _write(tiny_flux_path, pairs_path, out, max_sequence_length=SD3_T5_LENGTH)
+
+
 def _arch(request, arch: str) -> tuple[str, str, dict]:
     """(model path, its cache, the run's extra flags) of a parametrised family."""
     model, cache = {"sd15": ("tiny_sd_path", "sd_cache"), "sdxl": ("tiny_sdxl_path", "sdxl_cache"),
-                    "sd3": ("tiny_sd3_path", "sd3_cache")}[arch]  # fmt: skip
-    flags = {"max_sequence_length": SD3_T5_LENGTH} if arch == "sd3" else {}
+                    "sd3": ("tiny_sd3_path", "sd3_cache"), "flux": ("tiny_flux_path", "flux_cache")}[arch]  # fmt: skip
+    flags = {"max_sequence_length": SD3_T5_LENGTH} if arch in ("sd3", "flux") else {}
     return request.getfixturevalue(model), request.getfixturevalue(cache), flags
 
 
@@ -145,7 +151,7 @@ def _perturbed(models):
     return models
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("arch", ["sd15", "sdxl", "sd3", "flux"])
 def test_cached_batches_give_the_image_batches_loss(request, tmp_path, pairs_path, arch):
     """(a) Row for row, two epochs of batches with flips and caption dropout on: the cached batch and the
     image batch hold the same rows and give the same loss and metrics, the same latents and embeddings
@@ -201,7 +207,7 @@ def test_cached_batches_give_the_image_batches_loss(request, tmp_path, pairs_pat
     assert flips == {True, False} and dropped == {True, False}  # both cases of each draw were checked
 
 
-@pytest.mark.parametrize("arch", ["sd15", "sd3"])
+@pytest.mark.parametrize("arch", ["sd15", "sd3", "flux"])
 def test_a_run_from_the_cache_trains_the_weights_a_run_from_images_trains(
     request, tmp_path, pairs_path, arch
 ):

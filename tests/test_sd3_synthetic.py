@@ -63,7 +63,7 @@ def test_build_base_pipeline_sd3_puts_the_fitted_vae_in(vae16):
     with pytest.raises(ValueError, match="needs a VAE with 4 latent channels"):
         build_base_pipeline(vae16, arch="sd15")
     with pytest.raises(ValueError, match="arch must be one of"):
-        build_base_pipeline(vae16, arch="flux")
+        build_base_pipeline(vae16, arch="sdxl")
 
 
 def test_arch_argument_and_the_sd3_stage_configs(monkeypatch):

@@ -4,8 +4,8 @@ Speed and memory do not depend on the weights, so a diffusers folder holding the
 architecture with random weights is timed exactly like the real checkpoint: the trainer loads it
 with the same ``from_pretrained`` calls. The configs below are copied from the published
 ``config.json`` files (UNet or transformer, VAE, CLIP text encoders, noise schedule) of
-``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0`` and
-``stabilityai/stable-diffusion-3.5-medium``. The tokenizer is the project's tiny CLIP BPE tokenizer
+``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-xl-base-1.0``,
+``stabilityai/stable-diffusion-3.5-medium`` and ``black-forest-labs/FLUX.1-dev``. The tokenizer is the project's tiny CLIP BPE tokenizer
 padded to 77 tokens: the text encoder sees sequences of the real length, and its cost does not depend
 on which token ids they hold.
 
@@ -210,11 +210,56 @@ QWEN25_VL_7B = dict(
 )  # fmt: skip
 
 
+#: black-forest-labs/FLUX.1-dev transformer/config.json (BFL's flux-dev params: hidden 3072 = 24 × 128,
+#: 19 double and 38 single blocks, rotary axes 16/56/56, the guidance embedding; 11.9B parameters)
+FLUX1_DEV_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+
+#: black-forest-labs/FLUX.1-dev vae/config.json: SD3.5's VAE layout with FLUX.1's latent shift and scale
+FLUX1_VAE = dict(SD35_VAE, scaling_factor=0.3611, shift_factor=0.1159)
+
+#: black-forest-labs/FLUX.1-dev scheduler/scheduler_config.json (dynamic shifting: unshifted training sigmas)
+FLUX1_SCHEDULE = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)  # fmt: skip
+
+#: google/t5-v1_1-xxl's encoder: FLUX.1-dev's text_encoder_2/config.json (4.76B parameters); its
+#: text_encoder is CLIP_L_TEXT (CLIPTextModel, pooled output)
+T5_XXL = dict(
+    vocab_size=32128,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_layers=24,
+    num_heads=64,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    layer_norm_epsilon=1e-6,
+    dropout_rate=0.1,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    eos_token_id=1,
+    decoder_start_token_id=0,
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """An ``--arch``: what it is, and what every one of its rows is run with."""
 
-    #: its model family's name (diffusion_dpo.models.families): "sd", "sdxl", "sd3" or "qwen_image"
+    #: its model family's name (diffusion_dpo.models.families): "sd", "sdxl", "sd3", "flux" or "qwen_image"
     family: str
     #: the default image size
     resolution: int
@@ -234,6 +279,15 @@ ARCHS = {
         "SD3.5 Medium's MMDiT, VAE and CLIP ViT-L + bigG text encoders, random weights; without T5-XXL "
         "(--drop_t5: zeros in its 77 positions), so the uncached rows leave out T5's forward",
         {"drop_t5": True, "max_sequence_length": 77},
+    ),
+    "tiny_flux": Arch(
+        "flux", 64, "the test model, FLUX.1-shaped: tiny transformer on packed latents with the guidance "
+        "embedding, 16-channel VAE, CLIP pooled + T5 (diffusion_dpo.models.tiny)",
+    ),
+    "flux_dev": Arch(
+        "flux", 1024,
+        "FLUX.1 [dev]'s transformer, VAE, CLIP ViT-L and T5-XXL text encoders, random weights; T5 at 512 "
+        "tokens, guidance 3.5 (docs/flux.md)",
     ),
     "tiny_qwen_image": Arch(
         "qwen_image", 64, "the test model, Qwen-Image-shaped: tiny MMDiT on packed latents, Qwen2.5-VL, video VAE",
@@ -284,6 +338,10 @@ def build_pipeline(arch: str, seed: int = 0):
         return build_tiny_pipeline(sdxl=arch == "tiny_sdxl", seed=seed)
     if arch == "tiny_sd3":  # with its tiny T5: the rows run SD3's whole text path
         return build_tiny_sd3_pipeline(seed=seed)
+    if arch == "tiny_flux":
+        from diffusion_dpo.models.tiny import build_tiny_flux_pipeline
+
+        return build_tiny_flux_pipeline(seed=seed)
     if arch in ("tiny_qwen_image", "qwen_image"):
         return build_qwen_image_pipeline(tiny=arch == "tiny_qwen_image", seed=seed)
     import tempfile
@@ -291,6 +349,8 @@ def build_pipeline(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = _tokenizer(Path(tmp), 77)
+    if arch == "flux_dev":
+        return _flux_dev_pipeline(tokenizer)
     if arch == "sd35_medium":
         from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -332,6 +392,29 @@ def build_pipeline(arch: str, seed: int = 0):
             scheduler=scheduler,
         )
     raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {arch!r}")
+
+
+def _flux_dev_pipeline(tokenizer):
+    """FLUX.1 [dev] with random weights; the T5 tokenizer is the project's tiny one, which pads to the real
+    512 tokens (T5's cost does not depend on which ids it reads)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from diffusion_dpo.models.tiny import write_tiny_t5_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_2 = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(tmp))
+    return FluxPipeline(
+        transformer=FluxTransformer2DModel(**FLUX1_DEV_TRANSFORMER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX1_SCHEDULE),
+        vae=AutoencoderKL(**FLUX1_VAE),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)),
+        tokenizer=tokenizer,
+        text_encoder_2=T5EncoderModel(T5Config(**T5_XXL)),
+        tokenizer_2=tokenizer_2,
+    )
 
 
 def build_qwen_image_pipeline(tiny: bool, seed: int = 0):

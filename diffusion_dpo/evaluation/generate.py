@@ -255,9 +255,10 @@ def default_image_size(spec: ModelSpec) -> tuple[int, int] | None:
 
 def trained_sampling_kwargs(spec: ModelSpec) -> dict:
     """The pipeline-call keywords a trainer output was trained for (SD3: its T5 ``max_sequence_length``;
-    the pipeline's own default is 256 tokens), from its ``training_config.yaml``; for any other local
-    folder its family's ``default_sampling_kwargs`` (Qwen-Image's real CFG; {} for SD, SDXL, SD3), and {}
-    for a hub id, which samples with its pipeline's defaults."""
+    the pipeline's own default is 256 tokens; FLUX.1: that and the guidance embedding's ``guidance_scale``,
+    which replaces ``--guidance_scale``), from its ``training_config.yaml``; for any other local folder
+    its family's ``default_sampling_kwargs`` (Qwen-Image's real CFG; {} for SD, SDXL, SD3, FLUX.1), and
+    {} for a hub id, which samples with its pipeline's defaults."""
     from diffusion_dpo.models.families import family_for_index
     from diffusion_dpo.models.pretrained import read_model_index
     from diffusion_dpo.training.saving import trained_family_options
@@ -390,10 +391,10 @@ def generate_images(
                     negative_prompt=negative,
                     generator=generators,
                     num_inference_steps=settings.num_inference_steps,
-                    guidance_scale=settings.guidance_scale,
                     output_type="pil",
                     **size_kwargs,
-                    **sampling,
+                    # a trained FLUX.1's guidance embedding samples at its training value
+                    **{"guidance_scale": settings.guidance_scale, **sampling},
                 )
             flagged += sum(bool(x) for x in (getattr(out, "nsfw_content_detected", None) or []))
             for (path, _), image in zip(chunk, out.images, strict=True):

@@ -5,10 +5,12 @@ CLIP BPE tokenizer) at toy sizes, are saved with ``save_pretrained`` and are loa
 ``from_pretrained`` code path as real Stable Diffusion weights. Used by the embedded default
 (``configs/tiny.yaml``), the tests and the synthetic experiment.
 
-Why one module of ~460 lines: the three families' builders share the tokenizers, the text-encoder
-configs and the word-embedding separation, and the embedded default, the tests and the benchmark
-reach them through :func:`save_tiny_pipeline`. With a fourth family (Flux, Qwen-Image) it becomes a
-package ``models/tiny/`` with one module per family beside the shared text parts.
+Why one module of ~530 lines: the four families' builders (SD1.5, SDXL, SD3, FLUX.1) share the
+tokenizers, the text-encoder configs, the word-embedding separation and SD3's VAE, and the embedded
+default, the tests and the benchmark reach them through :func:`save_tiny_pipeline` (a FLUX.1 module
+of its own would import this one and be imported by it: a cycle). Qwen-Image's builder shares none of
+them and lives in ``tiny_qwen_image.py``; one more family sharing them makes this a package
+``models/tiny/`` with one module per family beside the shared text parts.
 """
 
 from __future__ import annotations
@@ -259,7 +261,7 @@ def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32)
 
 
 #: ``save_tiny_pipeline(arch=...)`` values and the names they are logged under.
-TINY_ARCHS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "qwen_image": "Qwen-Image"}
+TINY_ARCHS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1", "qwen_image": "Qwen-Image"}
 
 
 def save_tiny_pipeline(
@@ -267,8 +269,8 @@ def save_tiny_pipeline(
 ) -> Path:
     """Build a tiny pipeline and write it as a diffusers folder that ``from_pretrained`` loads.
 
-    ``arch`` is one of :data:`TINY_ARCHS` ("sd15", "sdxl", "sd3", "qwen_image"); without it, ``sdxl`` chooses
-    between SDXL and SD1.5 as before.
+    ``arch`` is one of :data:`TINY_ARCHS` ("sd15", "sdxl", "sd3", "flux", "qwen_image"); without it,
+    ``sdxl`` chooses between SDXL and SD1.5 as before.
     """
     if arch is None:
         arch = "sdxl" if sdxl else "sd15"
@@ -283,6 +285,8 @@ def save_tiny_pipeline(
         pipe = build(seed=seed, resolution=resolution)
     elif arch == "sd3":
         pipe = build_tiny_sd3_pipeline(seed=seed, resolution=resolution)
+    elif arch == "flux":
+        pipe = build_tiny_flux_pipeline(seed=seed, resolution=resolution)
     else:
         pipe = build_tiny_pipeline(sdxl=arch == "sdxl", seed=seed, resolution=resolution)
     pipe.save_pretrained(path)
@@ -470,4 +474,58 @@ def build_tiny_sd3_pipeline(seed: int = 0, resolution: int = 32, t5: bool = True
         tokenizer_2=tokenizer,
         text_encoder_3=text_encoder_3,
         tokenizer_3=tokenizer_3,
+    )
+
+
+# --- FLUX.1 --------------------------------------------------------------------------------------
+# The real architecture at toy size, as diffusers' own Flux tests build it: a one-double-block,
+# one-single-block FluxTransformer2DModel with the guidance embedding (FLUX.1 dev; guidance_embeds=False
+# is schnell's layout), the tiny SD3 VAE (16 channels, a latent shift and scale, as FLUX.1's), a
+# CLIPTextModel whose pooled output is the pooled projection, T5 for the token states, and FLUX.1's
+# scheduler config (dynamic shifting).
+
+#: FLUX.1 dev/schnell's ``scheduler/scheduler_config.json``: with ``use_dynamic_shifting`` the saved
+#: training sigmas are the unshifted t/1000 grid; the pipeline shifts by μ(image size) when sampling.
+FLUX_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+    base_image_seq_len=256, max_image_seq_len=4096,
+)  # fmt: skip
+
+
+def tiny_flux_transformer_config(guidance_embeds: bool = True) -> dict:
+    """A 1+1-block FluxTransformer2DModel config (≈0.08M parameters) for packed 16-channel latents.
+
+    Packed 2×2 patches of 16 channels are 64 input features (``patch_size`` 1, as FLUX.1). The rotary
+    axes (index, row, column) must sum to the head width and be even; the text width is T5's, the
+    pooled width CLIP's hidden size (``CLIPTextModel.pooler_output``).
+    """
+    return dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=T5_HIDDEN, pooled_projection_dim=TEXT_HIDDEN,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+
+
+def build_tiny_flux_pipeline(seed: int = 0, resolution: int = 32, guidance_embeds: bool = True):
+    """Build a tiny FLUX.1-shaped ``FluxPipeline`` (dev; ``guidance_embeds=False``: schnell-shaped)."""
+    import tempfile
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5TokenizerFast
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = CLIPTokenizer.from_pretrained(write_tiny_clip_tokenizer(tmp))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer_2 = T5TokenizerFast.from_pretrained(write_tiny_t5_tokenizer(tmp))
+    text_encoder = CLIPTextModel(_text_config(len(tokenizer)))
+    _separate_word_embeddings(text_encoder)
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        vae=_build_tiny_sd3_vae(resolution),  # 16 channels, (z − shift)·scale as FLUX.1's VAE
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=_tiny_t5_encoder(tokenizer_2),
+        tokenizer_2=tokenizer_2,
+        transformer=FluxTransformer2DModel(**tiny_flux_transformer_config(guidance_embeds)),
     )

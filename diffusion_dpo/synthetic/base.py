@@ -154,7 +154,7 @@ def ensure_tiny_assets(cfg: TrainConfig) -> None:
         )  # fmt: skip
         build_tiny_base(
             model, seed=cfg.seed, resolution=cfg.resolution, arch=arch,
-            max_sequence_length=cfg.max_sequence_length,
+            max_sequence_length=cfg.max_sequence_length or 16,
         )  # fmt: skip
     train_path = Path(cfg.dataset_name)
     if not train_path.exists():

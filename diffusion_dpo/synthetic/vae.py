@@ -147,7 +147,21 @@ def tensor_to_images(pixels: Tensor) -> list:
 
 #: ``build_base_pipeline(arch=...)``: the tiny pipelines a fitted VAE can be put into, and the VAE's
 #: latent channels each needs (``fit_vae(latent_channels=...)``).
-ARCH_LATENT_CHANNELS = {"sd15": 4, "sd3": 16}
+ARCH_LATENT_CHANNELS = {"sd15": 4, "sd3": 16, "flux": 16}
+
+
+def flux_transformer_config() -> dict:
+    """The tiny FLUX.1 transformer (:func:`~diffusion_dpo.models.tiny.tiny_flux_transformer_config`)
+    at the tiny SD3 transformer's width, 2 double and 2 single blocks of 4 heads × 16: the 1+1-block,
+    32-wide test model is too small to learn the shapes world's captions from renders."""
+    from diffusion_dpo.models.tiny import tiny_flux_transformer_config
+
+    return {
+        **tiny_flux_transformer_config(),
+        "num_layers": 2,
+        "num_single_layers": 2,
+        "num_attention_heads": 4,
+    }
 
 
 def sd3_transformer_config(resolution: int) -> dict:
@@ -185,6 +199,10 @@ def build_base_pipeline(
     transformer of :func:`sd3_transformer_config`; ``vae`` must have 16 latent channels
     (``fit_vae(latent_channels=16)``). ``prediction_type`` does not apply: a flow model predicts the
     velocity ``ε − x0``.
+
+    ``arch="flux"``: the FLUX.1-shaped pipeline of :func:`~diffusion_dpo.models.tiny.build_tiny_flux_pipeline`
+    (CLIP pooled + T5 states, FLUX.1's scheduler) with the transformer of :func:`flux_transformer_config`
+    and a 16-channel ``vae``.
     """
     if arch not in ARCH_LATENT_CHANNELS:
         raise ValueError(f"arch must be one of {tuple(ARCH_LATENT_CHANNELS)}, got {arch!r}")
@@ -193,6 +211,15 @@ def build_base_pipeline(
             f"a {arch} pipeline needs a VAE with {ARCH_LATENT_CHANNELS[arch]} latent channels, got "
             f"{vae.config.latent_channels} (fit_vae(latent_channels={ARCH_LATENT_CHANNELS[arch]}))"
         )
+    if arch == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        from diffusion_dpo.models.tiny import build_tiny_flux_pipeline
+
+        pipe = build_tiny_flux_pipeline(seed=seed, resolution=resolution)
+        torch.manual_seed(seed)
+        pipe.register_modules(transformer=FluxTransformer2DModel(**flux_transformer_config()), vae=vae)
+        return pipe
     if arch == "sd3":
         from diffusers import SD3Transformer2DModel
 

@@ -17,7 +17,7 @@ import textwrap
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", (
         "pretrained_model_name_or_path", "revision", "variant", "vae_model_name_or_path", "use_lora", "rank",
-        "lora_alpha", "drop_t5", "max_sequence_length",
+        "lora_alpha", "drop_t5", "max_sequence_length", "guidance_scale",
     )),
     ("data", (
         "dataset_name", "dataset_split", "dataset_format", "image_root", "label_mode", "min_label_margin",
@@ -29,16 +29,13 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("objective", (
         "objective", "sft", "beta_dpo", "loss_type", "label_smoothing", "kto_desirable_weight",
         "kto_undesirable_weight", "beta_mapo", "snr_value", "weighting_scheme", "logit_mean", "logit_std",
-        "mode_scale", "flow_error_weighting",
+        "mode_scale", "flow_error_weighting", "resolution_shift", "winner_safeguard", "winner_safeguard_mu",
+        "auto_beta", "auto_beta_target", "auto_beta_decay", "auto_beta_min", "auto_beta_max",
     )),
     ("optimisation", (
         "seed", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
         "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
         "adam_epsilon", "max_grad_norm", "use_adafactor", "max_nonfinite_steps",
-    )),
-    ("guards and monitors", (
-        "stop_on_degradation", "winner_safeguard", "winner_safeguard_mu", "auto_beta", "auto_beta_target",
-        "auto_beta_decay", "auto_beta_min", "auto_beta_max",
     )),
     ("speed and memory", (
         "mixed_precision", "gradient_checkpointing", "enable_xformers_memory_efficient_attention",
@@ -46,7 +43,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("runs and checkpoints", (
         "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
-        "create_tiny_assets",
+        "stop_on_degradation", "create_tiny_assets",
     )),
     ("validation", (
         "validation_dataset_name", "validation_split", "num_validation_pairs", "validation_timesteps",
@@ -62,7 +59,9 @@ SHORT_HELP = {
     "pretrained_model_name_or_path": "Base model: a hub id or a local diffusers folder.",
     "vae_model_name_or_path": "Another VAE (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).",
     "drop_t5": "SD3/SD3.5: train and sample without the T5 text encoder.",
-    "max_sequence_length": "SD3/SD3.5: T5 tokens per caption.",
+    "max_sequence_length": "SD3/SD3.5, FLUX.1: T5 tokens per caption (also when sampling).",
+    "guidance_scale": "FLUX.1 dev: its guidance embedding's value (default 3.5).",
+    "resolution_shift": "FLUX.1: draw σ on FluxPipeline's schedule at --resolution.",
     "dataset_name": "Pairs: a hub id, parquet, save_to_disk folder, JSONL or CSV.",
     "dataset_format": "Schema of --dataset_name: auto, pickapic, hpdv3, webdataset, ...",
     "image_root": "Folder that relative image paths resolve against.",
@@ -115,7 +114,7 @@ ONE_LINE = 64
 OTHER = "other options"
 
 #: how --help names the supported families (``family.name``); a family not listed shows its label
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5"}
+FAMILY_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "FLUX.1"}
 
 _SENTENCE_END = re.compile(r"(?<!e\.g)(?<!i\.e)\.(?:\s|$)")
 

@@ -42,9 +42,16 @@ class TrainConfig:
         "SD3/SD3.5: train (and sample) without the T5 text encoder, whose states become zeros as in the "
         "pipeline without it; saves its memory (4.7B parameters in SD3.5).",
     )
-    max_sequence_length: int = _f(
-        77,
-        "SD3/SD3.5: T5 tokens per caption (diffusers' SD3 training scripts: 77; the pipeline samples with 256).",
+    max_sequence_length: int | None = _f(
+        None,
+        "SD3/SD3.5 and FLUX.1: T5 tokens per caption, also used when sampling (default: diffusers' training "
+        "scripts', SD3 77 (its pipeline samples with 256), FLUX.1 512).",
+    )
+    guidance_scale: float | None = _f(
+        None,
+        "FLUX.1 dev: the value fed to its guidance embedding, the same for the policy, the reference and "
+        "sampling (default 3.5, as diffusers' Flux scripts; docs/flux.md#guidance says why some pick 1.0). "
+        "Refused for models without a guidance embedding.",
     )
     # --- data ---
     dataset_name: str = _f(
@@ -169,6 +176,12 @@ class TrainConfig:
         "uses), epsilon ((1−σ)², the error in ε-space as for SD1.5), or scheme (diffusers' SD3 loss weight "
         "of --weighting_scheme). docs/sd3.md says why none is the default.",
         choices=("none", "epsilon", "scheme"),
+    )
+    resolution_shift: bool = _f(
+        False,
+        "FLUX.1: draw σ on the schedule FluxPipeline samples at --resolution (shifted by e^μ, μ = "
+        "calculate_shift of the image's token count), instead of the checkpoint's unshifted training "
+        "schedule that diffusers' Flux scripts train on (docs/flux.md#sigma).",
     )
     # --- optimisation ---
     output_dir: str = _f("outputs/run", "Where checkpoints, metrics.jsonl and the final model are written.")
@@ -438,7 +451,7 @@ class TrainConfig:
                 "--use_adafactor replaces AdamW: drop --use_8bit_adam and --adam_implementation, which choose "
                 "AdamW's kernels"
             )
-        if self.max_sequence_length < 1:
+        if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"--max_sequence_length must be >= 1, got {self.max_sequence_length}")
         for name in (
             "mixed_precision", "objective", "loss_type", "on_bad_example", "adam_implementation",
@@ -452,6 +465,8 @@ class TrainConfig:
         """What the model family is built with (:func:`diffusion_dpo.models.families.family_for_index`)."""
         return dict(
             drop_t5=self.drop_t5, max_sequence_length=self.max_sequence_length,
+            guidance_scale=self.guidance_scale,
+            **({"resolution_shift": self.resolution} if self.resolution_shift else {}),
             weighting_scheme=self.weighting_scheme, logit_mean=self.logit_mean, logit_std=self.logit_std,
             mode_scale=self.mode_scale, error_weighting=self.flow_error_weighting,
         )  # fmt: skip

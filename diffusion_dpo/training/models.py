@@ -80,6 +80,7 @@ def setup_models(cfg: TrainConfig, device: torch.device | str) -> Models:
         load_text_encoders=encodes_captions(cfg), family_options=cfg.family_options(),
     )  # fmt: skip
     family = components.family
+    family.check_resolution(cfg.resolution, components.vae.config)
     unet = components.unet
     if cfg.latents_cache:
         logger.info(

@@ -36,13 +36,15 @@ def pipeline_parts(comps: SDComponents, unet: torch.nn.Module, dtype: torch.dtyp
 
 
 def trained_family_options(output_dir: str | Path) -> dict:
-    """The family options a trainer output was trained with (SD3: ``drop_t5``, ``max_sequence_length``),
+    """The family options a trainer output was trained with (SD3: ``drop_t5``, ``max_sequence_length``;
+    FLUX.1: ``max_sequence_length``, ``guidance_scale``),
     from its ``training_config.yaml``; {} for any other pipeline folder or hub id."""
     path = Path(output_dir) / CONFIG_FILE
     if not path.is_file():
         return {}
     saved = yaml.safe_load(path.read_text()) or {}
-    return {key: saved[key] for key in ("drop_t5", "max_sequence_length") if key in saved}
+    keys = ("drop_t5", "max_sequence_length", "guidance_scale")
+    return {key: saved[key] for key in keys if key in saved}
 
 
 def save_final_model(
@@ -82,7 +84,10 @@ def save_final_model(
                 cfg.pretrained_model_name_or_path, revision=cfg.revision, **parts
             )
             pipe.save_pretrained(out)
-    (out / CONFIG_FILE).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    # with the family's resolved sampling settings (FLUX.1: T5 length and guidance, default None in the
+    # config), which evaluation and validation sample with again
+    settings = {k: v for k, v in family.sampling_kwargs().items() if k in cfg.to_dict()}
+    (out / CONFIG_FILE).write_text(yaml.safe_dump({**cfg.to_dict(), **settings}, sort_keys=False))
     logger.info("saved the %s result to %s", "LoRA" if cfg.use_lora else "full", out)
     return out
 
@@ -119,7 +124,7 @@ def load_trained_pipeline(
 def decode_latents(pipe, latents: torch.Tensor, resolution: int | None = None) -> list:
     """Scaled latents → PIL images, decoded by the VAE in its own dtype (SDXL's original VAE is kept
     in fp32: decoding it in fp16 overflows into black or NaN images). Packed latents ``[N, L, 4C]``
-    (Qwen-Image's ``output_type="latent"``) are unpacked by the pipeline's own ``_unpack_latents`` at
+    (Qwen-Image's and FLUX.1's ``output_type="latent"``) are unpacked by the pipeline's own ``_unpack_latents`` at
     ``resolution``; its one-frame video latents ``[N, C, 1, h, w]`` decode to the frame."""
     vae = pipe.vae
     if latents.dim() == 3:

@@ -1,7 +1,6 @@
-"""One small module per model family (SD1.x/2.x, SDXL, SD3/3.5, Qwen-Image): see :mod:`.base` for what
-each knows.
-
-Flux (``FluxPipeline``) is recognised and refused with what it still needs (docs/sd3.md#flux).
+"""One small module per model family (SD1.x/2.x, SDXL, SD3/3.5, FLUX.1, Qwen-Image): see :mod:`.base` for
+what each knows. A family's relatives it cannot train (FLUX.1 Kontext/Fill/Control, FLUX.2) are refused
+with what they would need (``ModelFamily.refusal``).
 
 Adding a family is one new module here (a :class:`~.base.ModelFamily` subclass) and its entry in
 :data:`FAMILIES`; the loop, the step, the objective and evaluation do not change. May import:
@@ -14,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusion_dpo.models.families.base import ModelFamily
+from diffusion_dpo.models.families.flux import FluxFamily
 from diffusion_dpo.models.families.qwen_image import QwenImageFamily
 from diffusion_dpo.models.families.sd import SDFamily
 from diffusion_dpo.models.families.sd3 import SD3Family
@@ -21,18 +21,17 @@ from diffusion_dpo.models.families.sdxl import SDXLFamily
 from diffusion_dpo.models.pretrained import read_model_index
 
 #: most specific first: an SDXL index also has a UNet
-FAMILIES: tuple[type[ModelFamily], ...] = (QwenImageFamily, SD3Family, SDXLFamily, SDFamily)
+FAMILIES: tuple[type[ModelFamily], ...] = (FluxFamily, QwenImageFamily, SD3Family, SDXLFamily, SDFamily)
 
 
 def family_for_index(index: dict, where: str = "the model", **options) -> ModelFamily:
     """The family of a pipeline's ``model_index.json``, built with its options (``drop_t5``,
-    ``max_sequence_length``, and the flow process's: ``weighting_scheme`` …)."""
+    ``max_sequence_length``, ``guidance_scale``, and the flow process's: ``weighting_scheme`` …)."""
     name = index.get("_class_name", "")
-    if name.startswith("Flux"):
-        raise ValueError(
-            f"{where} is a {name}: Flux is not supported yet (its transformer takes packed 2×2 latent "
-            "patches, image/text position ids and a guidance embedding); SD1.x/2.x, SDXL and SD3/SD3.5 are"
-        )
+    for family in FAMILIES:
+        reason = family.refusal(index)
+        if reason:
+            raise ValueError(f"{where} is a {name}: {reason}")
     if name.startswith("QwenImage") and name != QwenImageFamily.pipeline_class_name:
         raise ValueError(
             f"{where} is a {name}: of the Qwen-Image pipelines only the text-to-image QwenImagePipeline is "
@@ -43,7 +42,7 @@ def family_for_index(index: dict, where: str = "the model", **options) -> ModelF
             return family(**options)
     raise ValueError(
         f"{where} is a {name or 'pipeline'} with parts {sorted(k for k in index if not k.startswith('_'))}: "
-        "not a Stable Diffusion 1.x/2.x, SDXL or SD3 pipeline"
+        "not a Stable Diffusion 1.x/2.x, SDXL, SD3 or FLUX.1 pipeline"
     )
 
 
@@ -69,6 +68,7 @@ def family_for_pipeline(pipe, **options) -> ModelFamily:
 
 __all__ = [
     "FAMILIES",
+    "FluxFamily",
     "ModelFamily",
     "QwenImageFamily",
     "SD3Family",

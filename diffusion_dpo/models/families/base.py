@@ -34,17 +34,32 @@ class ModelFamily:
     #: peft LoRA targets (diffusers' LoRA training scripts for this family)
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
 
-    def __init__(self, *, drop_t5: bool = False, max_sequence_length: int | None = None, **process_options):
+    def __init__(
+        self,
+        *,
+        drop_t5: bool = False,
+        max_sequence_length: int | None = None,
+        guidance_scale: float | None = None,
+        resolution_shift: int | None = None,
+        **process_options,
+    ):
         if drop_t5:
             raise ValueError(
                 f"--drop_t5: {self.label} models have no T5 text encoder (it applies to SD3 only)"
             )
+        flux_only_options(self.label, guidance_scale, resolution_shift)
         self.process_options = process_options
 
     @classmethod
     def matches(cls, index: dict) -> bool:
         """Whether a ``model_index.json`` describes this family."""
         return index.get("_class_name") == cls.pipeline_class_name or _has(index, "unet")
+
+    @classmethod
+    def refusal(cls, index: dict) -> str | None:
+        """Why a relative of this family (a pipeline it recognises but cannot train) is refused; None
+        for every other ``model_index.json``."""
+        return None
 
     # -- loading ------------------------------------------------------------------------------------
 
@@ -84,6 +99,10 @@ class ModelFamily:
             **dtype_kwargs(dtype, "transformers"),
         )  # fmt: skip
         return [tokenizer], [encoder]
+
+    def check_resolution(self, resolution: int, vae_config) -> None:
+        """Raise ``ValueError`` when images of side ``resolution`` cannot be trained (FLUX.1's packing);
+        every multiple of the VAE's factor works for the UNet families and SD3."""
 
     def load_vae(self, source, revision=None, variant=None, dtype=torch.float32) -> torch.nn.Module:
         """The checkpoint's own VAE, as the trainer uses it (``encode(pixels).latent_dist``, ``config``'s
@@ -170,6 +189,21 @@ class ModelFamily:
         from diffusers.utils import convert_state_dict_to_diffusers
 
         return convert_state_dict_to_diffusers(peft_state)
+
+
+def flux_only_options(label: str, guidance_scale: float | None, resolution_shift: int | None) -> None:
+    """Refuse FLUX.1's ``--guidance_scale`` (its guidance embedding) and ``--resolution_shift`` (its
+    resolution-dependent σ shift) for another family."""
+    if guidance_scale is not None:
+        raise ValueError(
+            f"--guidance_scale {guidance_scale}: {label} models have no guidance embedding (it applies to "
+            "FLUX.1 dev); the classifier-free guidance of sampling is eval/evaluate.py's --guidance_scale"
+        )
+    if resolution_shift is not None:
+        raise ValueError(
+            f"--resolution_shift: {label} models sample on a fixed schedule, not one shifted by image size "
+            "(it applies to FLUX.1)"
+        )
 
 
 def _has(index: dict, key: str) -> bool:

@@ -27,7 +27,7 @@ from types import SimpleNamespace
 
 import torch
 
-from diffusion_dpo.models.families.base import ModelFamily
+from diffusion_dpo.models.families.base import ModelFamily, flux_only_options
 from diffusion_dpo.models.pretrained import dtype_kwargs
 
 logger = logging.getLogger(__name__)
@@ -118,9 +118,18 @@ class QwenImageFamily(ModelFamily):
     # attention projections of the image stream; peft's suffix match finds them in every block
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")
 
-    def __init__(self, *, drop_t5: bool = False, max_sequence_length: int | None = None, **process_options):
+    def __init__(
+        self,
+        *,
+        drop_t5: bool = False,
+        max_sequence_length: int | None = None,
+        guidance_scale: float | None = None,
+        resolution_shift: int | None = None,
+        **process_options,
+    ):
         if drop_t5:
             raise ValueError("--drop_t5: Qwen-Image has no T5 text encoder (it applies to SD3 only)")
+        flux_only_options(self.label, guidance_scale, resolution_shift)
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
         if not 1 <= self.max_sequence_length <= MAX_SEQUENCE_LENGTH:
             raise ValueError(

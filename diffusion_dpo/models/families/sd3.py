@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffusion_dpo.models.families.base import ModelFamily, _has, clip_token_ids
+from diffusion_dpo.models.families.base import ModelFamily, _has, clip_token_ids, flux_only_options
 from diffusion_dpo.models.pretrained import dtype_kwargs
 
 Tensor = torch.Tensor
@@ -41,7 +41,16 @@ class SD3Family(ModelFamily):
         "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
     )  # fmt: skip
 
-    def __init__(self, *, drop_t5: bool = False, max_sequence_length: int | None = None, **process_options):
+    def __init__(
+        self,
+        *,
+        drop_t5: bool = False,
+        max_sequence_length: int | None = None,
+        guidance_scale: float | None = None,
+        resolution_shift: int | None = None,
+        **process_options,
+    ):
+        flux_only_options(self.label, guidance_scale, resolution_shift)
         self.drop_t5 = drop_t5
         self.max_sequence_length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH
         self.process_options = process_options
