@@ -36,7 +36,8 @@ def test_help_shows_the_groups_in_order_with_defaults():
     titles = re.findall(r"^(\S[^:\n]*):$", text, flags=re.M)
     assert titles == ["options", *[title for title, _ in cli_help.GROUPS], "examples"]
     assert [t for t, _ in cli_help.GROUPS] == [
-        "model", "data", "objective", "optimisation", "speed and memory", "runs and checkpoints",
+        "model", "data", "objective", "optimisation", "guards and monitors", "speed and memory",
+        "runs and checkpoints",
         "validation", "output, logging and the Hub",
     ]  # fmt: skip
     assert text.startswith("usage: python train_sd.py [--config FILE] [--FLAG VALUE ...]\n\nPreference")

@@ -422,7 +422,13 @@ def test_bf16_reference_is_kept_and_run_in_bf16(tmp_path, tiny_sd_path, six_pair
     with torch.no_grad():
         independent = ref_bf16(noisy, t, hidden, **kwargs).sample
         fp32 = base(noisy.float(), t, hidden.float(), **kwargs).sample
-    torch.testing.assert_close(seen["ref_out"], independent, rtol=0, atol=0)
+    # Equal up to bf16 rounding, not bit for bit: on CPUs with AMX/AVX512-BF16, oneDNN's bf16 kernels
+    # round differently with the thread split (seen: one bf16 ulp, 2**-6 at values near 2, on 22% of
+    # the elements), so the check is that the training forward is far closer to the bf16 forward than
+    # the fp32 weights' output is.
+    to_bf16 = (seen["ref_out"].float() - independent.float()).abs()
+    to_fp32 = (seen["ref_out"].float() - fp32).abs()
+    assert to_bf16.max() <= 2**-5 and to_bf16.mean() < 0.25 * to_fp32.mean(), (to_bf16.mean(), to_fp32.mean())
 
     # the logged step-1 reference errors are those of the bf16 forward, against the ε target
     n = len(seen["indices"])
@@ -433,10 +439,15 @@ def test_bf16_reference_is_kept_and_run_in_bf16(tmp_path, tiny_sd_path, six_pair
         return (pred.float() - target).pow(2).flatten(1).mean(1)
 
     want = err(independent)
-    assert rows[0]["mse/ref_chosen"] == pytest.approx(want[:n].mean().item(), rel=1e-6)
-    assert rows[0]["mse/ref_rejected"] == pytest.approx(want[n:].mean().item(), rel=1e-6)
-    from_fp32 = err(fp32)[:n].mean().item()
-    assert rows[0]["mse/ref_chosen"] != pytest.approx(from_fp32, rel=1e-6)  # bf16 weights are visible
+    logged, from_fp32 = rows[0]["mse/ref_chosen"], err(fp32)[:n].mean().item()
+    assert logged == pytest.approx(want[:n].mean().item(), rel=1e-3)
+    assert rows[0]["mse/ref_rejected"] == pytest.approx(want[n:].mean().item(), rel=1e-3)
+    # bf16 weights are visible: the logged error is nearer the bf16 forward's than the fp32 weights'
+    assert abs(logged - want[:n].mean().item()) < abs(logged - from_fp32), (
+        logged,
+        want[:n].mean(),
+        from_fp32,
+    )
 
 
 def test_fp16_reference_is_kept_in_fp16(tmp_path, tiny_sd_path, six_pairs):
