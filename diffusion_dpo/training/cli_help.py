@@ -29,13 +29,16 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("objective", (
         "objective", "sft", "beta_dpo", "loss_type", "label_smoothing", "kto_desirable_weight",
         "kto_undesirable_weight", "beta_mapo", "snr_value", "weighting_scheme", "logit_mean", "logit_std",
-        "mode_scale", "flow_error_weighting", "resolution_shift", "winner_safeguard", "winner_safeguard_mu",
-        "auto_beta", "auto_beta_target", "auto_beta_decay", "auto_beta_min", "auto_beta_max",
+        "mode_scale", "flow_error_weighting", "resolution_shift",
     )),
     ("optimisation", (
         "seed", "train_batch_size", "gradient_accumulation_steps", "max_train_steps", "learning_rate",
         "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2", "adam_weight_decay",
         "adam_epsilon", "max_grad_norm", "use_adafactor", "max_nonfinite_steps",
+    )),
+    ("guards and monitors", (
+        "stop_on_degradation", "winner_safeguard", "winner_safeguard_mu", "auto_beta", "auto_beta_target",
+        "auto_beta_decay", "auto_beta_min", "auto_beta_max",
     )),
     ("speed and memory", (
         "mixed_precision", "gradient_checkpointing", "enable_xformers_memory_efficient_attention",
@@ -43,7 +46,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("runs and checkpoints", (
         "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint", "overwrite_output_dir",
-        "stop_on_degradation", "create_tiny_assets",
+        "create_tiny_assets",
     )),
     ("validation", (
         "validation_dataset_name", "validation_split", "num_validation_pairs", "validation_timesteps",
