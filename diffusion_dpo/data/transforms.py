@@ -15,6 +15,9 @@ the trainer can mask and count the placeholders (the collate functions' ``valid`
 Image values may be encoded bytes, a file path, a ``{"bytes": ..., "path": ...}`` dict (how
 ``datasets.Image(decode=False)`` stores images) or a ``PIL.Image``; :func:`decode_image` takes any of
 them and returns RGB (see :func:`to_rgb` for the modes it converts).
+
+Why one module of ~460 lines: a row's decode, checks, crops, flips and dropout share its generator and
+its bad-row handling, which the image path and the latent cache's transform both follow.
 """
 
 from __future__ import annotations

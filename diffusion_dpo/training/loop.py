@@ -15,7 +15,7 @@ non-finite flag and a stop flag of every process, summed together (``window.redu
 So every process agrees, before the optimizer steps, on whether the step is skipped (NaN/Inf) and
 whether the run stops (a signal reached any of them).
 
-Why ~470 lines in one module: the loop and the functions it calls read in the order they run, on
+Why ~500 lines in one module: the loop and the functions it calls read in the order they run, on
 what they share (:class:`Run`, :class:`Position`); tests reach the set-up and the step through this
 module (``loop.setup_models``, ``loop.compute_batch_loss``).
 """
