@@ -222,7 +222,14 @@ class TrainConfig:
         (100, 300, 500, 700, 900), "Fixed timesteps averaged by the implicit-reward accuracy."
     )
     validation_prompts: list[str] = _f((), "Prompts to sample at validation and after training.")
-    num_inference_steps: int = _f(25, "Sampling steps for validation images.")
+    num_inference_steps: int = _f(
+        25, "Sampling steps for validation images; recorded in the output, eval/evaluate.py's default."
+    )
+    guidance_scale: float | None = _f(
+        None,
+        "Classifier-free guidance of validation images (default: the pipeline's own); recorded in the "
+        "output, eval/evaluate.py's default.",
+    )
     # --- embedded default ---
     create_tiny_assets: bool = _f(
         False, "If the model/dataset paths do not exist, build the tiny SD model and synthetic dataset there."

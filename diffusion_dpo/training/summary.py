@@ -15,6 +15,31 @@ WINDOW_SHARE, MIN_WINDOW = 0.1, 10
 _NAMES = {"dpo": "Diffusion-DPO", "sft": "SFT", "kto": "Diffusion-KTO", "mapo": "MaPO"}
 
 
+#: The embedded default's evaluation (:func:`evaluate_command`): the synthetic world's held-out
+#: prompts, each with this many seeds, scored for faithfulness.
+TINY_EVAL_PROMPTS, TINY_EVAL_SCORER, TINY_EVAL_SEEDS = "shapes:heldout", "shapes", 8
+
+
+def evaluate_command(cfg: TrainConfig) -> str:
+    """The ``eval/evaluate.py`` command comparing this run's output with the model it started from.
+    The embedded defaults (``create_tiny_assets``) get their world's held-out prompts and faithfulness
+    scorer; any other run a placeholder prompt file and PickScore; a run with held-out pairs adds them
+    for the implicit accuracy. Sampling steps and guidance are not named: evaluate.py reads the ones
+    this run recorded (``training_config.yaml``)."""
+    out = Path(cfg.output_dir)
+    if cfg.create_tiny_assets:
+        data = f"--prompts {TINY_EVAL_PROMPTS} --scorer {TINY_EVAL_SCORER} --num_images_per_prompt {TINY_EVAL_SEEDS}"
+    else:
+        data = "--prompts PROMPTS.txt --scorer pickscore --num_images_per_prompt 4"
+    if cfg.validation_dataset_name:  # the report then says whether accuracy and win rate agree
+        data += f" --implicit_pairs {cfg.validation_dataset_name}"
+    name = cfg.effective_objective
+    return (
+        f"python eval/evaluate.py --model base={cfg.pretrained_model_name_or_path} --model {name}={out} "
+        f"{data} --output_dir {out.parent / (out.name + '_eval')}"
+    )
+
+
 def _mean(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
     return sum(values) / len(values) if values else None
@@ -80,4 +105,5 @@ def describe_run(cfg: TrainConfig, summary: dict) -> str:
     lines.append(
         f"  metrics: {out / 'metrics.jsonl'} (one line per step); this summary: {out / 'summary.json'}"
     )
+    lines.append(f"  compare its images with the base's: {evaluate_command(cfg)}")
     return "\n".join(lines)
