@@ -303,8 +303,8 @@ body{font-family:sans-serif;margin:1.5em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#eee}td.l,th.l{text-align:left}
 figure{display:inline-block;margin:1px;vertical-align:top;text-align:center}
-figure img{width:96px;height:96px;object-fit:contain;border:1px solid #ddd;image-rendering:pixelated}
-figcaption{font-size:10px;max-width:96px}.prompt{font-size:13px;margin:.6em 0 .2em}
+figure img{width:72px;height:72px;object-fit:contain;border:1px solid #ddd;image-rendering:pixelated}
+figcaption{font-size:9px;max-width:72px}.prompt{font-size:13px;margin:.6em 0 .2em}
 .blocks{display:flex;flex-wrap:wrap;gap:4px 24px}.block{flex:0 0 auto}
 .row{white-space:nowrap}.who{display:inline-block;width:4em;font-size:11px;vertical-align:middle}
 img.plot{max-width:48%;border:1px solid #eee;margin:2px}
