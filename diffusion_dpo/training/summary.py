@@ -72,9 +72,18 @@ def describe_run(cfg: TrainConfig, summary: dict) -> str:
     loss_first, loss_last = _mean(first, "loss"), _mean(last, "loss")
     if loss_first is not None and loss_last is not None:
         trend = "down" if loss_last < loss_first else "up"
+        why = ""
+        if trend == "up" and objective == "dpo" and cfg.loss_type == "sigmoid":
+            # -log σ(β·margin) is about β·|margin| on a pair still ranked wrongly: as the model moves,
+            # those pairs' margins grow, so the mean can rise while more pairs are ranked right
+            why = (
+                "; at this β the loss is dominated by the pairs still ranked wrongly, whose margins grow "
+                "as the model moves, so it can rise while the model learns: the held-out accuracy and "
+                "the evaluation below say whether it did"
+            )
         lines.append(
             f"  loss: {loss_first:.3f} over the first {len(first)} steps -> {loss_last:.3f} over the last "
-            f"{len(last)} ({trend})."
+            f"{len(last)} ({trend}{why})."
         )
     margin_first, margin_last = _mean(first, "rewards/margins"), _mean(last, "rewards/margins")
     if margin_first is not None and margin_last is not None:
