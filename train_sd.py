@@ -15,11 +15,11 @@ import os
 import sys
 from pathlib import Path
 
+from diffusion_dpo.synthetic.base import ensure_tiny_assets
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.guards import RunStopped
 from diffusion_dpo.training.loop import train
 from diffusion_dpo.training.summary import describe_run
-from diffusion_dpo.training.tiny_assets import ensure_tiny_assets
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -10,7 +10,7 @@ trait ALONE predicts the winner, with a 95% interval, and flags the traits whose
 exceeds --threshold. It also counts ties, identical pairs, duplicate and near-duplicate images, bad
 labels and unreadable images. Writes OUTPUT/audit.json (everything printed, and more) and
 OUTPUT/audit.html (the table, and a few example pairs, chosen beside rejected, for each flagged trait).
-See diffusion_dpo/data/audit.py for the definitions.
+See diffusion_dpo/curation/audit.py for the definitions.
 
 --dataset takes what the trainer's --dataset_name takes: a parquet file or folder, a save_to_disk folder,
 a JSONL/CSV of caption,image_w,image_l, or a hub id (use --streaming for a large one: the first
@@ -28,7 +28,9 @@ import logging
 import sys
 from pathlib import Path
 
-from diffusion_dpo.data import audit
+from diffusion_dpo.curation import audit
+from diffusion_dpo.curation.report import example_records, format_table
+from diffusion_dpo.curation.traits import LOSSLESS_FORMATS
 from diffusion_dpo.data.transforms import decode_image
 
 #: Example pairs shown per flagged trait, and the thumbnails' longer side in pixels.
@@ -81,7 +83,7 @@ def _thumbnail(value) -> str:
 def _shown(traits: dict, name: str) -> str:
     value = traits.get(name)
     if name == "jpeg_quality" and value is None:
-        return "lossless" if traits.get("format") in audit.LOSSLESS_FORMATS else "unknown"
+        return "lossless" if traits.get("format") in LOSSLESS_FORMATS else "unknown"
     return f"{value:.4g}" if isinstance(value, float) else html.escape(str(value))
 
 
@@ -124,7 +126,7 @@ def render_html(report: dict, examples: dict[str, list[tuple[dict, dict]]]) -> s
     if not report["flagged"]:
         sections.insert(0, f"<p>Nothing flagged: no trait predicts the winner with a 95% lower bound above "
                            f"{report['threshold']}.</p>")  # fmt: skip
-    header = html.escape(audit.format_table(report).split("\n\n")[0])
+    header = html.escape(format_table(report).split("\n\n")[0])
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Shortcut audit</title><style>
 body {{ font-family: sans-serif; margin: 2em; }} table {{ border-collapse: collapse; }}
@@ -151,11 +153,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.dataset, args.split, max_pairs=args.max_pairs or None, seed=args.seed, threshold=args.threshold,
         streaming=args.streaming, cache_dir=args.cache_dir,
     )  # fmt: skip
-    print(audit.format_table(report))
+    print(format_table(report))
 
     # Example pairs: each flagged image trait's rule at work, and identical pairs when there are some.
     chosen = {
-        t["trait"]: audit.example_records(records, t, EXAMPLES_PER_TRAIT)
+        t["trait"]: example_records(records, t, EXAMPLES_PER_TRAIT)
         for t in report["traits"]
         if t["flag"] and t["kind"] in ("numeric", "categorical")
     }

@@ -7,7 +7,7 @@
 
 ``--dataset`` holds ``caption, image`` rows (names changed with ``--caption_column``/``--image_column``):
 a parquet file or folder, a ``save_to_disk`` folder, a JSONL/CSV file with image paths, or a hub id;
-e.g. ``diffusion_dpo.data.synthetic.write_caption_dataset``. For every row and every sample
+e.g. ``diffusion_dpo.synthetic.write_caption_dataset``. For every row and every sample
 ``k < N``, one pair: CHOSEN = the row's image, byte for byte; REJECTED = the model's sample of the
 caption from seed ``SEED + k`` (the pairs of SPIN-Diffusion, Yuan et al. 2024). The chosen image sits
 at ``jpg_0`` or ``jpg_1`` by a coin flip keyed by (seed, row, k), with ``label_0`` saying which, so
@@ -28,9 +28,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from diffusion_dpo.data import mining
-from diffusion_dpo.data.pairs import load_rows, resolve_image_path
-from diffusion_dpo.data.transforms import decode_image, image_bytes
+from diffusion_dpo.curation import corrections, mining
 from diffusion_dpo.evaluation.cli import run_script
 from diffusion_dpo.evaluation.generate import ModelLoadError, generate_images, resolve_model
 
@@ -65,57 +63,6 @@ def main(argv: list[str] | None = None) -> dict:
     return run_script(build_parser(), argv, _run, (ModelLoadError,))
 
 
-def read_captioned_rows(args):
-    """``(rows, captions, base_dir, description)``: the raw rows (images still encoded), every caption
-    stripped, all checked. ValueError/FileNotFoundError naming the source and the row."""
-    source = load_rows(args.dataset, args.split)
-    names = list(source.rows.column_names)
-    missing = [c for c in (args.caption_column, args.image_column) if c not in names]
-    if missing:
-        raise ValueError(
-            f"missing columns {missing} in {source.description}; found columns {sorted(names)} "
-            "(name them with --caption_column / --image_column)"
-        )
-    rows = source.rows.select_columns([args.caption_column, args.image_column])
-    if args.max_rows is not None:
-        rows = rows.select(range(min(args.max_rows, len(rows))))
-    if len(rows) == 0:
-        raise ValueError(f"{source.description} has no rows")
-    captions = []
-    for i, row in enumerate(rows):
-        text = row[args.caption_column]
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(
-                f"row {i} of {source.description}: caption ({args.caption_column!r}) is empty or not text: {text!r}"
-            )
-        captions.append(text.strip())
-        # Decoded now, so a broken image stops the run before any sampling, naming its row.
-        decode_image(
-            resolve_image_path(row[args.image_column], source.base_dir),
-            where=f"row {i} of {source.description}, column {args.image_column!r}",
-        )
-    return rows, captions, source.base_dir, source.description
-
-
-def _rows(rows, captions, base_dir, image_column, unique, seeds, paths, seed):
-    """Pick-a-Pic rows, one per (row, sample), given image first or second by a seeded coin."""
-    for i, row in enumerate(rows):
-        given = image_bytes(resolve_image_path(row[image_column], base_dir))  # as stored, not re-encoded
-        for k, sample_seed in enumerate(seeds):
-            sample = paths[unique[captions[i]]][k].read_bytes()
-            first = mining.chosen_first(seed, i, k)
-            yield {
-                "caption": captions[i],
-                "jpg_0": given if first else sample,
-                "jpg_1": sample if first else given,
-                "label_0": 1.0 if first else 0.0,
-                "label_1": 0.0 if first else 1.0,
-                "seed_0": None if first else sample_seed,
-                "seed_1": sample_seed if first else None,
-                "row_index": i,
-            }
-
-
 def _run(parser: argparse.ArgumentParser, args) -> dict:
     import pyarrow as pa
 
@@ -128,7 +75,9 @@ def _run(parser: argparse.ArgumentParser, args) -> dict:
             raise ValueError(f"--max_rows must be >= 1, got {args.max_rows}")
         spec = resolve_model("model", args.model)
         settings = mining.generation_settings(args)
-        rows, captions, base_dir, description = read_captioned_rows(args)
+        rows, captions, base_dir, description = corrections.read_captioned_rows(
+            args.dataset, args.split, args.caption_column, args.image_column, args.max_rows
+        )
     except (ValueError, FileNotFoundError) as err:  # incl. BadRowError, which names the row
         parser.error(str(err))
 
@@ -144,7 +93,9 @@ def _run(parser: argparse.ArgumentParser, args) -> dict:
     )  # fmt: skip
 
     extra = [("seed_0", pa.int64()), ("seed_1", pa.int64()), ("row_index", pa.int64())]
-    pairs = _rows(rows, captions, base_dir, args.image_column, unique, seeds, paths, args.seed)
+    pairs = corrections.correction_rows(
+        rows, captions, base_dir, args.image_column, unique, seeds, paths, args.seed
+    )
     dataset_file = mining.write_pairs(output, pairs, extra)
     counts = {
         "rows": len(captions),

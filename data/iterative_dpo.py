@@ -136,7 +136,7 @@ def evaluation_seed(seed: int) -> int:
 
 def default_prompts(out: Path) -> tuple[Path, Path]:
     """The shapes world's training and held-out prompts, one per line, written under ``out``."""
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     out.mkdir(parents=True, exist_ok=True)
     train, heldout = out / "prompts_train.txt", out / "prompts_heldout.txt"

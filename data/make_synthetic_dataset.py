@@ -1,4 +1,4 @@
-"""Write a dataset of the synthetic shapes world (diffusion_dpo.data.synthetic).
+"""Write a dataset of the synthetic shapes world (diffusion_dpo.synthetic).
 
     python data/make_synthetic_dataset.py --output_dir data/shapes_pairs --kind pairs --n_pairs 4000
 
@@ -17,7 +17,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 
 
 def parse_args(argv=None) -> argparse.Namespace:

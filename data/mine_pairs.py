@@ -17,7 +17,7 @@ Writes ``OUTPUT/train.parquet`` in Pick-a-Pic v2's columns (``caption, jpg_0, jp
 label_1``; the chosen image at a seeded random position) plus ``score_0``/``score_1`` (the combined
 score), ``score_<scorer>_0``/``_1`` per scorer, ``seed_0``/``seed_1`` and ``prompt_index`` (the
 prompt's row in ``--prompts``), and ``OUTPUT/mining.json`` (settings and counts). The selection rules
-are in ``diffusion_dpo/data/mining.py``.
+are in ``diffusion_dpo/curation/mining.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffusion_dpo.data import mining
+from diffusion_dpo.curation import mining
 from diffusion_dpo.evaluation.cli import run_script
 from diffusion_dpo.evaluation.generate import DTYPES, ModelLoadError, generate_images, resolve_model
 from diffusion_dpo.evaluation.prompts import load_prompts

@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from diffusion_dpo.data.latent_cache import write_latent_cache
+from diffusion_dpo.data.latent_cache_writer import write_latent_cache
 
 
 def parse_args(argv=None) -> argparse.Namespace:

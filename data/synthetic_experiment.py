@@ -5,7 +5,7 @@
 
 Stages (each prints what it does and how long it took):
 
-1. data      write the datasets of the shapes world (diffusion_dpo.data.synthetic): captioned images
+1. data      write the datasets of the shapes world (diffusion_dpo.synthetic): captioned images
              whose captions are wrong with probability CAPTION_NOISE (to pretrain the base), preference
              pairs and unpaired KTO data on the training combinations of (colour, shape, background),
              and preference pairs on the held-out combinations (never trained on);
@@ -45,6 +45,11 @@ through configs/synthetic_sd3_*.yaml (their own β and learning rates, measured 
     python data/synthetic_experiment.py --arch sd3 --output_dir outputs/synthetic_sd3 [--quick]
 """
 
+# Why a script of ~730 lines: it is the study's driver, its stages run the entry points (train_sd.py,
+# eval/evaluate.py) in this process and the tests drive and patch them as this module's attributes
+# (tests/trainer_runs.py: load_synthetic_experiment). Its library parts live in diffusion_dpo.synthetic
+# (world, base model and VAE, results, plots); the stage bookkeeping (Stages, Scale) is the next to move.
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +66,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: import the repository's package
     sys.path.insert(0, str(ROOT))
 
-from diffusion_dpo.data import synthetic  # noqa: E402
-from diffusion_dpo.experiment import plots, results  # noqa: E402
+from diffusion_dpo import synthetic  # noqa: E402
+from diffusion_dpo.synthetic import plots, results  # noqa: E402
 
 logger = logging.getLogger("synthetic_experiment")
 
@@ -334,7 +339,7 @@ def build_initial_pipeline(path: Path, scale: Scale, seed: int, arch: str = "sd1
     MMDiT) that pretraining starts from."""
     import numpy as np
 
-    from diffusion_dpo.experiment.vae import (
+    from diffusion_dpo.synthetic.vae import (
         ARCH_LATENT_CHANNELS,
         build_base_pipeline,
         fit_vae,

@@ -1,4 +1,4 @@
-"""The shortcut audit (diffusion_dpo/data/audit.py, data/audit_pairs.py) and the trainer's start-up check.
+"""The shortcut audit (diffusion_dpo/curation/audit.py, data/audit_pairs.py) and the trainer's start-up check.
 
 Planted shortcuts are the synthetic pairs with every winner changed (re-encoded as JPEG quality 30, or
 resized) while losers stay as written; clean pairs are write_pair_dataset's. Hand-computed values are
@@ -17,8 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffusion_dpo.data import audit
-from diffusion_dpo.data.synthetic import write_pair_dataset
+from diffusion_dpo.curation import audit
+from diffusion_dpo.curation.report import format_table
+from diffusion_dpo.curation.rules import categorical_rule, numeric_rule
+from diffusion_dpo.curation.traits import header_traits, laplacian_variance, mean_saturation, pixel_traits
+from diffusion_dpo.evaluation.stats import wilson_interval
+from diffusion_dpo.synthetic import write_pair_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 N_PAIRS = 300
@@ -98,10 +102,10 @@ def test_wilson_interval_known_values():
     """8 of 10, z = 1.96: p = 0.8, z² = 3.8416; centre (0.8 + 0.19208) / 1.38416 = 0.71674, half-width
     1.96·sqrt(0.016 + 0.009604) / 1.38416 = 0.22658, so (0.4902, 0.9433), the textbook value. Nothing
     observed: (0, 1); the interval of n - k mirrors that of k."""
-    low, high = audit.wilson_interval(8, 10)
+    low, high = wilson_interval(8, 10)
     assert low == pytest.approx(0.4902, abs=2e-4) and high == pytest.approx(0.9433, abs=2e-4)
-    assert audit.wilson_interval(0, 0) == (0.0, 1.0)
-    mirrored = audit.wilson_interval(2, 10)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    mirrored = wilson_interval(2, 10)
     assert mirrored[0] == pytest.approx(1 - high) and mirrored[1] == pytest.approx(1 - low)
 
 
@@ -110,14 +114,14 @@ def test_pixel_traits_of_constant_and_checkerboard_images():
     (200 − 50) / 200 = 0.75, a zero Laplacian. A 0/255 checkerboard: each interior pixel's Laplacian is
     ±4·255 = ±1020 in equal numbers, so its variance is 1020² = 1040400; mean luma 127.5."""
     constant = np.zeros((8, 8, 3), dtype=np.uint8) + np.array([200, 100, 50], dtype=np.uint8)
-    traits = audit.pixel_traits(Image.fromarray(constant))
+    traits = pixel_traits(Image.fromarray(constant))
     assert traits["brightness"] == pytest.approx(124.2)
     assert traits["saturation"] == pytest.approx(0.75)
     assert traits["sharpness"] == 0.0
     board = (np.indices((8, 8)).sum(axis=0) % 2 * 255).astype(np.uint8)
-    assert audit.laplacian_variance(board) == pytest.approx(1020.0**2)
-    assert audit.pixel_traits(Image.fromarray(board).convert("RGB"))["brightness"] == pytest.approx(127.5)
-    assert audit.mean_saturation(np.zeros((2, 2, 3))) == 0.0  # black: no division by zero
+    assert laplacian_variance(board) == pytest.approx(1020.0**2)
+    assert pixel_traits(Image.fromarray(board).convert("RGB"))["brightness"] == pytest.approx(127.5)
+    assert mean_saturation(np.zeros((2, 2, 3))) == 0.0  # black: no division by zero
 
 
 def test_header_traits_and_jpeg_quality():
@@ -126,9 +130,9 @@ def test_header_traits_and_jpeg_quality():
     rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3))
     png = _png(rgb)
     for quality in (10, 30, 75, 95):
-        traits = audit.header_traits(_jpeg(png, quality))
+        traits = header_traits(_jpeg(png, quality))
         assert traits["format"] == "JPEG" and traits["jpeg_quality"] == quality
-    traits = audit.header_traits(png)
+    traits = header_traits(png)
     assert traits["format"] == "PNG" and traits["jpeg_quality"] is None
     assert (traits["width"], traits["height"], traits["size"]) == (40, 24, "40x24")
     assert traits["aspect_ratio"] == pytest.approx(40 / 24)
@@ -139,12 +143,12 @@ def test_numeric_and_categorical_rules_by_hand():
     """Chosen 3, 2, 1, 5 against rejected 1, 2, 2, 4: "higher wins" scores 1, 0.5, 0, 1, so 2.5/4 =
     0.625; it differs in 3 pairs and is right in 2 of them. Formats: JPEG chosen 3 times against PNG, one
     pair PNG/PNG: "JPEG wins" scores 1, 1, 1, 0.5 = 0.875."""
-    rule = audit.numeric_rule([3, 2, 1, 5], [1, 2, 2, 4])
+    rule = numeric_rule([3, 2, 1, 5], [1, 2, 2, 4])
     assert rule["direction"] == "higher" and rule["accuracy"] == pytest.approx(0.625)
     assert rule["differs"] == 3 and rule["accuracy_where_different"] == pytest.approx(2 / 3)
-    assert rule["interval"] == pytest.approx(list(audit.wilson_interval(2.5, 4))) and not rule["flag"]
-    assert audit.numeric_rule([1, 1], [2, 3])["direction"] == "lower"
-    fmt = audit.categorical_rule(["JPEG", "JPEG", "JPEG", "PNG"], ["PNG", "PNG", "PNG", "PNG"])
+    assert rule["interval"] == pytest.approx(list(wilson_interval(2.5, 4))) and not rule["flag"]
+    assert numeric_rule([1, 1], [2, 3])["direction"] == "lower"
+    fmt = categorical_rule(["JPEG", "JPEG", "JPEG", "PNG"], ["PNG", "PNG", "PNG", "PNG"])
     assert fmt["value"] in ("JPEG", "PNG") and fmt["accuracy"] == pytest.approx(0.875)
     assert fmt["differs"] == 3 and fmt["accuracy_where_different"] == 1.0
 
@@ -192,7 +196,7 @@ def test_position_bias_is_flagged(clean_pairs, tmp_path):
 
 def test_clean_synthetic_pairs_are_not_flagged(clean_pairs, tmp_path):
     report = _load_script().main(["--dataset", str(clean_pairs), "--output", str(tmp_path)])
-    assert report["flagged"] == [], audit.format_table(report)
+    assert report["flagged"] == [], format_table(report)
     assert report["pairs"] == N_PAIRS and report["pixels"]
     assert all(t["accuracy"] is None or t["interval"][0] <= 0.6 for t in report["traits"])
     assert report["identical_pairs"]["count"] == 0 and report["duplicates"]["duplicate_files"] == 0
@@ -269,7 +273,7 @@ def _cfg(dataset, **overrides):
 def test_trainer_start_up_warns_about_a_planted_shortcut(jpeg_winners, clean_pairs, caplog):
     from diffusion_dpo.training.data_setup import build_train_data
 
-    with caplog.at_level(logging.INFO, logger="diffusion_dpo.data.audit"):
+    with caplog.at_level(logging.INFO, logger="diffusion_dpo.curation.audit"):
         build_train_data(_cfg(jpeg_winners), is_sdxl=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
@@ -277,7 +281,7 @@ def test_trainer_start_up_warns_about_a_planted_shortcut(jpeg_winners, clean_pai
     assert "python data/audit_pairs.py" in warnings[0] and "--no_audit_pairs" in warnings[0]
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="diffusion_dpo.data.audit"):
+    with caplog.at_level(logging.INFO, logger="diffusion_dpo.curation.audit"):
         build_train_data(_cfg(jpeg_winners, no_audit_pairs=True), is_sdxl=False)
         build_train_data(_cfg(clean_pairs), is_sdxl=False)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -296,7 +300,7 @@ def test_start_up_audit_uses_the_loader_counts_and_leaves_streams_alone(
 
     stream_stats = PairStats()
     stream = load_pair_dataset(str(biased), streaming=True, stats=stream_stats)
-    with caplog.at_level(logging.INFO, logger="diffusion_dpo.data.audit"):
+    with caplog.at_level(logging.INFO, logger="diffusion_dpo.curation.audit"):
         assert audit.startup_audit(stream, stream_stats, dataset_name="biased") == []
     assert stream_stats.seen == 0 and "streamed" in caplog.text  # not a row read
     assert audit.startup_audit(rows, object(), dataset_name="x") == []  # not pairs: nothing to say
@@ -305,7 +309,7 @@ def test_start_up_audit_uses_the_loader_counts_and_leaves_streams_alone(
         raise RuntimeError("boom")
 
     monkeypatch.setattr(audit, "summarize", broken)
-    with caplog.at_level(logging.INFO, logger="diffusion_dpo.data.audit"):
+    with caplog.at_level(logging.INFO, logger="diffusion_dpo.curation.audit"):
         assert audit.startup_audit(rows, stats, dataset_name="x") == []  # a failure is logged, not raised
     assert "RuntimeError: boom" in caplog.text
 

@@ -13,8 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffusion_dpo.bench import archs, cli
 from diffusion_dpo.bench.hardware import compute_precision, peak_tflops
 from diffusion_dpo.bench.measure import cached_shapes, count_flops, make_batch, memory_breakdown, step_flops
+from diffusion_dpo.training.collectives import StepWindow
 from diffusion_dpo.training.config import TrainConfig, build_parser, parse_config
-from diffusion_dpo.training.loop import StepWindow
 from diffusion_dpo.training.models import check_xformers, setup_models
 from diffusion_dpo.training.optim import adam_kernel_kwargs, make_optimizer
 from diffusion_dpo.training.step import compute_batch_loss

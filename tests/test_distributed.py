@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 from trainer_runs import flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = "unet/diffusion_pytorch_model.safetensors"

@@ -15,10 +15,10 @@ from diffusion_dpo.evaluation.report import (
     settings_rows,
     settings_sentences,
     summarize_results,
-    verdict,
     verdict_sentences,
     write_report,
 )
+from diffusion_dpo.evaluation.stats import verdict
 
 
 def _wr(win_rate, ci_low, ci_high, n=216, n_prompts=24):

@@ -305,7 +305,7 @@ def test_bad_specs_are_clear_errors(evaluate, models, prompt_file, tmp_path, cap
 
 
 def test_implicit_accuracy_is_reported(evaluate, models, prompt_file, tmp_path):
-    from diffusion_dpo.data.synthetic import write_pair_dataset
+    from diffusion_dpo.synthetic import write_pair_dataset
 
     pairs = write_pair_dataset(tmp_path / "pairs.parquet", n_pairs=4, seed=0)
     argv = _argv(
@@ -418,7 +418,7 @@ def test_relabel_with_the_shapes_scorer(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from diffusion_dpo.data.synthetic import Spec, caption, encode_png, render
+    from diffusion_dpo.synthetic import Spec, caption, encode_png, render
 
     relabel = _load_script("relabel")
     rng = np.random.default_rng(0)
@@ -484,7 +484,7 @@ def test_relabel_label_rules():
 
 
 def test_relabel_ordered_pairs_with_image_paths(tmp_path, capsys):
-    from diffusion_dpo.data.synthetic import Spec, caption, render
+    from diffusion_dpo.synthetic import Spec, caption, render
 
     relabel = _load_script("relabel")
     rng = np.random.default_rng(1)
@@ -513,7 +513,7 @@ def test_relabel_ordered_pairs_with_image_paths(tmp_path, capsys):
 
 
 def test_shapes_prompt_sets_and_repeats_dropped(evaluate):
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
     from diffusion_dpo.evaluation.prompts import PromptSet, load_prompts
 
     heldout = load_prompts("shapes:heldout")

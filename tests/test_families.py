@@ -8,7 +8,7 @@ import pytest
 import torch
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.diffusion import draw_for_rows, pair_logratios
 from diffusion_dpo.diffusion.processes import DDPMProcess, FlowMatchProcess
 from diffusion_dpo.models.families import SD3Family, SDFamily, SDXLFamily, family_for_index

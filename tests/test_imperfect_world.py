@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from trainer_runs import load_synthetic_experiment
 
-from diffusion_dpo.data import synthetic
-from diffusion_dpo.experiment import results
+from diffusion_dpo import synthetic
+from diffusion_dpo.synthetic import imperfect, results, world
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,8 +21,8 @@ def test_validation_split_is_disjoint_from_training_and_heldout_and_covered_by_t
     heldout = set(synthetic.specs_for(True))
     assert (len(train), len(validation), len(heldout)) == (72, 24, 24)
     assert not set(train) & set(validation) and not (set(train) | set(validation)) & heldout
-    seen = set().union(*(synthetic._pairs(s) for s in train))
-    assert all(synthetic._pairs(s) <= seen for s in validation)  # new compositions of seen parts
+    seen = set().union(*(world._pairs(s) for s in train))
+    assert all(world._pairs(s) <= seen for s in validation)  # new compositions of seen parts
 
 
 @pytest.mark.parametrize("k", [0, 1, 2])
@@ -50,7 +50,7 @@ def test_the_calibrated_annotators_agree_as_often_as_pick_a_pic_users_on_fresh_p
     gaps = []
     for _ in range(600):
         spec = synthetic.sample_spec(rng, specs)
-        a, b = (synthetic._flawed_render(spec, rng, 32, None, synthetic.ERROR_PROBS)[1] for _ in range(2))
+        a, b = (imperfect._flawed_render(spec, rng, 32, None, synthetic.ERROR_PROBS)[1] for _ in range(2))
         gaps.append(a - b)
     assert synthetic.annotator_agreement(np.array(gaps), temperature) == pytest.approx(0.68, abs=0.03)
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from diffusion_dpo.models.loading import quiet_loading
+from diffusion_dpo.models.pretrained import quiet_loading
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.models import setup_models
 from diffusion_dpo.training.saving import load_trained_pipeline

@@ -18,12 +18,9 @@ import torch
 from PIL import Image
 from trainer_runs import flags, reset_accelerate
 
-from diffusion_dpo.data import synthetic
-from diffusion_dpo.data.latent_cache import (
-    CachedPairTransform,
-    open_latent_cache,
-    write_latent_cache,
-)
+from diffusion_dpo import synthetic
+from diffusion_dpo.data.latent_cache import CachedPairTransform, open_latent_cache
+from diffusion_dpo.data.latent_cache_writer import write_latent_cache
 from diffusion_dpo.data.transforms import BadRowError, row_rng
 from diffusion_dpo.models.loading import encode_prompts, load_components
 from diffusion_dpo.training.config import parse_config
@@ -331,14 +328,14 @@ def test_bf16_is_stored_as_its_16_bits_and_format_1_caches_still_read(
     cache (the ``sdxl`` flag, bf16 as fp32) is still read, into the same values."""
     import shutil
 
-    from diffusion_dpo.data.latent_cache import _from_bytes, _to_bytes
+    from diffusion_dpo.data.latent_cache import from_bytes, to_bytes
 
     values = torch.randn(3, 5).to(torch.bfloat16)
-    stored = _to_bytes(values, "bfloat16")
+    stored = to_bytes(values, "bfloat16")
     assert len(stored) == values.numel() * 2
-    assert torch.equal(_from_bytes(stored, "bfloat16", (3, 5)), values)
+    assert torch.equal(from_bytes(stored, "bfloat16", (3, 5)), values)
     as_fp32 = values.float().numpy().tobytes()  # what format 1 wrote
-    assert torch.equal(_from_bytes(as_fp32, "bfloat16", (3, 5), format_version=1), values)
+    assert torch.equal(from_bytes(as_fp32, "bfloat16", (3, 5), format_version=1), values)
 
     bf16 = open_latent_cache(_write(tiny_sd_path, pairs_path, tmp_path / "bf16", mixed_precision="bf16"))
     assert bf16.settings["dtypes"] == {"latents": "bfloat16", "text": "bfloat16"}

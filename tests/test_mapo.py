@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.diffusion import heldout_noise
 from diffusion_dpo.diffusion import objective as objective_module
 from diffusion_dpo.diffusion.objective import pair_model_errors

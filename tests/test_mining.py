@@ -1,4 +1,4 @@
-"""On-policy pair mining and correction pairs (diffusion_dpo/data/mining.py, data/mine_pairs.py,
+"""On-policy pair mining and correction pairs (diffusion_dpo/curation/mining.py, data/mine_pairs.py,
 data/correction_pairs.py).
 
 The selection rules on hand-made scores; then the scripts end to end on the tiny random SD pipeline
@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from diffusion_dpo.data import mining, synthetic
+from diffusion_dpo import synthetic
+from diffusion_dpo.curation import mining
 from diffusion_dpo.data.pairs import load_pair_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")

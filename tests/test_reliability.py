@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.training import checkpoint as ckpt
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.guards import PreemptionSignals, RunStopped, share_clearly_exceeds

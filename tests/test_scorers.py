@@ -223,7 +223,7 @@ def test_color_area_is_a_gameable_proxy_of_faithfulness():
     import numpy as np
     from PIL import Image
 
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     prompt = "a red circle on a blue background"
     proxy, truth = load_scorer("shapes_color_area"), load_scorer("shapes")

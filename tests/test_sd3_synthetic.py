@@ -13,10 +13,10 @@ import pytest
 import torch
 from trainer_runs import load_synthetic_experiment
 
-from diffusion_dpo.data import synthetic
-from diffusion_dpo.experiment.vae import build_base_pipeline, fit_vae, images_to_tensor
+from diffusion_dpo import synthetic
+from diffusion_dpo.synthetic.base import tiny_base_arch
+from diffusion_dpo.synthetic.vae import build_base_pipeline, fit_vae, images_to_tensor
 from diffusion_dpo.training.config import parse_config
-from diffusion_dpo.training.tiny_assets import tiny_base_arch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

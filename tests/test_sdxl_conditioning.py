@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_dpo.models.loading import encode_prompts, load_components, sdxl_time_ids
+from diffusion_dpo.models.families.sdxl import sdxl_time_ids
+from diffusion_dpo.models.loading import encode_prompts, load_components
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.data_setup import build_train_data, make_loader
 from diffusion_dpo.training.models import setup_models

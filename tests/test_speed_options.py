@@ -6,7 +6,7 @@ import pytest
 import torch
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.training.config import TrainConfig, parse_config
 from diffusion_dpo.training.loop import train
 from diffusion_dpo.training.optim import make_optimizer

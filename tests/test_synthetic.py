@@ -12,8 +12,11 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from diffusion_dpo.data import load_caption_dataset, load_pair_dataset, load_unpaired_dataset, synthetic
-from diffusion_dpo.data.synthetic import (
+from diffusion_dpo import synthetic
+from diffusion_dpo.data import load_caption_dataset, load_pair_dataset, load_unpaired_dataset
+from diffusion_dpo.models.tiny import TINY_WORDS, write_tiny_clip_tokenizer
+from diffusion_dpo.scorers.shapes import ShapesScorer
+from diffusion_dpo.synthetic import (
     COLORS,
     SHAPES,
     VOCABULARY,
@@ -29,8 +32,6 @@ from diffusion_dpo.data.synthetic import (
     sample_spec,
     split_specs,
 )
-from diffusion_dpo.models.tiny import TINY_WORDS, write_tiny_clip_tokenizer
-from diffusion_dpo.scorers.shapes import ShapesScorer
 
 datasets.disable_progress_bars()
 REPO = Path(__file__).resolve().parents[1]

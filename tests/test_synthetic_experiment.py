@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusion_dpo.experiment import plots, results
+from diffusion_dpo.synthetic import plots, results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,7 +94,8 @@ def test_training_data_never_shows_a_heldout_combination(monkeypatch):
     """Held-out combinations must not appear in training data even as losers or undesirable images:
     a model that only ever saw them rejected learns to avoid them whatever the caption, and its
     implicit reward on held-out pairs drops below chance (measured: 0.49 with the leak)."""
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
+    from diffusion_dpo.synthetic import writers
 
     train, heldout = (set(s) for s in synthetic.split_specs())
     rng = np.random.default_rng(0)
@@ -106,7 +107,7 @@ def test_training_data_never_shows_a_heldout_combination(monkeypatch):
 
     rendered = []
     real_render = synthetic.render
-    monkeypatch.setattr(synthetic, "render", lambda spec, *a: rendered.append(spec) or real_render(spec, *a))
+    monkeypatch.setattr(writers, "render", lambda spec, *a: rendered.append(spec) or real_render(spec, *a))
     list(synthetic.generate_pairs(60, seed=1, resolution=8))
     list(synthetic.generate_unpaired(60, seed=1, resolution=8))
     assert len(rendered) >= 150 and set(rendered) <= train

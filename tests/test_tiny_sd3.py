@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline, StableDiffusion3Pipeline
 from PIL import Image
 from transformers import AutoTokenizer, T5TokenizerFast
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.models.tiny import (
     T5_HIDDEN,
     TEXT_HIDDEN,

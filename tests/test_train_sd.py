@@ -12,7 +12,7 @@ from accelerate.utils import set_seed
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.loop import setup_models, train
 

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from trainer_runs import reset_accelerate, tiny_run_flags
 
-from diffusion_dpo.data import synthetic
+from diffusion_dpo import synthetic
 from diffusion_dpo.diffusion import denoising_target, draw_for_rows, implicit_reward_accuracy
 from diffusion_dpo.models.loading import latent_shape
 from diffusion_dpo.models.tiny import save_tiny_pipeline, tiny_unet_config

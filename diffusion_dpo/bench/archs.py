@@ -298,7 +298,7 @@ def ensure_model(arch: str, model_dir: str | Path) -> Path:
     The large ones are saved in bf16 (half the disk and load time; the trainer loads each part in the
     dtype it runs in, as it does for real checkpoints).
     """
-    from diffusion_dpo.models.loading import quiet_loading
+    from diffusion_dpo.models.pretrained import quiet_loading
 
     path = Path(model_dir) / arch
     marker = path / "bench_arch.json"

@@ -24,6 +24,10 @@ and on GPU the model FLOPs utilisation; and its speed-up and memory ratio agains
 the trainer's DataLoader alone (:mod:`diffusion_dpo.bench.loading`). Every row of an arch
 runs with that arch's own options (``sd35_medium``: ``--drop_t5 --max_sequence_length 77``,
 :mod:`diffusion_dpo.bench.archs`).
+
+Why one module of ~460 lines: the rows of every step preset, the run that measures them and the table
+that compares them read together (the ratios are relative to the first row); the data preset lives
+in :mod:`.loading`, the measurement of one row in :mod:`.measure`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import tempfile
 from pathlib import Path
 
 from diffusion_dpo.bench import archs
+from diffusion_dpo.bench.rows import select_rows
 
 logger = logging.getLogger("diffusion_dpo.bench")
 
@@ -249,18 +254,6 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
         )
         rows.append(Row("mapo", mapo, dict(base, **speed, objective="mapo")))
     return select_rows(rows, args.rows, [r.name for r in rows])
-
-
-def select_rows(rows: list, spec: str | None, names: list[str]) -> list:
-    """The rows named in ``--rows`` (``spec``, comma-separated; None: all), in the preset's order;
-    ``names``: each row's name. ``ValueError`` for a name the preset does not have."""
-    if not spec:
-        return rows
-    wanted = [r.strip() for r in spec.split(",") if r.strip()]
-    unknown = sorted(set(wanted) - set(names))
-    if unknown:
-        raise ValueError(f"--rows: no row named {unknown}; this preset has {names}")
-    return [row for row, name in zip(rows, names, strict=True) if name in wanted]
 
 
 def _flop_key(row: Row) -> tuple:

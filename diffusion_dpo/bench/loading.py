@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_dpo.bench.rows import select_rows
+
 
 def write_jpeg_pairs(path: str | Path, n_pairs: int, size: int, seed: int = 0) -> Path:
     """A Pick-a-Pic-columned parquet file of ``n_pairs`` pairs of ``size``² JPEGs (no ties)."""
@@ -106,8 +108,6 @@ def data_rows(args, workers: list[int]) -> list[dict]:
             {"name": f"images_streaming_w{w}", "source": "images", "streaming": True, "workers": w},
             {"name": f"cache_w{w}", "source": "cache", "streaming": False, "workers": w},
         ]
-    from diffusion_dpo.bench.cli import select_rows
-
     return select_rows(rows, args.rows, [r["name"] for r in rows])
 
 
@@ -167,8 +167,8 @@ def _write_cache(args, device: str, model: str, source: Path, out: Path, shard_s
     """A latent cache of the source, encoded by the arch's model on ``device`` in the run's precision
     (on CPU, minutes for the full-size archs)."""
     from diffusion_dpo.bench import archs
-    from diffusion_dpo.data.latent_cache import write_latent_cache
-    from diffusion_dpo.models.loading import quiet_loading
+    from diffusion_dpo.data.latent_cache_writer import write_latent_cache
+    from diffusion_dpo.models.pretrained import quiet_loading
 
     precision = (
         args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if device == "cuda" else "no")

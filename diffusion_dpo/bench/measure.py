@@ -6,7 +6,7 @@ set size) belongs to that configuration alone. The step is the loop's: models fr
 :func:`~diffusion_dpo.training.models.setup_models`, the optimizer from
 :func:`~diffusion_dpo.training.optim.make_optimizer`, both prepared by accelerate, then per optimizer
 step ``compute_batch_loss`` + ``accelerator.backward`` + gradient clipping + the loop's one host sync
-(:class:`~diffusion_dpo.training.loop.StepWindow`) + ``optimizer.step``. Batches are synthetic and
+(:class:`~diffusion_dpo.training.collectives.StepWindow`) + ``optimizer.step``. Batches are synthetic and
 already collated, as the DataLoader hands them over, so data loading is not timed.
 
 FLOPs are counted once per shape with ``torch.utils.flop_counter.FlopCounterMode`` on the meta device
@@ -174,8 +174,8 @@ def run(spec: dict) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from diffusion_dpo.training.collectives import StepWindow
     from diffusion_dpo.training.config import TrainConfig
-    from diffusion_dpo.training.loop import StepWindow
     from diffusion_dpo.training.models import setup_models
     from diffusion_dpo.training.optim import make_optimizer
     from diffusion_dpo.training.step import compute_batch_loss

@@ -1,4 +1,10 @@
-"""Preference data: pair and unpaired loaders, transforms, collate functions, a synthetic world."""
+"""Preference data: pair and unpaired loaders, transforms and collate functions, the training order
+(``order``, ``stream``), precomputed latents (``latent_cache``: the format and reading;
+``latent_cache_writer``: encoding a dataset), and the parquet writers of the trainer's formats.
+
+May import: :mod:`diffusion_dpo.models` (only the latent cache writer, which encodes with a loaded
+model). Curation and the synthetic world live above it and write through :mod:`.parquet`.
+"""
 
 from diffusion_dpo.data.pairs import PairStats, load_pair_dataset, load_rows
 from diffusion_dpo.data.transforms import (

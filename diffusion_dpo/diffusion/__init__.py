@@ -1,6 +1,10 @@
 """Diffusion objectives: the log-ratio surrogate, DPO/SFT/KTO pieces, implicit-reward accuracy, the
 forward processes of the model families (DDPM, rectified flow), and the per-row random draws of a
-training step."""
+training step.
+
+May import: :mod:`diffusion_dpo.transfer` only: pure tensor code, family-agnostic (the families
+hand it their process and prediction).
+"""
 
 from diffusion_dpo.diffusion.draws import RowDraws, draw_for_rows, heldout_noise, row_generator
 from diffusion_dpo.diffusion.objective import (

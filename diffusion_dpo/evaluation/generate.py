@@ -258,7 +258,7 @@ def trained_sampling_kwargs(spec: ModelSpec) -> dict:
     the pipeline's own default is 256 tokens), from its ``training_config.yaml``; {} for any other model,
     which samples with its pipeline's defaults."""
     from diffusion_dpo.models.families import family_for_index
-    from diffusion_dpo.models.loading import read_model_index
+    from diffusion_dpo.models.pretrained import read_model_index
     from diffusion_dpo.training.saving import trained_family_options
 
     options = trained_family_options(spec.source)
@@ -305,7 +305,7 @@ def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "fp32"):
     from diffusers import DiffusionPipeline
 
     from diffusion_dpo.models.families import pipeline_load_kwargs
-    from diffusion_dpo.models.loading import dtype_kwargs
+    from diffusion_dpo.models.pretrained import dtype_kwargs
     from diffusion_dpo.training.saving import trained_family_options
 
     source = spec.base if spec.kind == "lora" else spec.source

@@ -12,7 +12,7 @@ Sources :func:`load_prompts` understands:
   800 per style ``anime``, ``concept-art``, ``paintings``, ``photo``, downloaded from the hub dataset
   ``zhwang/HPDv2`` (``benchmark/STYLE.json``), with the style as category;
 - ``shapes:heldout``, ``shapes:train`` or ``shapes:all`` — the synthetic shapes world's captions
-  (``diffusion_dpo.data.synthetic``): its 24 held-out combinations, which no training data of the
+  (``diffusion_dpo.synthetic``): its 24 held-out combinations, which no training data of the
   embedded default or the synthetic experiment shows, its 96 training ones, or all 120;
 - any other string — a hub dataset id, read with ``datasets.load_dataset(id, split=split,
   streaming=True)``.
@@ -175,7 +175,7 @@ SHAPES_SETS = {"heldout": True, "train": False, "all": None}
 
 
 def _read_shapes(which: str) -> PromptSet:
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     if which not in SHAPES_SETS:
         raise ValueError(

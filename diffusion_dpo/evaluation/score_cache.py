@@ -32,7 +32,12 @@ logger = logging.getLogger(__name__)
 #: Libraries whose version can change a score (model code, preprocessing, resizing).
 SCORING_LIBRARIES = ("torch", "torchvision", "transformers", "open_clip_torch", "pillow")
 #: Modules outside ``diffusion_dpo.scorers`` that compute a scorer's score.
-_EXTRA_CODE = {name: ("diffusion_dpo.data.synthetic",) for name in ("shapes", "shapes_color_area")}
+_WORLD = (
+    "diffusion_dpo.synthetic.world",
+    "diffusion_dpo.synthetic.rendering",
+    "diffusion_dpo.synthetic.faithfulness",
+)
+_EXTRA_CODE = {name: _WORLD for name in ("shapes", "shapes_color_area")}
 
 
 def _code_hash(name: str) -> str:

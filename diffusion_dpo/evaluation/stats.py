@@ -11,6 +11,10 @@ Every model generates one image per (prompt, seed) with the same seeds, so score
 - :func:`win_rate_by_category` — the same within each prompt category (e.g. PartiPrompts' "Category").
 - :func:`pairwise_wins` / :func:`fit_bradley_terry` — a Bradley–Terry ranking of several models
   (docs/objectives.md#bradleyterry-rankings): ``P(i beats j) = σ(s_i − s_j)``, s fitted by maximum likelihood, ``s_0 = 0``.
+- :func:`verdict` — where a win rate's interval lies relative to 0.5 (beats, ties with, is beaten by).
+- :func:`wilson_interval`, :func:`rank_auc`, :func:`auc_interval` — the 95% interval of a proportion
+  (Wilson) and the Mann–Whitney AUC with Hanley and McNeil's interval: the data audit's rules
+  (:mod:`diffusion_dpo.curation.rules`).
 """
 
 from __future__ import annotations
@@ -223,3 +227,57 @@ def fit_bradley_terry(
 def sigmoid(x):
     """``1 / (1 + exp(−x))`` elementwise, for turning strength differences into probabilities."""
     return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))
+
+
+def verdict(wr: dict) -> str:
+    """``beats``, ``is beaten by`` or ``ties with``: where the 95% interval of a win rate lies
+    relative to 0.5 (wholly above, wholly below, or containing it)."""
+    if wr["ci_low"] > 0.5:
+        return "beats"
+    if wr["ci_high"] < 0.5:
+        return "is beaten by"
+    return "ties with"
+
+
+# ----------------------------------------------------------------------------------------------
+# Proportions and AUCs (the data audit's intervals)
+
+#: z of a two-sided 95% normal interval.
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson's score interval for a proportion ``successes / n`` (Wilson 1927).
+
+    ``successes`` may be fractional (pairs scored 0.5 when a rule cannot decide them): those pairs vary
+    less than a coin flip, so the interval is then a little wider than it needs to be, never narrower.
+    With ``n == 0`` nothing is known: (0, 1). Example: 8 of 10 gives (0.490, 0.943).
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    z2 = z * z
+    denominator = 1.0 + z2 / n
+    center = (p + z2 / (2 * n)) / denominator
+    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z2 / (4 * n * n)) / denominator
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def rank_auc(positive, negative) -> float:
+    """P(a positive value > a negative one) + 0.5 P(equal): the Mann-Whitney AUC; NaN without both."""
+    pos, neg = np.asarray(positive, dtype=np.float64), np.sort(np.asarray(negative, dtype=np.float64))
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    below = np.searchsorted(neg, pos, side="left")
+    not_above = np.searchsorted(neg, pos, side="right")
+    return float((below + 0.5 * (not_above - below)).sum() / (len(pos) * len(neg)))
+
+
+def auc_interval(auc: float, n_positive: int, n_negative: int, z: float = Z95) -> tuple[float, float]:
+    """Normal interval of an AUC with Hanley and McNeil's (1982) standard error, clipped to [0, 1]."""
+    q1, q2 = auc / (2 - auc), 2 * auc * auc / (1 + auc)
+    variance = (
+        auc * (1 - auc) + (n_positive - 1) * (q1 - auc * auc) + (n_negative - 1) * (q2 - auc * auc)
+    ) / (n_positive * n_negative)
+    half = z * math.sqrt(max(variance, 0.0))
+    return max(0.0, auc - half), min(1.0, auc + half)

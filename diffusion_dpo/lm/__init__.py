@@ -1,4 +1,7 @@
-"""Preference tuning for causal LMs on the shared loss core: log-probs, forwards, one-batch losses."""
+"""Preference tuning for causal LMs on the shared loss core: log-probs, forwards, one-batch losses.
+
+May import: :mod:`diffusion_dpo.losses` only.
+"""
 
 from diffusion_dpo.lm.logps import (
     IGNORE_INDEX,

@@ -1,4 +1,7 @@
-"""The shared preference-loss core: pure functions, per-example outputs (docs/objectives.md)."""
+"""The shared preference-loss core: pure functions, per-example outputs (docs/objectives.md).
+
+Imports nothing of the package: everything else builds on it.
+"""
 
 from diffusion_dpo.losses.kto import kto_loss
 from diffusion_dpo.losses.mapo import check_mapo_args, mapo_loss, mapo_score

@@ -6,15 +6,13 @@ Everything goes through ``from_pretrained``, so a hub id (e.g. ``runwayml/stable
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from diffusion_dpo.models.families import ModelFamily, SDFamily, SDXLFamily, family_for_index
+from diffusion_dpo.models.pretrained import dtype_kwargs, quiet_loading, read_model_index
 
 logger = logging.getLogger(__name__)
 
@@ -36,72 +34,6 @@ class SDComponents:
     def __post_init__(self):
         if self.family is None:
             self.family = SDXLFamily() if len(self.text_encoders) == 2 else SDFamily()
-
-
-def read_model_index(pretrained_model_name_or_path: str, revision: str | None = None) -> dict:
-    """``model_index.json`` of a local folder or a hub repository, with a clear error if absent."""
-    local = Path(pretrained_model_name_or_path)
-    if local.exists():
-        index = local / "model_index.json"
-        if not index.is_file():
-            raise FileNotFoundError(
-                f"{local} is not a diffusers pipeline folder: it has no model_index.json "
-                "(expected subfolders unet/, vae/, text_encoder/, tokenizer/, scheduler/)"
-            )
-        return json.loads(index.read_text())
-    from diffusers import DiffusionPipeline
-
-    try:
-        return DiffusionPipeline.load_config(pretrained_model_name_or_path, revision=revision)
-    except Exception as err:  # hub errors come in many types; say what was asked for
-        raise FileNotFoundError(
-            f"could not read model_index.json of {pretrained_model_name_or_path!r}: it is neither a local "
-            f"folder nor a reachable hub repository ({type(err).__name__}: {err})"
-        ) from err
-
-
-def dtype_kwargs(dtype: torch.dtype, library: str = "diffusers") -> dict:
-    """The keyword that makes ``from_pretrained`` of ``library`` (diffusers or transformers) load in ``dtype``.
-
-    Both renamed ``torch_dtype`` to ``dtype`` (transformers 4.56, diffusers 0.42) and warn on the old
-    name; older versions know only ``torch_dtype``. Loading in the dtype, rather than casting after,
-    also keeps diffusers from warning about ``to(dtype)`` on every load.
-    """
-    if library == "transformers":
-        import transformers
-        from packaging.version import Version
-
-        new = Version(transformers.__version__) >= Version("4.56")
-    else:  # diffusers' helper that resolves the two names exists exactly in the versions taking dtype
-        from diffusers.utils import deprecation_utils
-
-        new = hasattr(deprecation_utils, "_resolve_dtype")
-    return {"dtype": dtype} if new else {"torch_dtype": dtype}
-
-
-@contextlib.contextmanager
-def quiet_loading():
-    """Hide diffusers' and transformers' progress bars ("Loading pipeline components", "Loading weights",
-    "Writing model shards") inside the block: loads and saves a run makes for itself take milliseconds
-    to seconds and say nothing a user acts on. Hub downloads keep their progress bars."""
-    from diffusers.utils import logging as diffusers_logging
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging as transformers_logging
-
-    shown = [(lib, lib.is_progress_bar_enabled()) for lib in (diffusers_logging, transformers_logging)]
-    hub_shown = not are_progress_bars_disabled()
-    for lib, _ in shown:
-        lib.disable_progress_bar()
-    if hub_shown:  # transformers' switch turns the hub's download bars off too: a download must show
-        enable_progress_bars()
-    try:
-        yield
-    finally:
-        for lib, was_shown in shown:
-            if was_shown:
-                lib.enable_progress_bar()
-        if not hub_shown:
-            disable_progress_bars()
 
 
 def load_components(
@@ -180,14 +112,6 @@ def encode_prompts(
     penultimate hidden states of both encoders concatenated on the feature axis, and the pooled
     (projected) output of the second encoder. SD3: :mod:`diffusion_dpo.models.families.sd3`."""
     return components.family.encode_prompts(components, captions, device)
-
-
-def sdxl_time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, resolution: int) -> Tensor:
-    """SDXL micro-conditioning ``[N, 6]``: (original h, w, crop top, left, target h, w)."""
-    target = torch.tensor([resolution, resolution], device=original_sizes.device).expand(
-        original_sizes.shape[0], 2
-    )
-    return torch.cat([original_sizes, crop_top_lefts, target], dim=1).float()
 
 
 def latent_shape(vae: torch.nn.Module, height: int, width: int) -> tuple[int, int, int]:

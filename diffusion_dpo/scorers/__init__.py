@@ -21,6 +21,8 @@ area            deliberately gameable proxy of ``shapes``
 Heavy libraries (transformers, open_clip) are imported only when a scorer is loaded.
 ``check_scorer("NAME[=PATH]")`` checks that every file a scorer needs is local or downloadable without
 loading anything (``load_scorer`` runs it first), so a missing file is named before hours of work.
+
+May import: the synthetic world (the ``shapes`` scorers); nothing above it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Shapes-world scorers: does an image show the coloured shape its prompt names?
 
 ``shapes`` is the ground-truth "preference model" for the synthetic world of
-:mod:`diffusion_dpo.data.synthetic`: pure numpy, no weights, no device, so experiments on that world are
+:mod:`diffusion_dpo.synthetic`: pure numpy, no weights, no device, so experiments on that world are
 scored exactly and cheaply. ``shapes_color_area`` is a deliberately *gameable* proxy of it, for studying
 reward hacking: it rewards how much of the image has the colour the prompt gives the shape, which a
 faithful image has some of, and an image painted over in that colour (no shape, wrong background) has
@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffusion_dpo.data.synthetic import COLORS, faithfulness, parse_caption
 from diffusion_dpo.scorers.base import Scorer
+from diffusion_dpo.synthetic import COLORS, faithfulness, parse_caption
 
 
 class ShapesScorer(Scorer):
     """Scores ``faithfulness(image, prompt)`` in [0, 1]: high only when the shape, its colour and the
-    background colour all match the prompt (see :func:`~diffusion_dpo.data.synthetic.faithfulness`).
+    background colour all match the prompt (see :func:`~diffusion_dpo.synthetic.faithfulness`).
 
     ``device`` and ``dtype`` are accepted for the common scorer interface and unused. Every prompt
     must be a caption of the shapes world ("a red circle on a blue background"), else ``ValueError``.

@@ -115,7 +115,7 @@ def open_fitting_cache(cfg: TrainConfig):
     the loop calls it before loading any model: a wrong cache is refused before minutes of loading."""
     from diffusion_dpo.data import latent_cache
     from diffusion_dpo.models.families import family_for_index
-    from diffusion_dpo.models.loading import read_model_index
+    from diffusion_dpo.models.pretrained import read_model_index
 
     cache = latent_cache.open_latent_cache(cfg.latents_cache)
     family = family_for_index(
@@ -274,7 +274,7 @@ def build_train_data(
             cache_dir=cfg.cache_dir, on_bad_example=cfg.on_bad_example,
         )  # fmt: skip
         if not cfg.no_audit_pairs and process_index == 0:
-            from diffusion_dpo.data.audit import startup_audit
+            from diffusion_dpo.curation.audit import startup_audit
 
             startup_audit(rows, stats, dataset_name=cfg.dataset_name)  # warns; never raises
     common = dict(

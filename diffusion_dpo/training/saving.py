@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from diffusion_dpo.models.loading import SDComponents, dtype_kwargs, quiet_loading
+from diffusion_dpo.models.loading import SDComponents
+from diffusion_dpo.models.pretrained import dtype_kwargs, quiet_loading
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.models import Models
 

@@ -1,14 +1,22 @@
 """One small module per model family (SD1.x/2.x, SDXL, SD3/3.5): see :mod:`.base` for what each knows.
 
 Flux (``FluxPipeline``) is recognised and refused with what it still needs (docs/sd3.md#flux).
+
+Adding a family is one new module here (a :class:`~.base.ModelFamily` subclass) and its entry in
+:data:`FAMILIES`; the loop, the step, the objective and evaluation do not change. May import:
+:mod:`diffusion_dpo.models.pretrained`, :mod:`diffusion_dpo.diffusion.processes`,
+:mod:`diffusion_dpo.transfer`; never :mod:`diffusion_dpo.models.loading`, which imports this package.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from diffusion_dpo.models.families.base import ModelFamily
 from diffusion_dpo.models.families.sd import SDFamily
 from diffusion_dpo.models.families.sd3 import SD3Family
 from diffusion_dpo.models.families.sdxl import SDXLFamily
+from diffusion_dpo.models.pretrained import read_model_index
 
 #: most specific first: an SDXL index also has a UNet
 FAMILIES: tuple[type[ModelFamily], ...] = (SD3Family, SDXLFamily, SDFamily)
@@ -35,10 +43,6 @@ def family_for_index(index: dict, where: str = "the model", **options) -> ModelF
 def pipeline_load_kwargs(source, options: dict | None = None, revision=None) -> dict:
     """Extra ``from_pretrained`` keywords to load the pipeline at ``source`` as it was trained (SD3
     without T5); {} where there are none or ``source``'s index cannot be read."""
-    from pathlib import Path
-
-    from diffusion_dpo.models.loading import read_model_index
-
     if not Path(str(source)).exists() and not (options or {}).get("drop_t5"):
         return {}  # a hub pipeline saved by its authors has every part
     try:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from diffusion_dpo.models.pretrained import dtype_kwargs
+
 Tensor = torch.Tensor
 
 
@@ -52,8 +54,6 @@ class ModelFamily:
         return getattr(diffusers, self.denoiser_class_name)
 
     def load_denoiser(self, source, dtype: torch.dtype, revision=None, variant=None) -> torch.nn.Module:
-        from diffusion_dpo.models.loading import dtype_kwargs
-
         return self.denoiser_class().from_pretrained(
             source,
             subfolder=self.denoiser_subfolder,
@@ -77,8 +77,6 @@ class ModelFamily:
         self, source, revision=None, variant=None, dtype=torch.float32
     ) -> tuple[list, list]:
         from transformers import AutoTokenizer, CLIPTextModel
-
-        from diffusion_dpo.models.loading import dtype_kwargs
 
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
         encoder = CLIPTextModel.from_pretrained(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from diffusion_dpo.models.families.base import ModelFamily, _has, clip_token_ids
+from diffusion_dpo.models.pretrained import dtype_kwargs
 
 Tensor = torch.Tensor
 
@@ -66,8 +67,6 @@ class SD3Family(ModelFamily):
 
     def load_text_encoders(self, source, revision=None, variant=None, dtype=torch.float32):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
-
-        from diffusion_dpo.models.loading import dtype_kwargs
 
         kw = dict(revision=revision, variant=variant, **dtype_kwargs(dtype, "transformers"))
         tokenizers = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from diffusion_dpo.models.families.base import ModelFamily, _has, clip_token_ids
+from diffusion_dpo.models.pretrained import dtype_kwargs
 from diffusion_dpo.transfer import to_device
 
 Tensor = torch.Tensor
@@ -25,8 +26,6 @@ class SDXLFamily(ModelFamily):
 
     def load_text_encoders(self, source, revision=None, variant=None, dtype=torch.float32):
         from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
-        from diffusion_dpo.models.loading import dtype_kwargs
 
         tokenizers, encoders = super().load_text_encoders(source, revision, variant, dtype)
         tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder="tokenizer_2", revision=revision))
@@ -57,8 +56,6 @@ class SDXLFamily(ModelFamily):
 
     def added_conditioning(self, pooled, batch, suffixes, resolution, dtype, device):
         """``{"text_embeds", "time_ids"}`` for the images of ``suffixes`` stacked (winners first)."""
-        from diffusion_dpo.models.loading import sdxl_time_ids
-
         sizes = torch.cat([to_device(batch[f"original_sizes{s}"], device) for s in suffixes])  # [K·B, 2]
         crops = torch.cat([to_device(batch[f"crop_top_lefts{s}"], device) for s in suffixes])
         pooled = torch.cat([pooled] * len(suffixes))
@@ -66,3 +63,11 @@ class SDXLFamily(ModelFamily):
             "text_embeds": pooled.to(dtype),
             "time_ids": sdxl_time_ids(sizes, crops, resolution).to(dtype),
         }
+
+
+def sdxl_time_ids(original_sizes: Tensor, crop_top_lefts: Tensor, resolution: int) -> Tensor:
+    """SDXL micro-conditioning ``[N, 6]``: (original h, w, crop top, left, target h, w)."""
+    target = torch.tensor([resolution, resolution], device=original_sizes.device).expand(
+        original_sizes.shape[0], 2
+    )
+    return torch.cat([original_sizes, crop_top_lefts, target], dim=1).float()

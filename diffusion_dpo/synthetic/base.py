@@ -75,14 +75,14 @@ def build_tiny_base(
     """
     import numpy as np
 
-    from diffusion_dpo.data import synthetic
-    from diffusion_dpo.experiment.vae import (
+    from diffusion_dpo import synthetic
+    from diffusion_dpo.models.pretrained import quiet_loading
+    from diffusion_dpo.synthetic.vae import (
         ARCH_LATENT_CHANNELS,
         build_base_pipeline,
         fit_vae,
         images_to_tensor,
     )
-    from diffusion_dpo.models.loading import quiet_loading
     from diffusion_dpo.training.config import parse_config
     from diffusion_dpo.training.distributed import reset_accelerate_state
     from diffusion_dpo.training.loop import train
@@ -135,7 +135,7 @@ def build_tiny_base(
 
 def ensure_tiny_assets(cfg: TrainConfig) -> None:
     """Create the tiny base model and the synthetic datasets at the configured paths if they are missing."""
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     model = Path(cfg.pretrained_model_name_or_path)
     if not model.exists():

@@ -203,7 +203,7 @@ def attribute_scores(eval_dir: Path, models) -> dict[str, dict[str, float]]:
     terms all exceed 0.5. Shows *what* a method fixes or copies, which one faithfulness number hides."""
     from PIL import Image
 
-    from diffusion_dpo.data import synthetic
+    from diffusion_dpo import synthetic
 
     sums: dict[str, dict[str, float]] = {m: dict.fromkeys((*ATTRIBUTES, "all_right"), 0.0) for m in models}
     counts = dict.fromkeys(models, 0)

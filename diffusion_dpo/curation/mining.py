@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_dpo.data.parquet import pair_schema, write_parquet
+
 #: How images are paired within a prompt.
 PAIRINGS = ("best_worst", "all")
 #: How several scorers' scores are put on one scale before weighting (see :func:`combine_scores`).
@@ -208,11 +210,9 @@ def write_pairs(output_dir: str | Path, rows: Iterable[dict], extra: Sequence[tu
     Written to a hidden temporary file and renamed, so a crash never leaves a truncated file that
     loads as a dataset (dataset loaders skip hidden files).
     """
-    from diffusion_dpo.data.synthetic import _pair_schema, _write_parquet
-
     path = Path(output_dir) / PAIRS_FILE
     tmp = path.with_name(f".{PAIRS_FILE}.tmp")
-    _write_parquet(tmp, rows, _pair_schema(extra))
+    write_parquet(tmp, rows, pair_schema(extra))
     os.replace(tmp, path)
     return path
 

@@ -1,0 +1,100 @@
+"""What the processes of a run exchange: one optimizer step's sums, reduced once (:class:`StepWindow`,
+the loop's one collective per step), the bad rows gathered when there are some, the stream positions
+gathered for a checkpoint, and the end of a stream's epoch agreed (:func:`synchronized`).
+
+Every function here is a collective where more than one process runs: every process calls it, in the
+same order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class StepWindow:
+    """Sums what the micro-batches of one optimizer step report, then reduces it over processes once."""
+
+    def __init__(self):
+        self.sums: dict[str, Tensor] = {}
+        self.valid = self.rows = self.skipped = 0
+        self.nonfinite: Tensor | bool = False  # a tensor once added to: no host sync per micro-batch
+        self.bad_rows: list[dict] = []
+
+    def add(self, loss: Tensor, metrics: dict[str, Tensor], batch: dict) -> None:
+        n = len(batch["captions"])
+        valid = int(batch["valid"].sum()) if "valid" in batch else n
+        for k, v in metrics.items():  # metrics are means over the valid rows: weight them by their count
+            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float() * valid
+        self.valid += valid
+        self.rows += n
+        self.skipped += n - valid
+        self.bad_rows.extend(batch.get("bad_rows", []))
+        self.nonfinite = ~torch.isfinite(loss.detach()) | self.nonfinite
+
+    def reduce(self, accelerator, stop: bool, grad_norm: Tensor | float | None = None) -> dict:
+        """All processes' totals: ``metrics`` (means over valid rows; None where no row was valid),
+        ``rows``, ``skipped``, ``nonfinite`` (any process), ``stop`` (any process), and this process's
+        ``grad_norm`` (NaN if None), read in the same host sync."""
+        keys = sorted(self.sums)
+        device = accelerator.device
+        packed = torch.stack(
+            [torch.as_tensor(self.sums[k], device=device, dtype=torch.float32) for k in keys]
+            + [torch.tensor(float(x), device=device) for x in (self.valid, self.rows, self.skipped)]
+            + [
+                torch.as_tensor(self.nonfinite, device=device).float(),
+                torch.tensor(float(stop), device=device),
+            ]
+        )
+        if accelerator.num_processes > 1:
+            packed = accelerator.reduce(packed, reduction="sum")
+        norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, device=device)
+        # the one host sync of the step: nothing before it in the step reads a value off the device
+        values = torch.cat([packed, norm.detach().float().reshape(1)]).tolist()
+        valid, rows, skipped, nonfinite, stop_any, norm_value = values[len(keys) :]
+        metrics = {k: (values[i] / valid if valid else None) for i, k in enumerate(keys)}
+        return {
+            "metrics": metrics, "rows": int(rows), "skipped": int(skipped), "nonfinite": nonfinite > 0,
+            "stop": stop_any > 0, "grad_norm": norm_value,
+        }  # fmt: skip
+
+
+def gather_bad_rows(accelerator, local: list[dict]) -> list[dict]:
+    if accelerator.num_processes == 1:
+        return local
+    from accelerate.utils import gather_object
+
+    return gather_object(local)
+
+
+def stream_position(accelerator, data, reader_states: dict, last_reader) -> dict:
+    """The stream position of all processes (a collective: every process calls it)."""
+    mine = [{"readers": reader_states, "last_reader": last_reader}]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        mine = gather_object(mine)
+    readers = {}
+    for part in mine:
+        readers.update({str(r): s for r, s in part["readers"].items()})
+    return {
+        "readers": readers, "last_reader": [part["last_reader"] for part in mine],
+        "num_processes": accelerator.num_processes, "num_workers": data.num_workers,
+    }  # fmt: skip
+
+
+def synchronized(loader, accelerator, streaming: bool):
+    """The loader's batches while every process has one. Map-style data gives every process the same
+    number of batches by construction; streams run dry at different times, and a process that went on
+    alone would wait forever in the next gradient all-reduce, so the epoch ends for all together."""
+    if not streaming or accelerator.num_processes == 1:
+        yield from loader
+        return
+    iterator = iter(loader)
+    while True:
+        batch = next(iterator, None)
+        have = torch.tensor([float(batch is not None)], device=accelerator.device)
+        if accelerator.reduce(have, reduction="sum").item() < accelerator.num_processes:
+            return
+        yield batch
