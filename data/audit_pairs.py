@@ -60,6 +60,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--streaming", action="store_true", help="stream the dataset (hub datasets too large for disk)"
     )
     parser.add_argument("--cache_dir", default=None, help="where `datasets` caches downloads")
+    parser.add_argument(
+        "--scorer", action="append", default=[],
+        help="label quality: a scorer (as eval's --scorer, e.g. pickscore, hpsv2.1=/path) whose agreement with "
+        "the labels is reported with intervals (repeat for several; they are also compared with each other)",
+    )  # fmt: skip
+    parser.add_argument("--scorer_device", default="cpu", help="where the scorers run (cpu, cuda)")
+    parser.add_argument(
+        "--dataset_format", default="auto", help="as the trainer's --dataset_format (docs/data.md)"
+    )
+    parser.add_argument(
+        "--image_root", default=None, help="as the trainer's --image_root (HPDv3's image folder)"
+    )
+    parser.add_argument(
+        "--near_tie",
+        type=float,
+        default=0.2,
+        help="label quality: a vote margin |2·p0 − 1| below this is a near-tie",
+    )
     args = parser.parse_args(argv)
     if args.max_pairs < 0:
         parser.error(f"--max_pairs must be >= 0, got {args.max_pairs}")
@@ -151,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     report, records, reader = audit.audit_dataset(
         args.dataset, args.split, max_pairs=args.max_pairs or None, seed=args.seed, threshold=args.threshold,
-        streaming=args.streaming, cache_dir=args.cache_dir,
+        streaming=args.streaming, cache_dir=args.cache_dir, dataset_format=args.dataset_format,
+        image_root=args.image_root,
     )  # fmt: skip
     print(format_table(report))
 
@@ -169,10 +188,28 @@ def main(argv: list[str] | None = None) -> dict:
     examples = {
         name: [(r, pairs[r["row"]]) for r in shown if r["row"] in pairs] for name, shown in chosen.items()
     }
+    quality_html = ""
+    if args.scorer:  # label quality (diffusion_dpo/curation/label_quality.py)
+        from diffusion_dpo.curation import label_quality
+        from diffusion_dpo.scorers import load_scorer
+
+        scorers = {spec: load_scorer(spec, device=args.scorer_device) for spec in args.scorer}
+        all_pairs = list(reader)
+        report["label_quality"] = label_quality.pairs_label_quality(
+            all_pairs, scorers, near_tie=args.near_tie
+        )
+        print(
+            "\nlabel quality:\n"
+            + "\n".join(f"  {line}" for line in label_quality.headline(report["label_quality"]))
+        )
+        by_row = {p["row"]: p for p in all_pairs}
+        quality_html = label_quality.render_html(report["label_quality"], by_row, _thumbnail)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     (output / "audit.json").write_text(json.dumps(report, indent=2) + "\n")
-    (output / "audit.html").write_text(render_html(report, examples))
+    (output / "audit.html").write_text(
+        render_html(report, examples).replace("</body>", quality_html + "</body>")
+    )
     print(f"\nwrote {output / 'audit.json'} and {output / 'audit.html'}")
     return report
 

@@ -1,7 +1,7 @@
 """Encode a pair dataset once with a model's VAE and text encoder(s), for ``train_sd.py --latents_cache``.
 
     python data/precompute_latents.py --pretrained_model_name_or_path runwayml/stable-diffusion-v1-5 \\
-        --dataset_name yuvalkirstain/pickapic_v2 --streaming --output_dir cache/pickapic_sd15 --resolution 512
+        --dataset_name liuhuohuo2/pick-a-pic-v2 --streaming --output_dir cache/pickapic_sd15 --resolution 512
     python train_sd.py --config configs/sd15_dpo.yaml --latents_cache cache/pickapic_sd15
 
 writes OUTPUT_DIR/shard-*.arrow (per pair: the VAE posterior mean and std of both images, unflipped

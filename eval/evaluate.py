@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffusion_dpo.data.removed import check_not_removed
 from diffusion_dpo.evaluation.cli import run_script
 from diffusion_dpo.evaluation.generate import (
     DTYPES,
@@ -42,6 +43,7 @@ from diffusion_dpo.evaluation.report import (
     write_report,
 )
 from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key, scorer_if_needed
+from diffusion_dpo.training.model_card import record_evaluations
 
 logger = logging.getLogger("evaluate")
 
@@ -281,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _run(parser: argparse.ArgumentParser, args) -> dict:
     try:
+        check_not_removed(args.prompts, flag="--prompts")
+        check_not_removed(args.implicit_pairs, flag="--implicit_pairs")
         models = [parse_model_spec(spec) for spec in args.model]
         names = [m.name for m in models]
         if len(set(names)) != len(names):
@@ -371,6 +375,8 @@ def _run(parser: argparse.ArgumentParser, args) -> dict:
     for note in disagreement_notes(summary):
         print("\nnote: " + note)
     print(f"\nreport: {paths['html']}\nsummary: {paths['summary']}\nper-image scores: {paths['csv']}")
+    for card in record_evaluations(summary, {m.name: m.source for m in models}):  # trainer outputs
+        print(f"model card with the win rate: {card}")
     return summary
 
 

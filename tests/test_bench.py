@@ -97,6 +97,45 @@ def test_sdxl_80gb_preset_runs_on_cpu_with_the_tiny_sdxl_model(model_dir, tmp_pa
     assert "bitsandbytes" in rows["full_bf16_checkpointing_8bit_adam"]["note"]
 
 
+def test_the_80gb_decision_reads_what_the_allocator_reserved_against_80e9_bytes(
+    model_dir, monkeypatch, capsys
+):
+    """--preset sdxl_80gb on hand-made measurements either side of 80·10⁹ bytes: a row fits when the
+    peak the caching allocator reserved is below the budget, whatever it allocated (a row that
+    allocated 78 GB but reserved 95 GB does not fit; exactly 80·10⁹ does not fit); where no reserved
+    peak is reported (CPU), the peak memory decides. The table says which rows fit."""
+    from diffusion_dpo.bench import measure
+
+    memory = {  # row -> (peak allocated, peak reserved or None)
+        "full_bf16": (78e9, 95e9),
+        "full_bf16_checkpointing": (70e9, 80e9),
+        "full_bf16_checkpointing_adafactor": (60e9, 79.9e9),
+        "full_bf16_checkpointing_adafactor_cached": (81e9, None),
+        "lora_bf16_checkpointing": (30e9, None),
+    }
+
+    def fake_measure(row, args, device, work, shapes=None):
+        allocated, reserved = memory[row.name]
+        out = {"status": "ok", "pairs_per_s": 1.0, "step_seconds_median": 1.0, "peak_memory_bytes": int(allocated),
+               "device_name": "cpu", "memory_breakdown_bytes": {"x": 1}, "torch_threads": 1}  # fmt: skip
+        return out if reserved is None else {**out, "peak_reserved_bytes": int(reserved)}
+
+    monkeypatch.setattr(cli, "_measure", fake_measure)
+    monkeypatch.setattr(measure, "step_flops", lambda cfg, cached, shapes=None: 1000)
+    monkeypatch.setattr(measure, "cached_shapes", lambda cfg: {})
+    argv = ["--arch", "tiny_sdxl", "--preset", "sdxl_80gb", "--rows", ",".join(memory), *TINY_ARGS]
+    rows = {r["name"]: r for r in cli.main([*argv, "--model_dir", str(model_dir)])}
+    assert {name: rows[name]["fits_80gb"] for name in memory} == {
+        "full_bf16": False,
+        "full_bf16_checkpointing": False,
+        "full_bf16_checkpointing_adafactor": True,
+        "full_bf16_checkpointing_adafactor_cached": False,
+        "lora_bf16_checkpointing": True,
+    }
+    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.split()}
+    assert "over 80 GB" in table["full_bf16"] and "fits 80 GB" in table["full_bf16_checkpointing_adafactor"]
+
+
 def test_flop_count_matches_the_hand_count_on_cpu_and_meta():
     """conv 3→8 (3×3, same padding) on 2×3×6×6, then linear 288→10. Forward: conv 2·N·8·6·6·3·9,
     linear 2·N·288·10. Backward: the input needs no gradient, so the conv computes only its weight
@@ -409,6 +448,68 @@ def test_the_step_reads_the_gradient_norm_with_the_metrics_in_one_sync():
     assert math.isnan(StepWindow().reduce(_OneProcess(), stop=False)["grad_norm"])
 
 
+#: Tensor methods that hand a tensor's value to Python: on a GPU each waits for the device (a host sync)
+_READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__", "numpy", "cpu"}
+
+
+class _ReadsByLine(torch.overrides.TorchFunctionMode):
+    """Counts the reads of tensor values made by the package's own lines, by (file, line, function)."""
+
+    def __init__(self):
+        super().__init__()
+        import collections
+        import os
+        import sys
+
+        import diffusion_dpo
+
+        self.package = os.path.dirname(diffusion_dpo.__file__) + os.sep
+        self.frame = sys._getframe
+        self.sites = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in _READS:
+            caller = self.frame(1)  # the line that asked for the value (torch's own reads are not ours)
+            path = caller.f_code.co_filename
+            if path.startswith(self.package):
+                where = f"{path[len(self.package) :]}:{caller.f_code.co_name}"
+                self.sites[(where, func.__name__)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_training_run_reads_device_values_once_per_optimizer_step(tmp_path, tiny_sd_path, one_thread):
+    """train() for 3 optimizer steps of 2 micro-batches: the only read of a value the step computed on
+    the device (loss, metrics, flags, gradient norm) is StepWindow.reduce's one ``tolist``, once per
+    optimizer step. The other reads of the package are of the DataLoader's batch, which stays in host
+    memory (the loader is not prepared): its valid-row count and its row indices, once per micro-batch.
+    A ``.item()``, ``float()``, ``bool()`` ... of a tensor anywhere else in the step is a new line here.
+    (On a GPU, ``torch.cuda.set_sync_debug_mode`` would see the syncs themselves; on CPU the reads are
+    what can be counted.)"""
+    from trainer_runs import tiny_run_flags
+
+    from diffusion_dpo import synthetic
+    from diffusion_dpo.training.loop import train
+
+    data = synthetic.write_pair_dataset(tmp_path / "pairs.parquet", 24, seed=0)
+    argv = tiny_run_flags(
+        tiny_sd_path,
+        data,
+        tmp_path / "out",
+        max_train_steps=3,
+        train_batch_size=2,
+        gradient_accumulation_steps=2,
+    )
+    reads = _ReadsByLine()
+    with reads:
+        summary = train(parse_config(argv))
+    assert summary["global_step"] == 3
+    assert dict(reads.sites) == {
+        ("training/collectives.py:reduce", "tolist"): 3,  # the one host sync of each optimizer step
+        ("training/collectives.py:add", "__int__"): 6,  # host: int(batch["valid"].sum())
+        ("diffusion/draws.py:draw_for_rows", "tolist"): 6,  # host: the batch's row indices
+    }
+
+
 def test_the_data_preset_times_the_trainers_loader_from_images_streams_and_a_cache(model_dir, tmp_path):
     """--preset data: every row runs the trainer's own DataLoader (built by build_train_data) over the
     JPEG pairs it wrote, whole, streamed and from a latent cache encoded by the arch's model, with and
@@ -499,6 +600,67 @@ def test_to_device_converts_after_the_copy_and_pins_only_for_cuda():
     y = to_device(x, "cpu", torch.bfloat16)
     assert y.dtype == torch.bfloat16 and torch.equal(y, x.to("cpu", torch.bfloat16))
     assert to_device(x, "meta").device.type == "meta"
+
+
+class _TransferCalls(torch.overrides.TorchFunctionMode):
+    """Records the calls ``to_device`` makes on tensors, in order. The two that need a CUDA driver
+    answer as the driver would without one being here: ``pin_memory`` gives a copy (a page-locked one
+    on a GPU machine, reported pinned after), and a copy to ``cuda`` arrives on the meta device (which
+    stands in for the GPU: shapes and dtypes, no values); everything else runs for real."""
+
+    def __init__(self, pinned: list[torch.Tensor]):
+        super().__init__()
+        self.calls, self.held = [], list(pinned)  # held: the ids below stay those of these tensors
+        self.pinned = {id(t) for t in pinned}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name == "is_pinned":
+            self.calls.append(("is_pinned",))
+            return id(args[0]) in self.pinned
+        if name == "pin_memory":
+            self.calls.append(("pin_memory", args[0].dtype))
+            copy = args[0].clone()
+            self.held.append(copy)
+            self.pinned.add(id(copy))
+            return copy
+        if name == "to":
+            target = [a for a in args[1:] if not isinstance(a, torch.dtype)]
+            dtype = [a for a in args[1:] if isinstance(a, torch.dtype)]
+            device = torch.device(target[0]) if target else None
+            self.calls.append(
+                ("to", device.type if device else None, dtype[0] if dtype else None,
+                 kwargs.get("non_blocking", False), args[0].device.type, id(args[0]) in self.pinned)
+            )  # fmt: skip
+            if device is not None and device.type == "cuda":
+                return func(args[0], "meta", *dtype)
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("already_pinned", [False, True], ids=["pageable", "pinned_by_the_loader"])
+def test_to_device_copies_to_cuda_from_pinned_memory_without_blocking_then_converts(already_pinned):
+    """The CUDA path, seen at the calls torch exposes (no GPU here): a pageable CPU tensor is pinned,
+    one the DataLoader pinned is not pinned again; the copy is ``non_blocking`` from the pinned tensor
+    in its own dtype (float32: the conversion is not done on the host), and the dtype conversion comes
+    after, on the device. Off CUDA nothing is pinned and nothing is asked."""
+    from diffusion_dpo.transfer import to_device
+
+    x = torch.randn(4, 3)
+    with _TransferCalls(pinned=[x] if already_pinned else []) as calls:
+        y = to_device(x, "cuda", torch.bfloat16)
+    assert y.device.type == "meta" and y.dtype == torch.bfloat16 and y.shape == x.shape
+    pin = [] if already_pinned else [("pin_memory", torch.float32)]
+    assert calls.calls == [
+        ("is_pinned",),
+        *pin,
+        ("to", "cuda", None, True, "cpu", True),  # non_blocking, from page-locked memory, still float32
+        ("to", None, torch.bfloat16, False, "meta", False),  # converted on the device
+    ]
+    with _TransferCalls(pinned=[]) as calls:
+        z = to_device(x, "cpu", torch.bfloat16)
+    assert torch.equal(z, x.to(torch.bfloat16))
+    assert [c[0] for c in calls.calls] == ["to", "to"] and not any(c[3] for c in calls.calls)
 
 
 def test_the_suite_runs_its_commands_on_the_test_models_and_keeps_to_its_budget(model_dir, tmp_path):

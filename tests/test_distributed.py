@@ -24,6 +24,11 @@ from diffusion_dpo import synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = "unet/diffusion_pytorch_model.safetensors"
+#: docs/monitors.md: functions of the gathered means, so equal for any split of the global batch
+MONITORS = (
+    "monitors/chosen_vs_ref", "monitors/rejected_vs_ref", "monitors/negative_margins", "monitors/grad_factor",
+    "monitors/pred_norm_ratio", "monitors/chosen_rel_trend", "safeguard/loser_scale", "train/beta",
+)  # fmt: skip
 
 
 def _free_port() -> int:
@@ -60,8 +65,8 @@ def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_same_training(base_unet: Path, one: Path, two: Path) -> None:
-    base, a, b = (load_file(p) for p in (base_unet, one / UNET, two / UNET))
+def _assert_same_training(base_unet: Path, one: Path, two: Path, weights: str = UNET) -> None:
+    base, a, b = (load_file(p) for p in (base_unet, one / weights, two / weights))
     update = max((a[k] - base[k]).abs().max().item() for k in a)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert update > 1e-5, "training did not move the weights"
@@ -70,7 +75,14 @@ def _assert_same_training(base_unet: Path, one: Path, two: Path) -> None:
     rows_one, rows_two = _rows(one), _rows(two)
     assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]  # logged once, not per process
     for r1, r2 in zip(rows_one, rows_two, strict=True):
-        for key in ("loss", "rewards/accuracies", "kto/kl", "data/skipped_rows", "eval/implicit_acc"):
+        for key in (
+            "loss",
+            "rewards/accuracies",
+            "kto/kl",
+            "data/skipped_rows",
+            "eval/implicit_acc",
+            *MONITORS,
+        ):
             if key in r1:
                 assert r2[key] == pytest.approx(r1[key], rel=1e-3, abs=1e-4), (r1["step"], key)
 
@@ -119,6 +131,25 @@ def test_two_processes_train_what_one_process_trains_dpo(tmp_path, tiny_sd_path,
     assert (two / "model_index.json").is_file()
 
 
+@pytest.mark.slow  # two more launches (about a minute on 2 free cores)
+def test_two_processes_share_the_safeguard_scale_and_the_adapted_beta(
+    tmp_path, tiny_sd_path, pairs_with_bad_rows
+):
+    """--winner_safeguard's λ is one per global micro-batch (its terms summed over processes) and
+    --auto_beta's β comes from gathered margins: 2 processes log and train what 1 process does."""
+    data, _ = pairs_with_bad_rows
+    common = dict(
+        pretrained_model_name_or_path=tiny_sd_path, dataset_name=data, resolution=32, max_train_steps=3,
+        learning_rate=1e-2, adam_epsilon=1.0, lr_warmup_steps=0, checkpointing_steps=100, seed=0,
+        max_bad_row_fraction=0.5, beta_dpo=50, winner_safeguard=True, auto_beta=True,
+    )  # fmt: skip
+    _train(1, output_dir=tmp_path / "one", train_batch_size=4, **common)
+    _train(2, output_dir=tmp_path / "two", train_batch_size=2, **common)
+    _assert_same_training(Path(tiny_sd_path) / UNET, tmp_path / "one", tmp_path / "two")
+    rows = _rows(tmp_path / "two")
+    assert all(0.0 <= r["safeguard/loser_scale"] <= 1.0 for r in rows) and rows[-1]["train/beta"] != 50
+
+
 def test_two_processes_train_what_one_process_trains_kto(tmp_path, tiny_sd_path):
     """KTO's reference point is the mean log-ratio of the global batch: averaged over processes."""
     data = synthetic.write_unpaired_dataset(tmp_path / "kto.parquet", 24, seed=0)
@@ -150,6 +181,22 @@ def test_each_row_draws_its_own_noise_whatever_the_batching():
     assert not torch.equal(whole.posterior[0], whole.posterior[1])  # winner and loser posteriors differ
     other_epoch = draw_for_rows(0, 1, [0], (4, 4, 4), 1000, images_per_row=2)
     assert not torch.equal(other_epoch.noise[0], whole.noise[0])
+
+
+def test_two_processes_train_the_sd3_transformer_that_one_process_trains(tmp_path, tiny_sd3_path):
+    """A flow model's σ is drawn per row from (seed, epoch, row), like its noise: 2 processes with 1
+    row each draw the σ that 1 process with 2 rows draws, so they train the same transformer and log
+    the same losses. A σ tied to a row's place in its micro-batch, or to the process, would differ."""
+    data = synthetic.write_pair_dataset(tmp_path / "pairs.parquet", 8, seed=0, tie_fraction=0.0)
+    common = dict(
+        pretrained_model_name_or_path=tiny_sd3_path, dataset_name=data, resolution=32, max_train_steps=2,
+        learning_rate=1e-2, adam_epsilon=1.0, lr_warmup_steps=0, checkpointing_steps=100, seed=0,
+        proportion_empty_prompts=0.0,
+    )  # fmt: skip
+    _train(1, output_dir=tmp_path / "one", train_batch_size=2, **common)
+    _train(2, output_dir=tmp_path / "two", train_batch_size=1, **common)
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    _assert_same_training(Path(tiny_sd3_path) / weights, tmp_path / "one", tmp_path / "two", weights)
 
 
 def _has_deepspeed() -> bool:

@@ -365,8 +365,9 @@ def test_sd3_without_t5_resumes_exactly_and_saves_a_pipeline_without_t5(tmp_path
 
 def test_flow_sigma_draws_belong_to_rows_whatever_the_batching(tiny_sd3_path):
     """A row's σ is drawn from its own (seed, epoch, index) generator, like its noise: 2 processes with
-    2 rows each draw what 1 process with 4 rows draws (checked end to end with accelerate launch in
-    the issue's note), and rows draw distinct levels."""
+    2 rows each draw what 1 process with 4 rows draws (end to end with accelerate launch:
+    test_distributed.py::test_two_processes_train_the_sd3_transformer_that_one_process_trains), and rows
+    draw distinct levels."""
     comps = load_components(str(tiny_sd3_path), load_unet=False)
     process = comps.family.process(comps.noise_scheduler)
 

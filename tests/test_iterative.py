@@ -130,12 +130,28 @@ def test_two_rounds_chain_models_and_a_rerun_reuses_them(driver, tiny_sd_path, t
     written = (out / "results.md").read_text()
     assert "shapes_color_area (mining) mean" in written and "shapes (held-out) mean" in written
 
+    # each round sampled its own images to mine (2 prompts x 3) and scored them
+    assert [r["mining"]["images_generated"] for r in results["rounds"]] == [6, 6]
+    assert all(r["mining"]["scores_computed"] > 0 for r in results["rounds"])
+
     stamp = (out / "round_2" / "model" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     capsys.readouterr()
     again = driver.main(argv)
     printed = capsys.readouterr().out
-    assert "reusing the trained model of round 2" in printed
-    assert "0 generated now" in printed or "generated now" not in printed
+    assert (
+        "reusing the trained model of round 1" in printed
+        and "reusing the trained model of round 2" in printed
+    )
+    # nothing sampled or scored again: mining reports 0 of 6 generated in both rounds, and each
+    # evaluation (every model vs round 0, round 2 vs round 1) generated 0 images for every model
+    assert [(r["mining"]["images_generated"], r["mining"]["scores_computed"]) for r in again["rounds"]] == [
+        (0, 0),
+        (0, 0),
+    ]
+    assert printed.count("images: 0 generated now, 6 cached; scores: 0 computed now") == 2, printed
+    for folder in ("eval", "eval_round_2_vs_1"):
+        generation = json.loads((out / folder / "summary.json").read_text())["generation"]
+        assert generation and all(g["generated"] == 0 for g in generation.values()), (folder, generation)
     assert (
         out / "round_2" / "model" / "unet" / "diffusion_pytorch_model.safetensors"
     ).stat().st_mtime_ns == stamp

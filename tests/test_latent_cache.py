@@ -7,6 +7,7 @@ an odd slack (5 px): the crop of a flipped image is then not the flip of the cro
 each orientation as the transform makes it gives the on-the-fly latents.
 """
 
+import contextlib
 import io
 import json
 from pathlib import Path
@@ -23,6 +24,7 @@ from diffusion_dpo.data.latent_cache import CachedPairTransform, open_latent_cac
 from diffusion_dpo.data.latent_cache_writer import write_latent_cache
 from diffusion_dpo.data.transforms import BadRowError, row_rng
 from diffusion_dpo.models.loading import encode_prompts, load_components
+from diffusion_dpo.training import loop
 from diffusion_dpo.training.config import parse_config
 from diffusion_dpo.training.data_setup import build_train_data
 from diffusion_dpo.training.loop import train
@@ -359,7 +361,9 @@ def test_bf16_is_stored_as_its_16_bits_and_format_1_caches_still_read(
         assert torch.equal(a[key], b[key]), key
 
 
-def test_a_run_from_the_cache_keeps_its_encoders_off_the_device(tmp_path, tiny_sd_path, pairs_path, sd_cache):
+def test_a_run_from_the_cache_keeps_its_encoders_off_the_device(
+    tmp_path, tiny_sd_path, pairs_path, sd_cache, monkeypatch
+):
     """The step never encodes from a cache: without validation no text encoder is loaded at all, and the
     VAE stays in CPU memory (the meta device stands in for a GPU); with validation the text encoder is
     loaded, in CPU memory too, and both visit the device for held-out pairs and validation images."""
@@ -381,6 +385,16 @@ def test_a_run_from_the_cache_keeps_its_encoders_off_the_device(tmp_path, tiny_s
         pass
     assert next(images.components.vae.parameters()).device.type == "cpu"
 
+    # the loop puts the encoders on its device for the held-out pairs and for the validation images
+    visits = []
+
+    @contextlib.contextmanager
+    def recording(models, device):
+        with encoders_on(models, device):
+            visits.append({next(m.parameters()).device.type for m in _encoders_of(models)})
+            yield
+
+    monkeypatch.setattr(loop, "encoders_on", recording)
     summary = train(
         _cfg(
             tiny_sd_path, tmp_path / "v", latents_cache=sd_cache, max_train_steps=2, validation_steps=2,
@@ -390,6 +404,39 @@ def test_a_run_from_the_cache_keeps_its_encoders_off_the_device(tmp_path, tiny_s
     )  # fmt: skip
     assert (tmp_path / "v" / "validation" / "step-2" / "00.png").is_file()
     assert 0.0 <= summary["last_metrics"]["eval/implicit_acc"] <= 1.0
+    assert visits == [{"cpu"}, {"cpu"}]  # held-out pairs once, validation images at step 2
+
+
+def _encoders_of(models) -> list[torch.nn.Module]:
+    return [models.components.vae, *models.components.text_encoders]
+
+
+def test_encoders_on_moves_the_encoders_to_the_device_and_back(tmp_path, tiny_sd_path, sd_cache, monkeypatch):
+    """A run from a cache keeps the VAE and text encoder in CPU memory; ``encoders_on`` puts every one
+    of their parameters and buffers on the device inside the block, and back in CPU memory after it,
+    also when the block raises. The meta device stands in for a GPU: a module on meta has no values to
+    copy back, so each encoder's ``.to`` is replaced by ``to_empty``, which moves every tensor of the
+    module to the device asked for (values uninitialised), so the devices reported are those asked for."""
+    from diffusion_dpo.training.models import encoders_on
+
+    cfg = _cfg(tiny_sd_path, tmp_path / "m", latents_cache=sd_cache, validation_prompts=["a red circle"])
+    models = setup_models(cfg, "meta")
+    encoders = _encoders_of(models)
+    assert len(encoders) == 2
+    for module in encoders:
+        monkeypatch.setattr(module, "to", lambda device, m=module: m.to_empty(device=device))
+
+    def devices():
+        return [{t.device.type for t in (*m.parameters(), *m.buffers())} for m in encoders]
+
+    assert devices() == [{"cpu"}, {"cpu"}]
+    with encoders_on(models, "meta"):
+        assert devices() == [{"meta"}, {"meta"}], "the encoders were not moved to the device"
+    assert devices() == [{"cpu"}, {"cpu"}], "the encoders were not moved back to CPU memory"
+    with pytest.raises(RuntimeError, match="validation failed"), encoders_on(models, "meta"):
+        raise RuntimeError("validation failed")
+    assert devices() == [{"cpu"}, {"cpu"}]
+    assert next(models.unet.parameters()).device.type == "meta"  # the UNet stays where it trains
 
 
 def test_streaming_from_the_cache(tmp_path, tiny_sd_path, sd_cache):

@@ -141,6 +141,92 @@ def test_the_evaluation_suite_samples_trainer_outputs_as_they_were_trained(tmp_p
     )  # added by generate_images
 
 
+def test_an_sd3_trainer_output_is_sampled_and_cached_at_its_trained_t5_length(
+    tmp_path, tiny_sd3_path, monkeypatch
+):
+    """generate_images on a tiny SD3 trainer output: the pipeline is called with the T5 length of its
+    training_config.yaml, and the images are cached under that length: retrained at another length,
+    the same folder's images are generated again (not served from the other length's cache), and an
+    image matches the pipeline sampled directly at the trained length, not at its default of 256."""
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+    from PIL import Image
+
+    from diffusion_dpo.evaluation import generate
+    from diffusion_dpo.evaluation.generate import GenerationSettings, ModelSpec, generate_images
+
+    model = tmp_path / "trained"
+    shutil.copytree(tiny_sd3_path, model)
+    config = model / "training_config.yaml"
+    settings = GenerationSettings(num_inference_steps=2, guidance_scale=1.0)
+    spec, cache = ModelSpec("t", str(model), "pipeline"), tmp_path / "cache"
+    lengths = []  # the max_sequence_length of every pipeline call generate_images makes
+    real_load = generate.load_pipeline
+
+    class Recording:
+        def __init__(self, pipe):
+            self.pipe = pipe
+
+        def __call__(self, **kwargs):
+            lengths.append(kwargs.get("max_sequence_length"))
+            return self.pipe(**kwargs)
+
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a, **k: Recording(real_load(*a, **k)))
+    config.write_text("max_sequence_length: 16\n")
+    paths16, n16 = generate_images(spec, ["a red circle"], [0], settings, cache, progress=False)
+    assert (n16, lengths) == (1, [16])
+    assert generate_images(spec, ["a red circle"], [0], settings, cache, progress=False)[1] == 0
+    config.write_text("max_sequence_length: 24\n")
+    paths24, n24 = generate_images(spec, ["a red circle"], [0], settings, cache, progress=False)
+    assert (n24, lengths) == (1, [16, 24]), "the 24-token images were served from the 16-token cache"
+    assert paths24[0][0] != paths16[0][0]
+
+    # what the cache holds is what the pipeline draws at the trained length
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_path).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+
+    def direct(**kwargs):
+        out = pipe(prompt=["a red circle"], generator=[torch.Generator("cpu").manual_seed(0)],
+                   num_inference_steps=2, guidance_scale=1.0, output_type="pil", **kwargs)  # fmt: skip
+        return np.asarray(out.images[0])
+
+    cached = np.asarray(Image.open(paths16[0][0]))
+    assert np.array_equal(cached, direct(max_sequence_length=16))
+    assert not np.array_equal(cached, direct())  # 256 tokens draw another image: the length matters
+
+
+def test_the_experiments_interval_clears_a_coin_flip_only_when_dpo_wins_across_prompts():
+    """The fast half of the slow test's check ``ci_low > 0.5``: the interval the experiment records for
+    DPO (the evaluation's cluster bootstrap over prompts, through ``method_results``) on hand-made
+    outcomes of the quick run's size (24 prompts x 9 seeds). Both models win 58-59% of the images; one
+    wins 5-6 of 9 on every prompt (aligned: the interval clears 0.5), the other wins every image of 14
+    prompts and none of 10 (a coin flip over prompts: its interval holds 0.5, though ``win_rate > 0.5``)."""
+    from diffusion_dpo.evaluation.stats import win_rate
+    from diffusion_dpo.synthetic.results import method_results
+
+    baseline = np.full((24, 9), 0.5)  # a DPO score of 1 wins the image, 0 loses it
+    spread = np.zeros((24, 9))
+    spread[:, :5] = 1.0  # 5 of 9 seeds won on every prompt ...
+    spread[::2, 5] = 1.0  # ... and a 6th on every other one: 0.61
+    concentrated = np.zeros((24, 9))
+    concentrated[:14] = 1.0  # 14 prompts won on every seed, 10 lost: 0.58
+
+    def record(dpo_scores):
+        rates = {
+            m: {"shapes": win_rate(dpo_scores, baseline, seed=0).to_dict()} for m in ("dpo", "sft", "kto")
+        }
+        scores = {m: {"shapes": {"mean": 0.0}} for m in ("base", "dpo", "sft", "kto")}
+        summary = {"baseline": "base", "models": list(scores), "scorers": ["shapes"], "scores": scores,
+                   "win_rates": rates}  # fmt: skip
+        return method_results(summary)["dpo"]
+
+    aligned, coin_flip = record(spread), record(concentrated)
+    assert aligned["win_rate"] > 0.5 and coin_flip["win_rate"] > 0.5  # the point estimates cannot tell
+    assert aligned["ci_low"] > 0.5, aligned
+    assert coin_flip["ci_low"] < 0.5 < coin_flip["ci_high"], coin_flip
+
+
 @pytest.mark.slow
 def test_quick_sd3_experiment_aligns(tmp_path):
     """--arch sd3 --quick end to end (measured: see configs/synthetic_sd3_dpo.yaml)."""
@@ -154,4 +240,5 @@ def test_quick_sd3_experiment_aligns(tmp_path):
     assert record["settings"]["arch"] == "sd3" and "vae_shift_factor" in record["settings"]
     dpo = record["dpo"]
     assert dpo["implicit_accuracy"] > 0.6
-    assert dpo["win_rate"] > 0.5 and dpo["ci_low"] is not None
+    # aligned: the win rate's 95% interval lies above a coin flip, not just its point estimate
+    assert dpo["ci_low"] > 0.5, (dpo["win_rate"], dpo["ci_low"], dpo["ci_high"])

@@ -238,6 +238,32 @@ def test_embedded_default_learns_and_says_so(embedded_default_run):
     assert "Writing model shards" not in result.stderr and "accelerate.checkpointing" not in result.stderr
     pipe = DiffusionPipeline.from_pretrained(out)  # as the closing words say to load it
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+    # logged from the first line (the base build's), and no `nan` in the progress bars
+    assert (
+        "INFO diffusion_dpo.synthetic.base: building the tiny SD1.5 base model"
+        in (result.stderr.splitlines()[0])
+    )
+    assert "=nan" not in result.stderr
+    # the model card: the run's facts, read back by huggingface_hub
+    from huggingface_hub import ModelCard
+
+    facts = ModelCard.load(out / "README.md").data.to_dict()["diffusion_dpo"]
+    assert (
+        facts["steps"] == 300
+        and facts["beta"] == 50
+        and facts["heldout_implicit_accuracy"] == pytest.approx(accuracies[-1], abs=1e-4)
+    )
+
+    # the same command again: the finished run is shown and kept, not retrained over
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = subprocess.run(
+        [sys.executable, str(ROOT / "train_sd.py"), "--config", str(ROOT / "configs/tiny.yaml")],
+        cwd=cwd, capture_output=True, text=True,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "outputs/tiny/dpo already holds this run, finished with the same options" in again.stdout
+    assert f"-> {accuracies[-1]:.2f} at step 300" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
 
 def readme_evaluation_command() -> str:

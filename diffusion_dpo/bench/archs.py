@@ -179,12 +179,42 @@ SD35_VAE = dict(
 #: its text_encoder and text_encoder_2 are CLIP_L_TEXT and CLIP_G_TEXT, both with projection
 SD35_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0)
 
+#: Qwen/Qwen-Image transformer/config.json (60 MMDiT blocks, 3072 wide; 20.4B parameters)
+QWEN_IMAGE_TRANSFORMER = dict(
+    patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
+
+#: Qwen/Qwen-Image vae/config.json: diffusers' AutoencoderKLQwenImage defaults (spatial factor 8, 16
+#: channels, per-channel latents_mean/latents_std)
+QWEN_IMAGE_VAE = dict(
+    base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    temperal_downsample=[False, True, True],
+)  # fmt: skip
+
+#: Qwen/Qwen-Image text_encoder/config.json: Qwen2.5-VL-7B-Instruct (8.3B parameters with its vision tower)
+QWEN25_VL_7B = dict(
+    text_config=dict(
+        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        max_position_embeddings=128000, tie_word_embeddings=False,
+        rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [16, 24, 24]},
+    ),
+    vision_config=dict(
+        depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu",
+    ),
+    vocab_size=152064, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """An ``--arch``: what it is, and what every one of its rows is run with."""
 
-    #: its model family's name (diffusion_dpo.models.families): "sd", "sdxl" or "sd3"
+    #: its model family's name (diffusion_dpo.models.families): "sd", "sdxl", "sd3" or "qwen_image"
     family: str
     #: the default image size
     resolution: int
@@ -204,6 +234,16 @@ ARCHS = {
         "SD3.5 Medium's MMDiT, VAE and CLIP ViT-L + bigG text encoders, random weights; without T5-XXL "
         "(--drop_t5: zeros in its 77 positions), so the uncached rows leave out T5's forward",
         {"drop_t5": True, "max_sequence_length": 77},
+    ),
+    "tiny_qwen_image": Arch(
+        "qwen_image", 64, "the test model, Qwen-Image-shaped: tiny MMDiT on packed latents, Qwen2.5-VL, video VAE",
+        {"max_sequence_length": 16},
+    ),
+    "qwen_image": Arch(
+        "qwen_image", 1024,
+        "Qwen-Image's 20B MMDiT, VAE and Qwen2.5-VL-7B text encoder, random weights; 128 text tokens "
+        "(configs/qwen_image_lora.yaml)",
+        {"max_sequence_length": 128},
     ),
 }  # fmt: skip
 
@@ -244,6 +284,8 @@ def build_pipeline(arch: str, seed: int = 0):
         return build_tiny_pipeline(sdxl=arch == "tiny_sdxl", seed=seed)
     if arch == "tiny_sd3":  # with its tiny T5: the rows run SD3's whole text path
         return build_tiny_sd3_pipeline(seed=seed)
+    if arch in ("tiny_qwen_image", "qwen_image"):
+        return build_qwen_image_pipeline(tiny=arch == "tiny_qwen_image", seed=seed)
     import tempfile
 
     torch.manual_seed(seed)
@@ -290,6 +332,36 @@ def build_pipeline(arch: str, seed: int = 0):
             scheduler=scheduler,
         )
     raise ValueError(f"--arch must be one of {sorted(ARCHS)}, got {arch!r}")
+
+
+def build_qwen_image_pipeline(tiny: bool, seed: int = 0):
+    """The tiny test Qwen-Image pipeline, or the published architecture with random weights. Both use the
+    tiny Qwen tokenizer (its template prefix is the 34 tokens the pipeline drops): the text encoder sees
+    sequences of the real length whatever ids they hold."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from diffusion_dpo.models.tiny_qwen_image import (
+        QWEN_IMAGE_SCHEDULER,
+        build_tiny_qwen_image_pipeline,
+        build_tiny_qwen_tokenizer,
+    )
+
+    if tiny:
+        return build_tiny_qwen_image_pipeline(seed=seed)
+    torch.manual_seed(seed)
+    return QwenImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER),
+        vae=AutoencoderKLQwenImage(**QWEN_IMAGE_VAE),
+        text_encoder=Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B)),
+        tokenizer=build_tiny_qwen_tokenizer(),
+        transformer=QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER),
+    )
 
 
 def ensure_model(arch: str, model_dir: str | Path) -> Path:

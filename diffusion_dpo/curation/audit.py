@@ -73,14 +73,23 @@ class PairReader:
     """
 
     def __init__(self, dataset_name, split: str = "train", *, max_pairs: int | None = None, seed: int = 0,
-                 streaming: bool = False, cache_dir: str | None = None):  # fmt: skip
+                 streaming: bool = False, cache_dir: str | None = None, dataset_format: str = "auto",
+                 image_root: str | None = None):  # fmt: skip
         source = load_rows(dataset_name, split, streaming=streaming, cache_dir=cache_dir)
         self.description = source.description
-        self.schema = detect_pair_schema(column_names(source), source.description)
-        self.base_dir = source.base_dir
-        rows = source.rows.select_columns(
-            list(ORDERED_COLUMNS if self.schema == "ordered" else PICKAPIC_COLUMNS)
-        )
+        self.base_dir = image_root or source.base_dir
+        names = column_names(source)
+        self.converter = None
+        try:
+            self.schema = detect_pair_schema(names, source.description)
+            needed = list(ORDERED_COLUMNS if self.schema == "ordered" else PICKAPIC_COLUMNS)
+        except ValueError:  # the other formats (diffusion_dpo/data/formats), in their positional form
+            from diffusion_dpo.data.pairs import PairConverter, resolve_format
+
+            fmt = resolve_format(names, source.description, dataset_format)  # or the loader's error
+            self.schema, self.converter = fmt.name, PairConverter(fmt, self.base_dir, seed)
+            needed = fmt.needed(names)
+        rows = source.rows.select_columns(needed)
         self.streaming = streaming
         if streaming:
             self.rows, self.positions = (rows.take(max_pairs) if max_pairs else rows), None
@@ -92,6 +101,12 @@ class PairReader:
         return None if self.positions is None else len(self.positions)
 
     def _pair(self, row: int, values: dict) -> dict:
+        if self.converter is not None:
+            # the audit's label_0 is the majority (0, 0.5 or 1); p0, the vote share, is for label quality
+            pair = self.converter.positional(values)
+            p0 = pair["label_0"]
+            majority = None if p0 is None else (1.0 if p0 > 0.5 else 0.0 if p0 < 0.5 else 0.5)
+            return {**pair, "row": row, "label_0": majority, "p0": p0}
         if self.schema == "ordered":
             first, second, label = values["image_w"], values["image_l"], 1.0
         else:
@@ -126,11 +141,13 @@ class PairReader:
 
 def audit_dataset(dataset_name, split: str = "train", *, max_pairs: int | None = 2000, seed: int = 0,
                   threshold: float = DEFAULT_THRESHOLD, full: bool = True, streaming: bool = False,
-                  cache_dir: str | None = None) -> tuple[dict, list[dict], PairReader]:  # fmt: skip
-    """Read, measure and summarise a pair dataset: (report, per-pair records, the reader)."""
+                  cache_dir: str | None = None, **reader_options) -> tuple[dict, list[dict], PairReader]:  # fmt: skip
+    """Read, measure and summarise a pair dataset: (report, per-pair records, the reader).
+    ``reader_options``: :class:`PairReader`'s ``dataset_format`` and ``image_root``."""
     reader = PairReader(
-        dataset_name, split, max_pairs=max_pairs, seed=seed, streaming=streaming, cache_dir=cache_dir
-    )
+        dataset_name, split, max_pairs=max_pairs, seed=seed, streaming=streaming, cache_dir=cache_dir,
+        **reader_options,
+    )  # fmt: skip
     records = []
     for i, pair in enumerate(reader, 1):
         records.append(measure_pair(pair, full=full))

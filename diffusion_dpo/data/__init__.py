@@ -1,4 +1,5 @@
-"""Preference data: pair and unpaired loaders, transforms and collate functions, the training order
+"""Preference data: pair and unpaired loaders (one module per published pair format in ``formats``;
+hub ids known to be gone in ``removed``), transforms and collate functions, the training order
 (``order``, ``stream``), precomputed latents (``latent_cache``: the format and reading;
 ``latent_cache_writer``: encoding a dataset), and the parquet writers of the trainer's formats.
 

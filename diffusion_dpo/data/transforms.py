@@ -301,11 +301,16 @@ class PairTransform(TransformOptions):
         rng = row_rng(self.seed, epoch, index)
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
-        out = {"caption": caption, "index": index, "bad": None}
+        # p: P(image_w preferred), 1 unless the data carries vote shares (docs/data.md#soft-labels)
+        out = {"caption": caption, "index": index, "bad": None, "p": float(row.get("p", 1.0))}
         for suffix, image in (("_w", image_w), ("_l", image_l)):
             transformed = transform_image(image, rng, self.resolution, self.center_crop, self.random_flip)
             out.update(self._image_fields(suffix, *transformed))
         return out
+
+    def placeholder(self, index: int, reason: str) -> dict:
+        # a skipped pair's loss is masked out; p = 1 keeps the label statistics of real pairs only
+        return {**super().placeholder(index, reason), "p": 1.0}
 
 
 def _stack_pixels(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -336,12 +341,14 @@ def collate_pairs(examples: list[dict]) -> dict:
         ``valid``: [B] bool, False where the row is a placeholder for a bad row (mask its loss);
         ``bad_rows``: list of ``{"index": int, "reason": str}``, one per placeholder;
         ``num_skipped``: int, the number of placeholders (``len(bad_rows)``);
+        ``label_p``: [B] float32, P(winner preferred) of each pair (1 for placeholders);
         for SDXL also ``original_sizes_w``, ``original_sizes_l`` ([B, 2] long, (h, w)) and
         ``crop_top_lefts_w``, ``crop_top_lefts_l`` ([B, 2] long, (top, left)).
     """
     batch = {
         "pixel_values_w": _stack_pixels([e["pixel_values_w"] for e in examples]),
         "pixel_values_l": _stack_pixels([e["pixel_values_l"] for e in examples]),
+        "label_p": torch.tensor([float(e.get("p", 1.0)) for e in examples], dtype=torch.float32),
         **collate_common(examples),
     }
     if "original_size_w" in examples[0]:

@@ -8,6 +8,7 @@ hand it their process and prediction).
 
 from diffusion_dpo.diffusion.draws import RowDraws, draw_for_rows, heldout_noise, row_generator
 from diffusion_dpo.diffusion.objective import (
+    PairOutputs,
     adapters_disabled,
     denoising_errors,
     denoising_target,
@@ -15,6 +16,7 @@ from diffusion_dpo.diffusion.objective import (
     implicit_reward_scores,
     logratios_from_errors,
     pair_denoising_errors,
+    pair_denoising_outputs,
     pair_logratios,
     per_sample_mse,
     sft_losses,
@@ -24,6 +26,7 @@ from diffusion_dpo.diffusion.processes import DDPMProcess, FlowMatchProcess, as_
 __all__ = [
     "DDPMProcess",
     "FlowMatchProcess",
+    "PairOutputs",
     "RowDraws",
     "as_process",
     "adapters_disabled",
@@ -35,6 +38,7 @@ __all__ = [
     "implicit_reward_scores",
     "logratios_from_errors",
     "pair_denoising_errors",
+    "pair_denoising_outputs",
     "pair_logratios",
     "per_sample_mse",
     "row_generator",

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
@@ -101,16 +102,77 @@ def denoising_errors(
     ``[N]``. Returns ``(model_errors, ref_errors)``, each ``[N]`` float32; the reference is run under
     ``no_grad`` on identical inputs (``ref_unet=None``: the same UNet with LoRA adapters disabled).
     """
-    process = as_process(noise_scheduler)
-    noisy = process.add_noise(latents, noise, timesteps)
-    target = process.target(latents, noise, timesteps)
-    pred = process.predict(unet, noisy, timesteps, encoder_hidden_states, added_cond_kwargs)
-    ref_pred = _reference_prediction(
-        process, unet, ref_unet, noisy, timesteps, encoder_hidden_states, added_cond_kwargs
+    process, pred, ref_pred, target = _predictions(
+        unet, ref_unet, noise_scheduler, latents, encoder_hidden_states, noise, timesteps, added_cond_kwargs
     )
     return (
         _weighted(per_sample_mse(pred, target), process, timesteps),
         _weighted(per_sample_mse(ref_pred, target), process, timesteps),
+    )
+
+
+def _predictions(unet, ref_unet, noise_scheduler, latents, hidden, noise, timesteps, cond):
+    process = as_process(noise_scheduler)
+    noisy = process.add_noise(latents, noise, timesteps)
+    target = process.target(latents, noise, timesteps)
+    pred = process.predict(unet, noisy, timesteps, hidden, cond)
+    ref_pred = _reference_prediction(process, unet, ref_unet, noisy, timesteps, hidden, cond)
+    return process, pred, ref_pred, target
+
+
+class PairOutputs(NamedTuple):
+    """What one forward of winners stacked on losers yields (:func:`pair_denoising_outputs`). Only
+    ``model_errors`` carries a gradient; the rest are detached float32 statistics of the same forward,
+    read by the training monitors and the winner safeguard (docs/monitors.md)."""
+
+    model_errors: Tensor  # [2B] eθ, winners first
+    ref_errors: Tensor  # [2B] eref
+    model_sq: Tensor  # [2B] mean over C×H×W of the policy's prediction², for the norm ratio
+    ref_sq: Tensor  # [2B] the same for the reference's prediction
+    winner_sq: (
+        Tensor  # [B] mean of w²·r_w², r = prediction − target, w the error weight (1 unless σ-weighted)
+    )
+    winner_loser_dot: Tensor  # [B] mean of w²·r_w·r_l: how the loser's residual aligns with the winner's
+
+
+def pair_denoising_outputs(
+    unet: torch.nn.Module,
+    ref_unet: torch.nn.Module | None,
+    noise_scheduler,
+    latents_w: Tensor,
+    latents_l: Tensor,
+    encoder_hidden_states: Tensor,
+    noise: Tensor,
+    timesteps: Tensor,
+    added_cond_kwargs: dict[str, Tensor] | None = None,
+) -> PairOutputs:
+    """:func:`pair_denoising_errors` plus detached statistics of the same two forwards (no extra pass):
+    the mean squared predictions of policy and reference, and per pair the winner's squared residual
+    and its inner product with the loser's, both per element (the output-space terms of
+    Diffusion-SDPO's safeguard, :func:`diffusion_dpo.losses.loser_gradient_scale`). The errors equal
+    :func:`pair_denoising_errors`' bit for bit."""
+    batch = latents_w.shape[0]
+    latents, hidden, noise2, t2, cond = _stack_pair(
+        latents_w, latents_l, encoder_hidden_states, noise, timesteps, added_cond_kwargs
+    )
+    process, pred, ref_pred, target = _predictions(
+        unet, ref_unet, noise_scheduler, latents, hidden, noise2, t2, cond
+    )
+    with torch.no_grad():
+        residual = (pred.detach().float() - target.float()).flatten(1)  # [2B, D]
+        weights = process.error_weights(timesteps)
+        w2 = 1.0 if weights is None else weights.to(residual.device, residual.dtype).pow(2)
+        r_w, r_l = residual[:batch], residual[batch:]
+        stats = dict(
+            model_sq=pred.detach().float().pow(2).flatten(1).mean(dim=1),
+            ref_sq=ref_pred.detach().float().pow(2).flatten(1).mean(dim=1),
+            winner_sq=w2 * r_w.pow(2).mean(dim=1),
+            winner_loser_dot=w2 * (r_w * r_l).mean(dim=1),
+        )
+    return PairOutputs(
+        _weighted(per_sample_mse(pred, target), process, t2),
+        _weighted(per_sample_mse(ref_pred, target), process, t2),
+        **stats,
     )
 
 

@@ -255,16 +255,24 @@ def default_image_size(spec: ModelSpec) -> tuple[int, int] | None:
 
 def trained_sampling_kwargs(spec: ModelSpec) -> dict:
     """The pipeline-call keywords a trainer output was trained for (SD3: its T5 ``max_sequence_length``;
-    the pipeline's own default is 256 tokens), from its ``training_config.yaml``; {} for any other model,
-    which samples with its pipeline's defaults."""
+    the pipeline's own default is 256 tokens), from its ``training_config.yaml``; for any other local
+    folder its family's ``default_sampling_kwargs`` (Qwen-Image's real CFG; {} for SD, SDXL, SD3), and {}
+    for a hub id, which samples with its pipeline's defaults."""
     from diffusion_dpo.models.families import family_for_index
     from diffusion_dpo.models.pretrained import read_model_index
     from diffusion_dpo.training.saving import trained_family_options
 
     options = trained_family_options(spec.source)
-    if not options:
-        return {}
     base = spec.base if spec.kind == "lora" else spec.source
+    if not options:
+        # a local folder not trained here: what its family always samples with (Qwen-Image: real CFG
+        # against a blank negative prompt; nothing for the others), so a base compares with its outputs
+        if not Path(str(base)).expanduser().is_dir():
+            return {}
+        try:
+            return family_for_index(read_model_index(str(base)), str(base)).default_sampling_kwargs()
+        except (FileNotFoundError, ValueError):
+            return {}
     try:
         return family_for_index(read_model_index(str(base)), str(base), **options).sampling_kwargs()
     except (FileNotFoundError, ValueError):  # load_pipeline says what is wrong with the model
@@ -392,6 +400,10 @@ def generate_images(
         return paths, 0
 
     pipe = load_pipeline(spec, device=device, dtype=settings.dtype)
+    # a family's own negative prompt (Qwen-Image's real CFG needs one) unless --negative_prompt is given
+    sampling = dict(sampling)
+    family_negative = sampling.pop("negative_prompt", None)
+    negative_prompt = settings.negative_prompt or family_negative
     size_kwargs = {"height": settings.resolution, "width": settings.resolution} if settings.resolution else {}
     jobs = list(missing.items())
     flagged = 0
@@ -400,7 +412,7 @@ def generate_images(
             chunk = jobs[start : start + batch_size]
             batch_prompts = [prompt for _, (prompt, _) in chunk]
             generators = [torch.Generator(device).manual_seed(seed) for _, (_, seed) in chunk]
-            negative = [settings.negative_prompt] * len(chunk) if settings.negative_prompt else None
+            negative = [negative_prompt] * len(chunk) if negative_prompt else None
             with torch.no_grad():
                 out = pipe(
                     prompt=batch_prompts,

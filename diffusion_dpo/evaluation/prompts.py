@@ -23,7 +23,7 @@ Ready-made sets:
 PartiPrompts (1632)    ``--prompts nateraw/parti-prompts`` (column ``Prompt``, category
                        ``Category``; Yu et al. 2022, arXiv 2206.10789)
 HPSv2 benchmark        ``--prompts hpsv2`` (all four styles) or ``--prompts hpsv2:photo``
-Pick-a-Pic test        ``--prompts yuvalkirstain/pickapic_v2 --prompt_split test_unique
+Pick-a-Pic test        ``--prompts liuhuohuo2/pick-a-pic-v2 --prompt_split test_unique
                        --prompt_column caption`` (500 unique captions; the dataset carries the
                        images too, so the first download is large: save the captions to a .txt once)
 =====================  =====================================================================

@@ -132,7 +132,8 @@ def preference_step(
 
     Args:
         model: the policy (a causal LM, optionally a ``peft.PeftModel``).
-        batch: a paired batch ``[2B, T]`` (see :func:`concatenated_forward`).
+        batch: a paired batch ``[2B, T]`` (see :func:`concatenated_forward`); an optional ``label_p``
+            ``[B]`` (P(chosen preferred)) trains the pairwise losses on soft labels.
         ref_model: frozen reference; ``None`` uses the PEFT policy with its adapter disabled. Must be
             ``None`` for the reference-free ``simpo`` and ``orpo``.
         loss_type: a pairwise loss of :data:`diffusion_dpo.losses.PAIRWISE_LOSSES` (``sigmoid`` is
@@ -190,6 +191,7 @@ def preference_step(
             beta=beta,
             loss_type=loss_type,
             label_smoothing=label_smoothing,
+            label_p=batch.get("label_p"),  # soft labels when the batch carries them (losses/soft_labels.py)
         )
     loss = losses.mean()
     metrics = {

@@ -21,6 +21,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from diffusion_dpo.losses.soft_labels import check_label_probabilities, expected_pairwise_loss
+
 Tensor = torch.Tensor
 
 DISCOPOP_TAU = 0.05
@@ -140,8 +142,13 @@ def pairwise_loss_from_logratios(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    label_p: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Pairwise preference loss from log-ratios ``rc`` and ``rr`` (each ``[B]``).
+
+    ``label_p``: ``[B]`` P(chosen preferred), soft labels; the loss is then the expected loss
+    ``p·ℓ(rc, rr) + (1 − p)·ℓ(rr, rc)`` (:func:`~diffusion_dpo.losses.soft_labels.expected_pairwise_loss`).
+    None: every chosen side was preferred (p = 1).
 
     Returns ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]`` float32, where the rewards
     are the detached implicit rewards ``β·rc`` and ``β·rr``.
@@ -154,7 +161,12 @@ def pairwise_loss_from_logratios(
         )
     rc = chosen_logratios.float()
     rr = rejected_logratios.float()
-    losses = PAIRWISE_LOSSES[loss_type](rc, rr, float(beta), float(label_smoothing))
+    loss = PAIRWISE_LOSSES[loss_type]
+    if label_p is None:
+        losses = loss(rc, rr, float(beta), float(label_smoothing))
+    else:
+        check_label_probabilities(label_p, rc.shape[0])
+        losses = expected_pairwise_loss(loss, rc, rr, label_p, float(beta), float(label_smoothing))
     return losses, (beta * rc).detach(), (beta * rr).detach()
 
 
@@ -167,6 +179,7 @@ def dpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    label_p: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """DPO and its pairwise variants, per example (docs/objectives.md#the-pairwise-losses-of-the-core; TRL's argument names).
 
@@ -181,6 +194,7 @@ def dpo_loss(
             bco_pair, sppo_hard, apo_zero, apo_down, discopop.
         label_smoothing: ε, the assumed label-flip rate; used by sigmoid (cDPO) and robust
             (0 <= ε < 0.5) and exo_pair (0 < ε < 1).
+        label_p: ``[B]`` P(chosen preferred) for soft labels (vote shares); None: hard labels.
 
     Returns:
         ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]`` float32; rewards are
@@ -192,4 +206,5 @@ def dpo_loss(
         beta=beta,
         loss_type=loss_type,
         label_smoothing=label_smoothing,
+        label_p=label_p,
     )

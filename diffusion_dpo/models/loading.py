@@ -76,9 +76,7 @@ def load_components(
         if vae_model_name_or_path:
             vae = AutoencoderKL.from_pretrained(vae_model_name_or_path, **dtype_kwargs(vae_dtype))
         else:
-            vae = AutoencoderKL.from_pretrained(
-                src, subfolder="vae", variant=variant, revision=revision, **dtype_kwargs(vae_dtype)
-            )
+            vae = family.load_vae(src, revision, variant, vae_dtype)
         unet = family.load_denoiser(src, unet_dtype, revision, variant) if load_unet else None
     logger.info(
         "loaded %s (%s): %s in %s, text encoder%s in %s, VAE in %s",
@@ -116,7 +114,7 @@ def encode_prompts(
 
 def latent_shape(vae: torch.nn.Module, height: int, width: int) -> tuple[int, int, int]:
     """``(C, h, w)`` of the latents the VAE makes from a ``height × width`` image."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = getattr(vae, "spatial_compression_ratio", None) or 2 ** (len(vae.config.block_out_channels) - 1)
     return (vae.config.latent_channels, height // factor, width // factor)
 
 

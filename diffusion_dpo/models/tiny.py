@@ -259,7 +259,7 @@ def build_tiny_pipeline(sdxl: bool = False, seed: int = 0, resolution: int = 32)
 
 
 #: ``save_tiny_pipeline(arch=...)`` values and the names they are logged under.
-TINY_ARCHS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3"}
+TINY_ARCHS = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "qwen_image": "Qwen-Image"}
 
 
 def save_tiny_pipeline(
@@ -267,7 +267,7 @@ def save_tiny_pipeline(
 ) -> Path:
     """Build a tiny pipeline and write it as a diffusers folder that ``from_pretrained`` loads.
 
-    ``arch`` is one of :data:`TINY_ARCHS` ("sd15", "sdxl", "sd3"); without it, ``sdxl`` chooses
+    ``arch`` is one of :data:`TINY_ARCHS` ("sd15", "sdxl", "sd3", "qwen_image"); without it, ``sdxl`` chooses
     between SDXL and SD1.5 as before.
     """
     if arch is None:
@@ -277,7 +277,11 @@ def save_tiny_pipeline(
     elif sdxl and arch != "sdxl":
         raise ValueError(f"sdxl=True contradicts arch={arch!r}")
     path = Path(path)
-    if arch == "sd3":
+    if arch == "qwen_image":  # diffusion_dpo/models/tiny_qwen_image.py
+        from diffusion_dpo.models.tiny_qwen_image import build_tiny_qwen_image_pipeline as build
+
+        pipe = build(seed=seed, resolution=resolution)
+    elif arch == "sd3":
         pipe = build_tiny_sd3_pipeline(seed=seed, resolution=resolution)
     else:
         pipe = build_tiny_pipeline(sdxl=arch == "sdxl", seed=seed, resolution=resolution)

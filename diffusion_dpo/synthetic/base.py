@@ -19,6 +19,13 @@ model path (:func:`tiny_base_arch`: ``outputs/tiny_sd3/base_model`` names SD3), 
 needed; the SD3 base has a 16-channel VAE with SD3's latent shift and scale, the tiny SD3 pipeline
 (MMDiT, two CLIPs and a T5) and a transformer pretrained by flow matching with the config's
 ``max_sequence_length`` T5 tokens.
+
+Where it builds: only missing paths inside the working directory's ``outputs/`` folder, given as
+relative paths (``outputs/tiny/pairs_train.parquet``; datasets as ``.parquet`` files), which is where the
+shipped tiny configs put them (:func:`diffusion_dpo.training.preflight.is_embedded_asset_path`). A dataset, model or held-out path
+anywhere else that does not exist is the user's mistake, and :mod:`diffusion_dpo.training.preflight` refuses it before
+anything is built or loaded: the builder never writes synthetic data where a user's data was meant
+to be.
 """
 
 from __future__ import annotations
@@ -97,6 +104,7 @@ def build_tiny_base(
     )
     logger.info("tiny base 1/3: fitting the VAE on %d renders (%d steps)", BASE_VAE_IMAGES, BASE_VAE_STEPS)
     vae = fit_vae(pixels, steps=BASE_VAE_STEPS, seed=seed, latent_channels=ARCH_LATENT_CHANNELS[arch])
+    logger.info("tiny base 2/3: the untrained pipeline around it and %d captioned images", BASE_IMAGES)
     with quiet_loading():
         build_base_pipeline(
             vae, seed=seed, resolution=resolution, prediction_type="v_prediction", arch=arch
@@ -136,7 +144,17 @@ def build_tiny_base(
 def ensure_tiny_assets(cfg: TrainConfig) -> None:
     """Create the tiny base model and the synthetic datasets at the configured paths if they are missing."""
     from diffusion_dpo import synthetic
+    from diffusion_dpo.training.preflight import is_embedded_asset_path
 
+    for name, value, kind in (
+        ("pretrained_model_name_or_path", cfg.pretrained_model_name_or_path, "model"),
+        ("dataset_name", cfg.dataset_name, "dataset"),
+        ("validation_dataset_name", cfg.validation_dataset_name, "dataset"),
+    ):  # a second guard under preflight's: never write where a user's own files were meant to be
+        if value and not Path(value).exists() and not is_embedded_asset_path(value, kind):
+            raise FileNotFoundError(
+                f"--{name} {value} does not exist, and create_tiny_assets builds only inside ./outputs/"
+            )
     model = Path(cfg.pretrained_model_name_or_path)
     if not model.exists():
         arch = tiny_base_arch(model)

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import yaml
 
+from diffusion_dpo.data.formats import DATASET_FORMATS
 from diffusion_dpo.losses import PAIRWISE_LOSSES, check_mapo_args, check_pairwise_args
+from diffusion_dpo.training import cli_help
 
 
 def _f(default, help: str, **kw):
@@ -47,7 +49,7 @@ class TrainConfig:
     # --- data ---
     dataset_name: str = _f(
         None,
-        "Preference data: a hub id (yuvalkirstain/pickapic_v2), a local parquet file/folder, a `datasets` "
+        "Preference data: a hub id (liuhuohuo2/pick-a-pic-v2; docs/data.md lists live sets), a local parquet file/folder, a `datasets` "
         "save_to_disk folder, or a JSONL/CSV of caption,image_w,image_l (KTO: caption,image,label).",
     )
     dataset_split: str = _f("train", "Split of the dataset to train on.")
@@ -60,6 +62,30 @@ class TrainConfig:
     )
     streaming: bool = _f(False, "Stream the dataset instead of downloading it (for sets too large for disk).")
     keep_ties: bool = _f(False, "Keep tied pairs (label_0 = 0.5). By default they are dropped and counted.")
+    dataset_format: str = _f(
+        "auto",
+        "Schema of --dataset_name: auto (recognised from the columns), pickapic, ordered, columns "
+        "(caption,image_0,image_1,label_0), hpdv3 (HPDv3/HPDv3++), imagereward, open_image_preferences, "
+        "open_image_preferences_votes or webdataset. docs/data.md lists datasets in each.",
+        choices=DATASET_FORMATS,
+    )
+    image_root: str | None = _f(
+        None,
+        "Folder that relative image paths resolve against (HPDv3: where images.tar.gz.* was extracted); "
+        "default: the JSON/JSONL/CSV file's own folder.",
+    )
+    label_mode: str = _f(
+        "hard",
+        "hard: the winner is preferred (p = 1). soft: train on p = P(winner preferred) where the data carries "
+        "vote shares (Pick-a-Pic ties, HPDv3 choice_dist, vote counts) with the expected loss "
+        "p·ℓ(z) + (1−p)·ℓ(−z); ties are kept at p = 0.5 instead of dropped (docs/data.md#soft-labels).",
+        choices=("hard", "soft"),
+    )
+    min_label_margin: float = _f(
+        0.0,
+        "Drop near-ties: pairs whose vote margin |P(image 0) − P(image 1)| is below this (0: keep all; "
+        "ties have margin 0 and are dropped by any value > 0).",
+    )
     max_train_samples: int | None = _f(
         None,
         "Use only N rows: a seeded random subset (the paper's shuffle(seed).select(range(N))); with "
@@ -95,6 +121,12 @@ class TrainConfig:
         "Skip the start-up shortcut audit, which reads the file headers of up to 256 pairs (a few seconds at "
         "most) and warns when size, format, JPEG quality or bytes per pixel alone predicts the winner, or the "
         "labels favour one position. The full audit: python data/audit_pairs.py --dataset NAME.",
+    )
+    audit_scorers: list[str] = _f(
+        (),
+        "Scorers (e.g. pickscore, hpsv2.1, aesthetic; as eval's --scorer) whose agreement with the labels the "
+        'start-up audit reports on up to 64 pairs: "labels agree with pickscore on 54% of pairs". Loads '
+        "each scorer once; the full report: python data/audit_pairs.py --dataset NAME --scorer NAME.",
     )
     # --- objective ---
     objective: str = _f(
@@ -161,6 +193,30 @@ class TrainConfig:
         "A NaN/Inf loss or gradient skips its optimizer step (weights, optimizer and lr schedule "
         "untouched; counted as train/skipped_steps); this many in a row stop the run with a checkpoint.",
     )
+    # --- guards against a run going wrong (docs/monitors.md) ---
+    stop_on_degradation: int = _f(
+        0,
+        "Stop with a checkpoint and advice when a training monitor (docs/monitors.md) stays past its "
+        "threshold for this many checks in a row (steps; validations for the held-out accuracy). 0: only warn.",
+    )
+    winner_safeguard: bool = _f(
+        False,
+        "Diffusion-SDPO (arXiv 2511.03317): scale the loser's gradient in closed form so that an update does "
+        "not raise the winner's denoising error to first order. Any pairwise --loss_type.",
+    )
+    winner_safeguard_mu: float = _f(
+        0.9,
+        "μ of the safeguard: the share of the winner's own decrease that must survive (paper scripts: 0.9).",
+    )
+    auto_beta: bool = _f(
+        False,
+        "Adapt β after each step so that a pair with the typical margin |δ| (an EMA over steps) has the "
+        "gradient factor σ(−β|δ|) = --auto_beta_target (SimpleTuner's auto_beta); starts at --beta_dpo.",
+    )
+    auto_beta_target: float = _f(0.2, "--auto_beta: the target gradient factor, in (0, 0.5).")
+    auto_beta_decay: float = _f(0.99, "--auto_beta: decay of the EMA of the batch mean |δ|.")
+    auto_beta_min: float | None = _f(None, "--auto_beta: smallest β (default --beta_dpo / 10).")
+    auto_beta_max: float | None = _f(None, "--auto_beta: largest β (default 10 × --beta_dpo).")
     use_lora: bool = _f(False, "Train LoRA adapters; the reference is the same UNet with adapters disabled.")
     rank: int = _f(8, "LoRA rank.")
     lora_alpha: int | None = _f(None, "LoRA alpha (default: the rank).")
@@ -230,6 +286,21 @@ class TrainConfig:
         "Classifier-free guidance of validation images (default: the pipeline's own); recorded in the "
         "output, eval/evaluate.py's default.",
     )
+    # --- output and the Hub ---
+    overwrite_output_dir: bool = _f(
+        False,
+        "Train again when output_dir already holds this same run, finished (by default it is reused: its "
+        "summary is shown and nothing is retrained).",
+    )
+    push_to_hub: bool = _f(
+        False, "Upload the trained model, its model card and samples to the Hugging Face Hub at the end."
+    )
+    hub_model_id: str | None = _f(
+        None, "Hub repository to push to, owner/name or name (default: the output_dir's folder name)."
+    )
+    hub_token: str | None = _f(
+        None, "Hub token (default: the one `hf auth login` saved); never written to any output."
+    )
     # --- embedded default ---
     create_tiny_assets: bool = _f(
         False, "If the model/dataset paths do not exist, build the tiny SD model and synthetic dataset there."
@@ -239,6 +310,18 @@ class TrainConfig:
     @property
     def effective_objective(self) -> str:
         return "sft" if self.sft else self.objective
+
+    @property
+    def effective_keep_ties(self) -> bool:
+        """Soft labels keep ties at p = 0.5 (they say "no preference", which the expected loss uses)."""
+        return self.keep_ties or self.label_mode == "soft"
+
+    @property
+    def beta_range(self) -> tuple[float, float]:
+        """--auto_beta's bounds: the flags, or a factor 10 either side of --beta_dpo."""
+        low = self.beta_dpo / 10 if self.auto_beta_min is None else self.auto_beta_min
+        high = self.beta_dpo * 10 if self.auto_beta_max is None else self.auto_beta_max
+        return low, high
 
     def __post_init__(self):
         if self.mixed_precision is None:
@@ -262,6 +345,11 @@ class TrainConfig:
                 "--dataset_name is required (a hub id, a parquet file/folder, or a JSONL/CSV), or "
                 "--latents_cache (a folder made by data/precompute_latents.py)"
             )
+        from diffusion_dpo.data.removed import check_not_removed
+
+        # before any model loads: a removed hub id fails in one line, not in the hub client minutes later
+        check_not_removed(self.dataset_name, flag="--dataset_name")
+        check_not_removed(self.validation_dataset_name, flag="--validation_dataset_name")
         if self.latents_cache and self.random_crop:
             raise ValueError(
                 "--random_crop cannot be used with --latents_cache: the cache holds center crops (each crop "
@@ -272,6 +360,18 @@ class TrainConfig:
                 "--latents_cache holds preference pairs, and --objective kto trains on unpaired images; "
                 "train KTO from --dataset_name"
             )
+        if self.label_mode == "soft" and self.effective_objective != "dpo":
+            raise ValueError(
+                f"--label_mode soft weights the pairwise DPO losses; --objective {self.effective_objective} has "
+                "no such loss (drop --label_mode soft)"
+            )
+        if self.label_mode == "soft" and self.latents_cache:
+            raise ValueError(
+                "--label_mode soft needs each pair's vote share, which a --latents_cache does not hold; train "
+                "from --dataset_name"
+            )
+        if not 0.0 <= self.min_label_margin <= 1.0:
+            raise ValueError(f"--min_label_margin must be in [0, 1], got {self.min_label_margin}")
         if self.sft and self.objective not in ("dpo", "sft"):
             raise ValueError(f"--sft contradicts --objective {self.objective}")
         if self.effective_objective == "dpo":
@@ -290,6 +390,26 @@ class TrainConfig:
                 f"full --objective {self.effective_objective} fine-tune has none; drop it or train LoRA "
                 "(--use_lora), whose reference is the base under the adapters"
             )
+        if (self.winner_safeguard or self.auto_beta) and self.effective_objective != "dpo":
+            raise ValueError(
+                "--winner_safeguard and --auto_beta act on the pairwise losses of --objective dpo, not on "
+                f"--objective {self.effective_objective}"
+            )
+        if not 0.0 <= self.winner_safeguard_mu <= 1.0:
+            raise ValueError(f"--winner_safeguard_mu must be in [0, 1], got {self.winner_safeguard_mu}")
+        if not 0.0 < self.auto_beta_target < 0.5:
+            raise ValueError(
+                f"--auto_beta_target must be in (0, 0.5) (σ(−β|δ|) < 0.5 for β|δ| > 0), got {self.auto_beta_target}"
+            )
+        if not 0.0 <= self.auto_beta_decay < 1.0:
+            raise ValueError(f"--auto_beta_decay must be in [0, 1), got {self.auto_beta_decay}")
+        if self.auto_beta and not 0 < self.beta_range[0] <= self.beta_dpo <= self.beta_range[1]:
+            raise ValueError(
+                f"--auto_beta_min {self.beta_range[0]} <= --beta_dpo {self.beta_dpo} <= --auto_beta_max "
+                f"{self.beta_range[1]} must hold, with the minimum > 0"
+            )
+        if self.stop_on_degradation < 0:
+            raise ValueError(f"--stop_on_degradation must be >= 0 (0: off), got {self.stop_on_degradation}")
         positive = (
             "resolution",
             "train_batch_size",
@@ -329,7 +449,7 @@ class TrainConfig:
             raise ValueError(f"--max_sequence_length must be >= 1, got {self.max_sequence_length}")
         for name in (
             "mixed_precision", "objective", "loss_type", "on_bad_example", "adam_implementation",
-            "weighting_scheme", "flow_error_weighting",
+            "weighting_scheme", "flow_error_weighting", "dataset_format", "label_mode",
         ):  # fmt: skip
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
@@ -344,7 +464,15 @@ class TrainConfig:
         )  # fmt: skip
 
     def to_dict(self) -> dict:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        """Every option but the Hub token, which must not reach training_config.yaml (uploaded with the
+        model) or a tracker's config."""
+        return {
+            f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in SECRET
+        }
+
+
+#: options never written out (to_dict)
+SECRET = ("hub_token",)
 
 
 def _plain(value):
@@ -372,27 +500,58 @@ def _str2bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Diffusion-DPO / SFT / Diffusion-KTO / MaPO fine-tuning of Stable Diffusion (SD1.x, SDXL).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def _metavar(name: str, kind) -> str:
+    if kind is int:
+        return "N"
+    if kind is float:
+        return "X"
+    return (
+        "PATH"
+        if name.endswith(("_dir", "_path", "_name", "cache")) or name == "resume_from_checkpoint"
+        else "TEXT"
     )
-    parser.add_argument("--config", type=str, default=None, help="YAML file in configs/; flags override it.")
+
+
+def build_parser(full_help: bool = False) -> argparse.ArgumentParser:
+    """The command line: one flag per field, in :data:`cli_help.GROUPS`; ``--help`` shows each flag's
+    one-line help and default, ``--help_all`` (``full_help``) each field's whole description."""
+    parser = cli_help.Parser(
+        prog="train_sd.py",
+        usage="python train_sd.py [--config FILE] [--FLAG VALUE ...]",
+        description=cli_help.description(),
+        epilog=cli_help.EPILOG,
+        formatter_class=cli_help.Formatter,
+    )
+    parser.add_argument(
+        "--config", type=str, default=None, metavar="FILE", help="YAML file in configs/; flags override it."
+    )
+    parser.add_argument(
+        "--help_all", action=cli_help.HelpAll, build=build_parser, help="Every flag's full description."
+    )
     hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        kind, inner = _base_type(hints[f.name])
-        # argparse %-formats help strings: a literal % must be doubled
-        kw: dict = {"help": f.metadata["help"].replace("%", "%%"), "default": argparse.SUPPRESS}
-        if kind is bool:
-            # `--flag` sets True; `--flag false` is accepted too, so YAML values can be overridden.
-            kw.update(nargs="?", const=True, type=_str2bool)
-        elif kind is list:
-            kw.update(nargs="*", type=inner)
-        else:
-            kw.update(type=kind)
-        if "choices" in f.metadata:
-            kw["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kw)
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for title, names in cli_help.GROUPS:
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            kind, inner = _base_type(hints[f.name])
+            text = f.metadata["help"] if full_help else cli_help.one_line(f.name, f.metadata["help"])
+            default = cli_help.default_text(f.default)
+            if default is not None:
+                text += f" [default: {default}]"
+            # argparse %-formats help strings: a literal % must be doubled
+            kw: dict = {"help": text.replace("%", "%%"), "default": argparse.SUPPRESS}
+            if kind is bool:
+                # `--flag` sets True; `--flag false` is accepted too, so YAML values can be overridden.
+                kw.update(nargs="?", const=True, type=_str2bool, metavar="BOOL")
+            elif kind is list:
+                kw.update(nargs="*", type=inner, metavar=_metavar(f.name, inner))
+            else:
+                kw.update(type=kind, metavar=_metavar(f.name, kind))
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+                kw["metavar"] = "{" + ",".join(map(str, f.metadata["choices"])) + "}"
+            group.add_argument(f"--{f.name}", **kw)
     return parser
 
 
@@ -406,7 +565,11 @@ def load_yaml(path: str | Path) -> dict:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; see `python train_sd.py --help` for the options")
+        hints = [f"{key} -> {close}" for key in unknown if (close := cli_help.suggestion(key, known))]
+        hint = f" (did you mean: {', '.join(hints)}?)" if hints else ""
+        raise ValueError(
+            f"{path}: unknown keys {unknown}{hint}; see `python train_sd.py --help` for the options"
+        )
     return data
 
 

@@ -30,8 +30,11 @@ def _load_rows_and_transform(
     max_samples: int | None,
     cache_dir: str | None,
     on_bad_example: str,
+    pair_options: dict | None = None,
 ):
-    """(rows, transform, collate, load-time stats) of a pair, unpaired (KTO) or caption/image source."""
+    """(rows, transform, collate, load-time stats) of a pair, unpaired (KTO) or caption/image source.
+    ``pair_options``: more ``load_pair_dataset`` arguments for a pair source (``dataset_format``,
+    ``image_root``, ``min_label_margin``)."""
     from diffusion_dpo.data.pairs import PairStats, load_pair_dataset
     from diffusion_dpo.data.transforms import PairTransform, collate_pairs
 
@@ -65,7 +68,9 @@ def _load_rows_and_transform(
             rows = load_caption_dataset(dataset_name, **load_args)
         return rows, UnpairedTransform(**transform_args, labelled=kto), collate_unpaired, stats
     stats = PairStats()
-    rows = load_pair_dataset(dataset_name, keep_ties=keep_ties, stats=stats, **load_args)
+    rows = load_pair_dataset(
+        dataset_name, keep_ties=keep_ties, stats=stats, **load_args, **(pair_options or {})
+    )
     return rows, PairTransform(**transform_args), collate_pairs, stats
 
 
@@ -178,6 +183,21 @@ def _load_cached_rows(cfg: TrainConfig):
     return rows, transform, latent_cache.collate_cached_pairs, stats
 
 
+def _log_labels(cfg: TrainConfig, stats) -> None:
+    """Say what the labels hold and what this run does with them (split votes thrown away by hard labels)."""
+    decided = stats.seen - stats.bad_labels
+    if not decided:
+        return
+    logger.info(
+        "labels of %s (%s format): %d pairs, %d ties (%s), %d with split votes, %d near-ties dropped; "
+        "--label_mode %s%s",
+        cfg.dataset_name, stats.dataset_format, decided, stats.ties,
+        "kept" if cfg.effective_keep_ties else "dropped", stats.split_votes, stats.near_ties, cfg.label_mode,
+        " (split votes train as p = 1: --label_mode soft keeps them)"
+        if cfg.label_mode == "hard" and stats.split_votes else "",
+    )  # fmt: skip
+
+
 @dataclass
 class TrainData:
     """The training rows of this process: its DataLoader, and how to start an epoch at a position.
@@ -270,13 +290,22 @@ def build_train_data(
             cfg.dataset_name, split=cfg.dataset_split, resolution=cfg.resolution, sdxl=is_sdxl, seed=cfg.seed,
             train=True, kto=objective == "kto", images_only=images_only, random_crop=cfg.random_crop,
             hflip=not cfg.no_hflip, proportion_empty_prompts=cfg.proportion_empty_prompts,
-            streaming=cfg.streaming, keep_ties=cfg.keep_ties, max_samples=cfg.max_train_samples,
+            streaming=cfg.streaming, keep_ties=cfg.effective_keep_ties, max_samples=cfg.max_train_samples,
             cache_dir=cfg.cache_dir, on_bad_example=cfg.on_bad_example,
+            pair_options=dict(
+                dataset_format=cfg.dataset_format, image_root=cfg.image_root, min_label_margin=cfg.min_label_margin
+            ),
         )  # fmt: skip
+        if stats is not None and hasattr(stats, "split_votes") and process_index == 0:
+            _log_labels(cfg, stats)
         if not cfg.no_audit_pairs and process_index == 0:
             from diffusion_dpo.curation.audit import startup_audit
 
             startup_audit(rows, stats, dataset_name=cfg.dataset_name)  # warns; never raises
+            if cfg.audit_scorers:
+                from diffusion_dpo.curation.label_quality import startup_label_quality
+
+                startup_label_quality(rows, cfg.audit_scorers, dataset_name=cfg.dataset_name)  # never raises
     common = dict(
         stats=stats, streaming=cfg.streaming, num_processes=num_processes, process_index=process_index,
         num_workers=cfg.dataloader_num_workers,

@@ -37,10 +37,15 @@ from diffusion_dpo.training import checkpoint as ckpt
 from diffusion_dpo.training import distributed as dist
 from diffusion_dpo.training.collectives import StepWindow, gather_bad_rows, stream_position, synchronized
 from diffusion_dpo.training.config import TrainConfig
+from diffusion_dpo.training.console import progress_fields, setup_logging
 from diffusion_dpo.training.guards import BadRows, NonFiniteSteps, PreemptionSignals, RunStopped
 from diffusion_dpo.training.metrics_file import append_metrics, truncate_metrics
+from diffusion_dpo.training.model_card import write_model_card
 from diffusion_dpo.training.models import encoders_on, setup_models
+from diffusion_dpo.training.monitors import RunMonitors
 from diffusion_dpo.training.optim import make_optimizer
+from diffusion_dpo.training.preflight import check_sources
+from diffusion_dpo.training.previous_run import start_over
 from diffusion_dpo.training.saving import final_samples, save_final_model, validation_images
 from diffusion_dpo.training.step import compute_batch_loss
 from diffusion_dpo.training.validation import encode_heldout_pairs, heldout_accuracy
@@ -82,7 +87,9 @@ def train(cfg: TrainConfig) -> dict:
                 batches += 1
                 take_position(run, at, batch)
                 with accelerator.accumulate(models.unet):
-                    loss, metrics = compute_batch_loss(models, batch, cfg, all_reduce_sum=all_reduce_sum)
+                    loss, metrics = compute_batch_loss(
+                        models, batch, cfg, all_reduce_sum=all_reduce_sum, beta=run.monitors.beta
+                    )
                     accelerator.backward(loss)
                 window.add(loss, metrics, batch)
                 if not accelerator.sync_gradients:
@@ -134,6 +141,7 @@ class Run:
     heldout: Any
     nonfinite: NonFiniteSteps
     bad: BadRows
+    monitors: RunMonitors  # docs/monitors.md: warnings, --auto_beta, --stop_on_degradation
 
 
 @dataclass
@@ -160,6 +168,7 @@ def set_up(cfg: TrainConfig) -> Run:
         open_fitting_cache,
     )
 
+    check_sources(cfg)  # every path and hub id the run reads, before anything is created or loaded
     out = Path(cfg.output_dir)
     accelerator = _accelerator(cfg, out)
     # Seeds model initialisation (LoRA adapters) alike on every process. The training draws do not use
@@ -222,7 +231,7 @@ def set_up(cfg: TrainConfig) -> Run:
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, models=models, data=data, optimizer=optimizer,
         lr_scheduler=lr_scheduler, lr=lr, params=params, owns_step=owns_step, heldout=heldout,
-        nonfinite=NonFiniteSteps(cfg.max_nonfinite_steps), bad=bad,
+        nonfinite=NonFiniteSteps(cfg.max_nonfinite_steps), bad=bad, monitors=RunMonitors(cfg),
     )  # fmt: skip
 
 
@@ -237,9 +246,7 @@ def _accelerator(cfg: TrainConfig, out: Path):
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / cfg.logging_dir)),
         kwargs_handlers=dist.process_group_kwargs(),
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    # accelerate logs four lines per checkpoint (weights, optimizer, scheduler, RNG); ours logs one
-    logging.getLogger("accelerate.checkpointing").setLevel(logging.WARNING)
+    setup_logging()
     dist.check_launch(accelerator, cfg)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -267,17 +274,16 @@ def resume(run: Run) -> Position:
             )
         if "bad_rows" in state:
             run.bad.load_state_dict(state["bad_rows"])
+        if "monitors" in state:
+            run.monitors.load_state_dict(state["monitors"])
         logger.info("resumed from %s at step %d (epoch %d)", resume_path, at.global_step, at.epoch)
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", at.global_step)
     elif accelerator.is_main_process:
         # a fresh run: metrics of an earlier run in the same output_dir are not continued
         truncate_metrics(out / "metrics.jsonl", 0)
-        if ckpt.list_checkpoints(out):
-            logger.warning(
-                "%s already holds checkpoints of an earlier run; pass --resume_from_checkpoint latest to continue it",
-                out,
-            )
+        if note := start_over(cfg):  # an earlier run there: say that this one replaces it
+            logger.warning(note)
     if run.bad.too_many():
         raise ValueError(run.bad.message())
 
@@ -359,15 +365,25 @@ def log_step(run: Run, at: Position, totals: dict, finite: bool, new_bad: list[d
         row["eval/implicit_acc"] = heldout_accuracy(
             run.models, run.heldout, cfg.validation_timesteps, cfg.seed, accelerator=accelerator
         )
+    run.monitors.after_step(step, row)  # the gathered values: the same state on every process
     if accelerator.is_main_process:
         append_metrics(run.out / "metrics.jsonl", row)
         bar.set_postfix(
-            loss=f"{row['loss']:.4f}" if row.get("loss") is not None else "n/a",
-            acc=f"{row.get('rewards/accuracies') or float('nan'):.2f}",
-        )
+            progress_fields(row) | _monitor_postfix(row)
+        )  # no `nan` for a value that does not exist (yet)
     # trackers take numbers only (not the lists of bad rows, not a missing value)
     accelerator.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
     return row
+
+
+def _monitor_postfix(row: dict) -> dict:
+    # the progress bar's monitors: the winner's error vs the reference (relative trend), the gradient factor
+    shown = {}
+    if row.get("monitors/chosen_rel_trend") is not None:
+        shown["w_err"] = f"{row['monitors/chosen_rel_trend']:+.1%}"
+    if row.get("monitors/grad_factor") is not None:
+        shown["gf"] = f"{row['monitors/grad_factor']:.2f}"
+    return shown
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,6 +400,7 @@ def save(run: Run, at: Position) -> Path:
     step_state.update(
         nonfinite={"skipped": run.nonfinite.skipped, "consecutive": run.nonfinite.consecutive},
         bad_rows=run.bad.state_dict(),
+        monitors=run.monitors.state_dict(),
     )
     return ckpt.save_checkpoint(
         run.accelerator, run.out, at.global_step, step_state, run.cfg.checkpoints_total_limit
@@ -392,7 +409,8 @@ def save(run: Run, at: Position) -> Path:
 
 def stop_if_asked(run: Run, at: Position, too_many_nonfinite: bool, stop: bool, signum: int | None) -> None:
     """Save and raise :class:`RunStopped` after too many non-finite steps in a row, too many bad rows, or
-    a signal on any process (``stop``: all processes agree on it, it was reduced with the metrics)."""
+    a monitor past its threshold for ``--stop_on_degradation`` checks, or a signal on any process (``stop``:
+    all processes agree on it, it was reduced with the metrics)."""
     step = at.global_step
     if too_many_nonfinite:
         path = save(run, at)
@@ -407,6 +425,13 @@ def stop_if_asked(run: Run, at: Position, too_many_nonfinite: bool, stop: bool, 
     if run.bad.too_many():
         path = save(run, at)
         raise RunStopped(f"{run.bad.message()} (checkpoint {path})", exit_code=1, checkpoint=path)
+    degraded = run.monitors.stop_reason(step)
+    if degraded:
+        path = save(run, at)
+        raise RunStopped(
+            f"{degraded} Checkpoint {path}; change the settings, then resume with --resume_from_checkpoint latest.",
+            exit_code=1, checkpoint=path,
+        )  # fmt: skip
     if stop:
         path = save(run, at)
         signum = signum or 15  # another process got the signal
@@ -461,6 +486,8 @@ def finish(run: Run, at: Position, last_row: dict, started: float) -> dict:
         save_final_model(run.cfg, models, trained_unet, full_state)
         if run.cfg.validation_prompts:
             final_samples(run.cfg, models, accelerator.device)
+        family = models.components.family.name  # README.md: base, method, data, steps, held-out accuracy
+        write_model_card(run.cfg, at.global_step, family_name=family, num_processes=accelerator.num_processes)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     models.unet = trained_unet
@@ -469,6 +496,7 @@ def finish(run: Run, at: Position, last_row: dict, started: float) -> dict:
         "last_metrics": last_row,
         "train/skipped_steps": run.nonfinite.skipped,
         **run.bad.summary(),
+        **run.monitors.summary(),
         "seconds": time.time() - started,
         "is_main_process": accelerator.is_main_process,
         "models": models,

@@ -131,21 +131,28 @@ def load_trained_pipeline(
 
 
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> list:
+def decode_latents(pipe, latents: torch.Tensor, resolution: int | None = None) -> list:
     """Scaled latents → PIL images, decoded by the VAE in its own dtype (SDXL's original VAE is kept
-    in fp32: decoding it in fp16 overflows into black or NaN images)."""
+    in fp32: decoding it in fp16 overflows into black or NaN images). Packed latents ``[N, L, 4C]``
+    (Qwen-Image's ``output_type="latent"``) are unpacked by the pipeline's own ``_unpack_latents`` at
+    ``resolution``; its one-frame video latents ``[N, C, 1, h, w]`` decode to the frame."""
     vae = pipe.vae
+    if latents.dim() == 3:
+        latents = pipe._unpack_latents(latents, resolution, resolution, pipe.vae_scale_factor)
     latents = latents.to(vae.device, vae.dtype)
     config = vae.config
     if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-        latents = latents * std / config.scaling_factor + mean
+        shape = (1, -1) + (1,) * (latents.dim() - 2)
+        mean = torch.tensor(config.latents_mean).view(shape).to(latents)
+        std = torch.tensor(config.latents_std).view(shape).to(latents)
+        latents = latents * std / getattr(config, "scaling_factor", 1.0) + mean
     elif getattr(config, "shift_factor", None) is not None:  # SD3's VAE
         latents = latents / config.scaling_factor + config.shift_factor
     else:
         latents = latents / config.scaling_factor
     images = vae.decode(latents).sample
+    if images.dim() == 5:  # [N, 3, 1, H, W]
+        images = images[:, :, 0]
     return pipe.image_processor.postprocess(images.float(), output_type="pil")
 
 
@@ -183,7 +190,7 @@ def sample_images(
                 output_type="latent", **extra,
             ).images  # fmt: skip
         path = out_dir / f"{i:02d}.png"
-        decode_latents(pipe, latents)[0].save(path)
+        decode_latents(pipe, latents, resolution)[0].save(path)
         paths.append(path)
     return paths
 

@@ -21,20 +21,24 @@ from diffusion_dpo.diffusion import (
     denoising_errors,
     draw_for_rows,
     logratios_from_errors,
-    pair_denoising_errors,
     sft_losses,
 )
-from diffusion_dpo.diffusion.objective import pair_model_errors
+from diffusion_dpo.diffusion.objective import pair_denoising_outputs, pair_model_errors
 from diffusion_dpo.losses import (
     kto_loss,
+    loser_gradient_scale,
     mapo_loss,
     masked_mean,
+    pairwise_logratio_gradients,
     pairwise_loss_from_logratios,
     preference_metrics,
+    safeguard_terms,
+    scale_gradient,
 )
 from diffusion_dpo.models.loading import encode_images, latent_shape, posterior_latents
 from diffusion_dpo.training.config import TrainConfig
 from diffusion_dpo.training.models import Models, conditioning
+from diffusion_dpo.training.monitors import pair_monitor_metrics
 from diffusion_dpo.transfer import to_device
 
 Tensor = torch.Tensor
@@ -43,6 +47,18 @@ Tensor = torch.Tensor
 def _summed_over_valid(losses: Tensor, valid: Tensor) -> Tensor:
     # divided by the nominal batch size, not the valid count: see the module docstring
     return torch.where(valid, losses, 0.0).sum() / losses.shape[0]
+
+
+def label_metrics(label_p: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """The label distribution of a batch's valid pairs (whatever ``--label_mode`` trains with):
+    ``labels/p_mean`` (mean P(winner preferred)), ``labels/tie_share`` (p = 0.5), ``labels/split_share``
+    (0.5 < p < 1: split votes)."""
+    p = label_p.float()
+    return {
+        "labels/p_mean": masked_mean(p, valid),
+        "labels/tie_share": masked_mean((p == 0.5).float(), valid),
+        "labels/split_share": masked_mean(((p > 0.5) & (p < 1.0)).float(), valid),
+    }
 
 
 def _latent_shape(vae, batch: dict, suffix: str) -> tuple[int, int, int]:
@@ -84,6 +100,7 @@ def compute_batch_loss(
     cfg: TrainConfig,
     *,
     all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    beta: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Forward and loss of one micro-batch. Returns the scalar loss to backpropagate and detached
     0-dim metrics averaged over the batch's valid rows.
@@ -97,7 +114,8 @@ def compute_batch_loss(
     row) and ``epoch`` (keys the rows' draws with their indices; 0 if absent).
 
     ``all_reduce_sum``: sums a tensor over processes (KTO's reference point is the mean over the
-    whole global batch, docs/objectives.md#kto); None in a single process.
+    whole global batch, docs/objectives.md#kto; the winner safeguard's λ is one per global micro-batch);
+    None in a single process. ``beta``: the β of this step under ``--auto_beta`` (default ``cfg.beta_dpo``).
     """
     comps, process = models.components, models.process
     device = next(models.unet.parameters()).device
@@ -181,18 +199,33 @@ def compute_batch_loss(
         }
         return _summed_over_valid(losses, valid), metrics
 
-    model_err, ref_err = pair_denoising_errors(
+    out = pair_denoising_outputs(
         models.unet, models.ref_unet, process, latents_w, latents_l, hidden, draws.noise,
         draws.timesteps, cond,
     )  # fmt: skip
+    model_err, ref_err = out.model_errors, out.ref_errors
+    beta = cfg.beta_dpo if beta is None else beta
+    # P(winner preferred) of each pair [B]: 1 unless the data carries vote shares (docs/data.md#soft-labels)
+    label_p = to_device(batch["label_p"], device) if "label_p" in batch else torch.ones(n, device=device)
+    loss_args = dict(
+        beta=beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+        label_p=label_p if cfg.label_mode == "soft" else None,
+    )  # fmt: skip
+    extra = {}
+    if cfg.winner_safeguard:
+        scale = _loser_scale(out, valid, n, loss_args, cfg.winner_safeguard_mu, all_reduce_sum)
+        model_err = torch.cat([model_err[:n], scale_gradient(model_err[n:], scale)])  # same values
+        extra["safeguard/loser_scale"] = scale
     logratios = logratios_from_errors(model_err, ref_err)  # [2B], winners first
     losses, chosen_rewards, rejected_rewards = pairwise_loss_from_logratios(
-        logratios[:n], logratios[n:], beta=cfg.beta_dpo, loss_type=cfg.loss_type,
-        label_smoothing=cfg.label_smoothing,
-    )  # fmt: skip
+        logratios[:n], logratios[n:], **loss_args
+    )
     metrics = {
         "loss": masked_mean(losses.detach(), valid),
         **preference_metrics(chosen_rewards, rejected_rewards, mask=valid),
+        **label_metrics(label_p, valid),
+        **pair_monitor_metrics(logratios[:n], logratios[n:], beta, out.model_sq, out.ref_sq, valid),
+        **extra,
     }
     model_err, ref_err = model_err.detach(), ref_err.detach()
     metrics.update(
@@ -204,3 +237,15 @@ def compute_batch_loss(
         }
     )
     return _summed_over_valid(losses, valid), metrics
+
+
+def _loser_scale(out, valid: Tensor, n: int, loss_args: dict, mu: float, all_reduce_sum) -> Tensor:
+    """Diffusion-SDPO's λ for this micro-batch (:mod:`diffusion_dpo.losses.safeguard`), from the
+    output-space terms summed over every process's pairs (one λ for the global micro-batch)."""
+    logratios = logratios_from_errors(out.model_errors.detach(), out.ref_errors)
+    grad_c, grad_r = pairwise_logratio_gradients(logratios[:n], logratios[n:], valid.float(), **loss_args)
+    # the convention logratio = −0.5·(eθ − eref): ∂L/∂e = −0.5·∂L/∂logratio
+    terms = safeguard_terms(-0.5 * grad_c, -0.5 * grad_r, out.winner_sq, out.winner_loser_dot)
+    if all_reduce_sum is not None:
+        terms = all_reduce_sum(terms)
+    return loser_gradient_scale(terms, mu)

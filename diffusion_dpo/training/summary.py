@@ -92,6 +92,7 @@ def describe_run(cfg: TrainConfig, summary: dict) -> str:
             f"{margin_first:+.3f} -> {margin_last:+.3f}; training-pair accuracy "
             f"{_mean(last, 'rewards/accuracies') or 0:.2f} over the last {len(last)} steps."
         )
+    lines += _monitor_lines(last, summary.get("monitors/warnings", []))
     skipped_steps, skipped_rows = summary.get("train/skipped_steps", 0), summary.get("data/skipped_rows", 0)
     if skipped_steps or skipped_rows:
         lines.append(
@@ -116,3 +117,27 @@ def describe_run(cfg: TrainConfig, summary: dict) -> str:
     )
     lines.append(f"  compare its images with the base's: {evaluate_command(cfg)}")
     return "\n".join(lines)
+
+
+def _monitor_lines(last: list[dict], warnings: list[dict]) -> list[str]:
+    """The monitors over the last steps (docs/monitors.md) and the warnings they raised, if any."""
+    parts = []
+    for key, label, fmt in (
+        ("monitors/chosen_vs_ref", "winner's error vs the reference", "{:+.4f}"),
+        ("monitors/rejected_vs_ref", "loser's", "{:+.4f}"),
+        ("monitors/negative_margins", "pairs with a negative margin", "{:.0%}"),
+        ("monitors/grad_factor", "gradient factor σ(−βδ)", "{:.2f}"),
+        ("monitors/pred_norm_ratio", "prediction norm / reference's", "{:.3f}"),
+        ("train/beta", "β (--auto_beta)", "{:.4g}"),
+    ):
+        value = _mean(last, key)
+        if value is not None:
+            parts.append(f"{label} {fmt.format(value)}")
+    if not parts:
+        return []
+    lines = [f"  monitors over the last {len(last)} steps: " + "; ".join(parts) + "."]
+    if not warnings:
+        lines.append("  monitors: no warning (docs/monitors.md says what each one watches).")
+    for warning in warnings:
+        lines.append(f"  WARNING {warning['monitor']}: {warning['message']}")
+    return lines

@@ -127,7 +127,7 @@ def _components_from_pipeline(pipe, family) -> SDComponents:
         family.joint_attention_dim = denoiser.config.joint_attention_dim
     return SDComponents(
         unet=denoiser,
-        vae=pipe.vae,
+        vae=family.trainer_vae(pipe.vae),
         noise_scheduler=family.noise_scheduler_from_config(pipe.scheduler.config),
         tokenizers=tokenizers,
         text_encoders=encoders,
@@ -185,6 +185,10 @@ def heldout_implicit_accuracy(
         components=components, unet=components.unet, ref_unet=ref_unet, weight_dtype=torch.float32
     )
     if resolution is None:
+        if getattr(components.unet.config, "sample_size", None) is None:  # Qwen-Image's transformer
+            raise ValueError(
+                f"{model}'s {family.denoiser_label} has no default image size: pass a resolution"
+            )
         resolution = components.unet.config.sample_size * (
             2 ** (len(components.vae.config.block_out_channels) - 1)
         )

@@ -1,4 +1,5 @@
-"""One small module per model family (SD1.x/2.x, SDXL, SD3/3.5): see :mod:`.base` for what each knows.
+"""One small module per model family (SD1.x/2.x, SDXL, SD3/3.5, Qwen-Image): see :mod:`.base` for what
+each knows.
 
 Flux (``FluxPipeline``) is recognised and refused with what it still needs (docs/sd3.md#flux).
 
@@ -13,13 +14,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from diffusion_dpo.models.families.base import ModelFamily
+from diffusion_dpo.models.families.qwen_image import QwenImageFamily
 from diffusion_dpo.models.families.sd import SDFamily
 from diffusion_dpo.models.families.sd3 import SD3Family
 from diffusion_dpo.models.families.sdxl import SDXLFamily
 from diffusion_dpo.models.pretrained import read_model_index
 
 #: most specific first: an SDXL index also has a UNet
-FAMILIES: tuple[type[ModelFamily], ...] = (SD3Family, SDXLFamily, SDFamily)
+FAMILIES: tuple[type[ModelFamily], ...] = (QwenImageFamily, SD3Family, SDXLFamily, SDFamily)
 
 
 def family_for_index(index: dict, where: str = "the model", **options) -> ModelFamily:
@@ -30,6 +32,11 @@ def family_for_index(index: dict, where: str = "the model", **options) -> ModelF
         raise ValueError(
             f"{where} is a {name}: Flux is not supported yet (its transformer takes packed 2×2 latent "
             "patches, image/text position ids and a guidance embedding); SD1.x/2.x, SDXL and SD3/SD3.5 are"
+        )
+    if name.startswith("QwenImage") and name != QwenImageFamily.pipeline_class_name:
+        raise ValueError(
+            f"{where} is a {name}: of the Qwen-Image pipelines only the text-to-image QwenImagePipeline is "
+            "supported (edit, inpainting and ControlNet ones take condition images)"
         )
     for family in FAMILIES:
         if family.matches(index):
@@ -63,6 +70,7 @@ def family_for_pipeline(pipe, **options) -> ModelFamily:
 __all__ = [
     "FAMILIES",
     "ModelFamily",
+    "QwenImageFamily",
     "SD3Family",
     "SDFamily",
     "SDXLFamily",

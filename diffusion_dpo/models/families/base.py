@@ -85,6 +85,19 @@ class ModelFamily:
         )  # fmt: skip
         return [tokenizer], [encoder]
 
+    def load_vae(self, source, revision=None, variant=None, dtype=torch.float32) -> torch.nn.Module:
+        """The checkpoint's own VAE, as the trainer uses it (``encode(pixels).latent_dist``, ``config``'s
+        ``scaling_factor``/``shift_factor``): an ``AutoencoderKL`` for every family but Qwen-Image's."""
+        from diffusers import AutoencoderKL
+
+        return AutoencoderKL.from_pretrained(
+            source, subfolder="vae", variant=variant, revision=revision, **dtype_kwargs(dtype)
+        )
+
+    def trainer_vae(self, vae: torch.nn.Module) -> torch.nn.Module:
+        """A pipeline's own VAE as :meth:`load_vae` returns it (the same module, but for Qwen-Image)."""
+        return vae
+
     def vae_dtype(self, frozen_dtype: torch.dtype, own_vae: bool) -> torch.dtype:
         """The VAE's dtype: the frozen parts' (``own_vae``: the checkpoint's VAE, not a swapped one)."""
         return frozen_dtype
@@ -137,6 +150,10 @@ class ModelFamily:
 
     def sampling_kwargs(self) -> dict:
         """Extra keywords of the pipeline call when sampling."""
+        return {}
+
+    def default_sampling_kwargs(self) -> dict:
+        """What the family is always sampled with, trained here or not (Qwen-Image's real CFG)."""
         return {}
 
     def lora_save_kwargs(self, peft_state: dict, metadata: dict) -> dict:
