@@ -45,7 +45,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("validation", (
         "validation_dataset_name", "validation_split", "num_validation_pairs", "validation_timesteps",
-        "validation_steps", "validation_prompts", "num_inference_steps",
+        "validation_steps", "validation_prompts", "num_inference_steps", "guidance_scale",
     )),
     ("output, logging and the Hub", (
         "output_dir", "report_to", "logging_dir", "push_to_hub", "hub_model_id", "hub_token",
