@@ -31,10 +31,17 @@ from diffusion_dpo.evaluation.generate import (
     ModelLoadError,
     generate_images,
     parse_model_spec,
+    recorded_sampling,
     settings_from_args,
 )
 from diffusion_dpo.evaluation.prompts import load_prompts
-from diffusion_dpo.evaluation.report import EvalResults, summarize_results, write_report
+from diffusion_dpo.evaluation.report import (
+    EvalResults,
+    disagreement_notes,
+    format_number,
+    summarize_results,
+    write_report,
+)
 from diffusion_dpo.evaluation.score_cache import ScoreCache, score_files, score_key, scorer_if_needed
 from diffusion_dpo.training.model_card import record_evaluations
 
@@ -76,8 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num_images_per_prompt", type=int, default=1, help="N images per prompt: seeds S..S+N-1")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_inference_steps", type=int, default=50)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument(
+        "--num_inference_steps",
+        type=int,
+        default=None,
+        help="sampler steps (default: what the trained models recorded in training_config.yaml, else 50)",
+    )
+    p.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: what the trained models recorded, else 7.5)",
+    )
     p.add_argument("--resolution", type=int, default=None, help="square output size (default: the model's)")
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--batch_size", type=int, default=4, help="images per pipeline call")
@@ -195,16 +212,59 @@ def _implicit_accuracy(args, models) -> dict[str, float]:
     return out
 
 
+#: Sampling when neither the command line nor a trained model says (diffusers' SD defaults).
+SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 7.5}
+
+
+def _sampling_defaults(args, models) -> str:
+    """Fill in ``--num_inference_steps``/``--guidance_scale`` left unset, from what the trained models
+    recorded (:func:`recorded_sampling`); returns where the values came from, in words."""
+    given = {k: getattr(args, k) for k in SAMPLING_DEFAULTS if getattr(args, k) is not None}
+    if len(given) == len(SAMPLING_DEFAULTS):
+        return "as given on the command line"
+    found, where = recorded_sampling(models, SAMPLING_DEFAULTS)
+    parts = [f"{key} {value} as given" for key, value in given.items()]
+    for key, value in found.items():
+        if key not in given:
+            setattr(args, key, value)
+            parts.append(where[key])
+    text = "; ".join(parts)
+    logger.info("sampling with %s", text)
+    return text
+
+
+def distinct_prompts(prompt_set):
+    """The prompt set with repeats dropped (the first kept, with its category), logged: a repeated
+    prompt renders the same images from the same seeds, so it would count one comparison twice."""
+    from diffusion_dpo.evaluation.prompts import PromptSet
+
+    seen: dict[str, int] = {}
+    for i, prompt in enumerate(prompt_set.prompts):
+        seen.setdefault(prompt, i)
+    if len(seen) == len(prompt_set.prompts):
+        return prompt_set
+    keep = sorted(seen.values())
+    logger.warning(
+        "%d of the %d prompts repeat an earlier one: evaluating the %d distinct prompts",
+        len(prompt_set.prompts) - len(keep), len(prompt_set.prompts), len(keep),
+    )  # fmt: skip
+    cats = [prompt_set.categories[i] for i in keep] if prompt_set.categories is not None else None
+    return PromptSet([prompt_set.prompts[i] for i in keep], cats, prompt_set.source)
+
+
 def format_table(summary: dict) -> str:
     """The short end-of-run table: model, scorer, mean ± sem, win rate [95% CI]."""
     rows = [("model", "scorer", "mean ± sem", "win rate vs " + summary["baseline"] + " [95% CI]")]
     for m in summary["models"]:
         for s in summary["scorers"]:
             st = summary["scores"][m][s]
-            sem = "nan" if not np.isfinite(st["sem"]) else f"{st['sem']:.4g}"
             wr = summary["win_rates"].get(m, {}).get(s)
-            wr_txt = f"{wr['win_rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]" if wr else "(baseline)"
-            rows.append((m, s, f"{st['mean']:.4g} ± {sem}", wr_txt))
+            wr_txt = (
+                f"{format_number(wr['win_rate'])} [{format_number(wr['ci_low'])}, {format_number(wr['ci_high'])}]"
+                if wr
+                else "(baseline)"
+            )
+            rows.append((m, s, f"{format_number(st['mean'])} ± {format_number(st['sem'])}", wr_txt))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -231,13 +291,16 @@ def _run(parser: argparse.ArgumentParser, args) -> dict:
             raise ValueError(f"--model names must be unique, got {names}")
         if args.num_images_per_prompt < 1:
             raise ValueError(f"--num_images_per_prompt must be >= 1, got {args.num_images_per_prompt}")
+        sampling_from = _sampling_defaults(args, models)
         settings = settings_from_args(args)
-        prompt_set = load_prompts(
-            args.prompts,
-            prompt_column=args.prompt_column,
-            category_column=args.category_column,
-            split=args.prompt_split,
-            max_prompts=args.max_prompts,
+        prompt_set = distinct_prompts(
+            load_prompts(
+                args.prompts,
+                prompt_column=args.prompt_column,
+                category_column=args.category_column,
+                split=args.prompt_split,
+                max_prompts=args.max_prompts,
+            )
         )
         _check_scorers(args.scorer)  # after the cheap checks: this may download weights
     except ValueError as err:
@@ -277,6 +340,7 @@ def _run(parser: argparse.ArgumentParser, args) -> dict:
         "seed": args.seed,
         "num_inference_steps": args.num_inference_steps,
         "guidance_scale": args.guidance_scale,
+        "sampling_from": sampling_from,
         "resolution": args.resolution,
         "negative_prompt": args.negative_prompt,
         "dtype": args.dtype,
@@ -308,6 +372,8 @@ def _run(parser: argparse.ArgumentParser, args) -> dict:
         results, summary, output_dir, top_k=args.top_k, max_grid_prompts=args.max_grid_prompts
     )
     print(format_table(summary))
+    for note in disagreement_notes(summary):
+        print("\nnote: " + note)
     print(f"\nreport: {paths['html']}\nsummary: {paths['summary']}\nper-image scores: {paths['csv']}")
     for card in record_evaluations(summary, {m.name: m.source for m in models}):  # trainer outputs
         print(f"model card with the win rate: {card}")

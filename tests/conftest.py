@@ -44,7 +44,7 @@ def tiny_flux_path(tmp_path_factory):
 @pytest.fixture(scope="session")
 def embedded_default_run(tmp_path_factory):
     """The README's first command, exactly as a new user runs it, from a fresh directory: it builds the
-    tiny base model and the data, then trains (about two and a half minutes on 2 cores). Returns the
+    tiny base model and the data, then trains (about 5 minutes of CPU time on one core). Returns the
     directory it ran in and the finished process; tests that need the built assets copy them."""
     root = Path(__file__).resolve().parents[1]
     cwd = tmp_path_factory.mktemp("embedded_default")

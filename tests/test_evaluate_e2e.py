@@ -510,3 +510,56 @@ def test_relabel_ordered_pairs_with_image_paths(tmp_path, capsys):
     with pytest.raises(SystemExit):
         relabel.main(["--dataset", str(src), "--scorer", "no_such_scorer", "--output", str(out)])
     assert "unknown scorer" in capsys.readouterr().err
+
+
+def test_shapes_prompt_sets_and_repeats_dropped(evaluate):
+    from diffusion_dpo import synthetic
+    from diffusion_dpo.evaluation.prompts import PromptSet, load_prompts
+
+    heldout = load_prompts("shapes:heldout")
+    train = {synthetic.caption(s) for s in synthetic.specs_for(False)}
+    assert len(heldout) == len(set(heldout.prompts)) == 24 and not train & set(heldout.prompts)
+    assert set(load_prompts("shapes:train").prompts) == train and len(load_prompts("shapes:all")) == 120
+    with pytest.raises(ValueError, match="shapes:heldout, shapes:train or shapes:all"):
+        load_prompts("shapes:test")
+    # a repeated prompt would render the same images from the same seeds and count one pair twice
+    got = evaluate.distinct_prompts(PromptSet(["a", "b", "a", "c", "b"], ["x", "y", "z", "w", "v"], "s"))
+    assert got.prompts == ["a", "b", "c"] and got.categories == ["x", "y", "w"]
+
+
+def test_sampling_defaults_come_from_what_the_trained_models_recorded(evaluate, tmp_path, caplog):
+    """--num_inference_steps/--guidance_scale left out: the values every trainer output among the models
+    recorded in training_config.yaml (a hub id or plain pipeline records none); a flag given wins;
+    models that disagree fall back to 50 and 7.5 with a warning naming them."""
+    import argparse
+
+    import yaml
+
+    from diffusion_dpo.evaluation.generate import ModelSpec
+
+    def output(name, **recorded):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "training_config.yaml").write_text(yaml.safe_dump(recorded))
+        return ModelSpec(name, str(tmp_path / name), "pipeline")
+
+    base = output("base", num_inference_steps=20, guidance_scale=3.0)
+    dpo = output("dpo", num_inference_steps=20, guidance_scale=3.0, beta_dpo=5000)
+    hub = ModelSpec("hub", "runwayml/stable-diffusion-v1-5", "hub")
+
+    def resolve(models, **flags):
+        args = argparse.Namespace(num_inference_steps=None, guidance_scale=None, **{})
+        vars(args).update(flags)
+        where = evaluate._sampling_defaults(args, models)
+        return args.num_inference_steps, args.guidance_scale, where
+
+    assert resolve([base, dpo, hub]) == (
+        20,
+        3.0,
+        "num_inference_steps 20 as base, dpo recorded; guidance_scale 3.0 as base, dpo recorded",
+    )
+    assert resolve([base, dpo], guidance_scale=7.0)[:2] == (20, 7.0)
+    assert resolve([hub]) == (50, 7.5, "num_inference_steps 50 by default; guidance_scale 7.5 by default")
+    other = output("old", num_inference_steps=25)  # recorded before guidance was: steps differ, no guidance
+    with caplog.at_level("WARNING"):
+        assert resolve([other, dpo])[:2] == (50, 3.0)
+    assert "different num_inference_steps (old 25, dpo 20)" in caplog.text

@@ -72,13 +72,16 @@ def test_flux_is_recognised_its_relatives_refused_and_its_options_checked():
         family_for_index({"_class_name": "FluxPipeline"}, drop_t5=True)
     with pytest.raises(ValueError, match="at most 512"):
         family_for_index({"_class_name": "FluxPipeline"}, max_sequence_length=513)
-    # families without a guidance embedding refuse the flag instead of ignoring it
+    # families without a guidance embedding take --guidance_scale as sampling's classifier-free guidance
+    # only (it never reaches their training call), and refuse FLUX.1's resolution shift
     for index in (
         {"_class_name": "StableDiffusion3Pipeline"},
         {"unet": ["diffusers", "UNet2DConditionModel"]},
     ):
-        with pytest.raises(ValueError, match="--guidance_scale 2.0: .* no guidance embedding"):
-            family_for_index(index, guidance_scale=2.0)
+        other = family_for_index(index, guidance_scale=2.0)
+        assert "guidance_scale" not in other.sampling_kwargs() and not hasattr(other, "guidance_scale")
+        with pytest.raises(ValueError, match="--resolution_shift: .* fixed schedule"):
+            family_for_index(index, resolution_shift=512)
     # image sides: 2×2 packing of a VAE that downsamples 8×: multiples of 16, the error names two that work
     vae = SimpleNamespace(block_out_channels=(128, 256, 512, 512))
     flux.check_resolution(512, vae)

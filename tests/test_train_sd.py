@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate.utils import set_seed
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 from trainer_runs import reset_accelerate, tiny_run_flags
@@ -217,19 +218,21 @@ def test_embedded_default_learns_and_says_so(embedded_default_run):
     assert len(list((out / "samples").glob("*.png"))) == 3
     assert not list((cwd / "outputs/tiny/base_model").glob("checkpoint-*"))  # a base, not a run
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["global_step"] == 300
+    assert summary["global_step"] == 150
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     accuracies = [r["eval/implicit_acc"] for r in rows if "eval/implicit_acc" in r]
-    # 256 held-out pairs (standard error about 0.03): 0.6 is more than 3 standard errors above chance;
-    # measured 0.79 on 2 threads
-    assert accuracies[-1] >= 0.6, accuracies
-    losses = [r["loss"] for r in rows]
-    assert sum(losses[-30:]) / 30 < sum(losses[:30]) / 30 < 1.0, (losses[:30], losses[-30:])
-    assert max(losses) < 5  # no swings by orders of magnitude (β 5000 here swung up to 42)
-    # the closing words a newcomer reads: accuracy start -> end, loss trend, where everything is
+    # 240 held-out pairs without ties (standard error about 0.032): 0.55 is above chance; measured 0.595
+    # (seed 0) and 0.630 (seed 1) at β 1000, which trades accuracy (0.79 at β 50) for images that
+    # beat the base's (the next test)
+    assert accuracies[-1] >= 0.55, accuracies
+    margins = [r["rewards/margins"] for r in rows]
+    assert sum(margins[-15:]) / 15 > sum(margins[:15]) / 15 > -1, (margins[:15], margins[-15:])
+    # the closing words a newcomer reads: accuracy start -> end, loss trend (and why it may rise), where
+    # everything is and how to evaluate it
     words = result.stdout
     assert "held-out implicit-reward accuracy: 0.50 at the start" in words
-    assert f"-> {accuracies[-1]:.2f} at step 300" in words and "(down)" in words
+    assert f"-> {accuracies[-1]:.2f} at step 150" in words
+    assert "(down)" in words or "can rise while the model learns" in words
     assert "model: outputs/tiny/dpo" in words and "samples: 3 images" in words
     # the base build's own saves and loads and the checkpoints print no library chatter
     assert "Writing model shards" not in result.stderr and "accelerate.checkpointing" not in result.stderr
@@ -261,6 +264,68 @@ def test_embedded_default_learns_and_says_so(embedded_default_run):
     assert "outputs/tiny/dpo already holds this run, finished with the same options" in again.stdout
     assert f"-> {accuracies[-1]:.2f} at step 300" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+
+
+def readme_evaluation_command() -> str:
+    """The README's command that evaluates the embedded default (base vs DPO, local paths)."""
+    lines = [ln.strip() for ln in (ROOT / "README.md").read_text().splitlines()]
+    found = [
+        ln.split(" #")[0].strip()
+        for ln in lines
+        if ln.startswith("python eval/evaluate.py --model base=outputs/tiny/")
+    ]
+    assert len(found) == 1, (
+        f"README.md should have one evaluation command of the embedded default, has {found}"
+    )
+    return found[0]
+
+
+def test_embedded_default_beats_its_base_in_images(embedded_default_run):
+    """The README's evaluation command on the README's first run, as a user runs it: DPO's images follow
+    held-out prompts better than the base's, with a 95% interval above 0.5 (24 prompts never trained on
+    × 8 seeds, the faithfulness scorer), sampled with the steps and guidance the run recorded. The run's
+    closing lines give the same command."""
+    import shlex
+
+    cwd, result = embedded_default_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    command = readme_evaluation_command()
+    assert command in result.stdout, result.stdout[-2000:]
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "eval/evaluate.py"]
+    run = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:], "--no_progress"], cwd=cwd,
+                         capture_output=True, text=True)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = cwd / argv[argv.index("--output_dir") + 1]
+    summary = json.loads((out / "summary.json").read_text())
+    recorded = yaml.safe_load((cwd / "outputs/tiny/dpo/training_config.yaml").read_text())
+    assert summary["settings"]["num_inference_steps"] == recorded["num_inference_steps"]
+    assert summary["settings"]["guidance_scale"] == recorded["guidance_scale"]
+    assert summary["n_prompts"] == 24 and len(summary["seeds"]) == 8
+    wr = summary["win_rates"]["dpo"]["shapes"]
+    assert wr["ci_low"] > 0.5, (wr, run.stdout)
+    assert summary["scores"]["dpo"]["shapes"]["mean"] > summary["scores"]["base"]["shapes"]["mean"]
+    assert "dpo beats base on shapes" in (out / "report.html").read_text()
+
+
+def test_closing_words_give_the_evaluation_command(tiny_sd_path, pairs_path, tmp_path):
+    """A run's closing words end with the evaluate.py command comparing it with its base: for the
+    embedded default its world's held-out prompts and scorer, for any other run a prompt file to fill
+    in; held-out pairs, when the run had them, for the implicit accuracy. Steps and guidance are left
+    to what the run recorded."""
+    from diffusion_dpo.training.summary import evaluate_command
+
+    cfg = parse_config(["--config", str(ROOT / "configs/tiny.yaml")])
+    assert evaluate_command(cfg) == (
+        "python eval/evaluate.py --model base=outputs/tiny/base_model --model dpo=outputs/tiny/dpo "
+        "--prompts shapes:heldout --scorer shapes --num_images_per_prompt 8 "
+        "--implicit_pairs outputs/tiny/pairs_heldout.parquet --output_dir outputs/tiny/dpo_eval"
+    )
+    lora = parse_config(_argv(tiny_sd_path, pairs_path, tmp_path / "run", use_lora=True, objective="sft"))
+    command = evaluate_command(lora)
+    assert f"--model base={tiny_sd_path} --model sft={tmp_path / 'run'}" in command
+    assert "--prompts PROMPTS.txt --scorer pickscore" in command and "--implicit_pairs" not in command
+    assert "--num_inference_steps" not in command and "--guidance_scale" not in command
 
 
 def test_streaming_dataset_and_checkpoint_rotation(tmp_path, tiny_sd_path, pairs_path):

@@ -1,4 +1,4 @@
-"""``python -m diffusion_dpo.bench.suite``: every GPU row of the README's Performance section, in one go.
+"""``python -m diffusion_dpo.bench.suite``: every GPU row of docs/performance.md, in one go.
 
     python -m diffusion_dpo.bench.suite --output_dir bench_results            # a CUDA machine
     python -m diffusion_dpo.bench.suite --output_dir /tmp/s --tiny            # the same runs, test models

@@ -1,7 +1,8 @@
 """Evaluation: prompt sets, cached generation and scores, statistics, reports (``eval/evaluate.py``).
 
-May import: ``models`` and :mod:`diffusion_dpo.training.saving` (a trained output is loaded as it was
-trained), ``scorers``. :mod:`.stats`, :mod:`.plots` and :mod:`.prompts` import nothing of the package.
+May import: ``models`` and :mod:`diffusion_dpo.training.saving` (a trained output is loaded and sampled
+as it was trained), ``scorers``. :mod:`.stats` and :mod:`.plots` import nothing of the package;
+:mod:`.prompts` only the synthetic world's captions (``shapes:heldout``, :mod:`diffusion_dpo.synthetic`).
 """
 
 from diffusion_dpo.evaluation.generate import (

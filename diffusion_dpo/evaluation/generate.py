@@ -280,6 +280,35 @@ def trained_sampling_kwargs(spec: ModelSpec) -> dict:
         return {}
 
 
+def recorded_sampling(specs: list[ModelSpec], defaults: dict) -> tuple[dict, dict]:
+    """The ``num_inference_steps`` and ``guidance_scale`` to sample every model with when the command
+    line gives none: what the trainer outputs among ``specs`` recorded (their validation images were
+    sampled so: ``training_config.yaml``), when they agree; else ``defaults``.
+
+    Returns ``(settings, where)``: ``where[key]`` says in words where the value came from, for the log
+    and the report. Models that record different values fall back to ``defaults``, with a warning naming
+    them (every model must sample the same way for the comparison to be paired).
+    """
+    from diffusion_dpo.training.saving import SAMPLING_KEYS, trained_sampling_settings
+
+    recorded = {spec.name: trained_sampling_settings(spec.source) for spec in specs}
+    settings, origins = {}, {}
+    for key in SAMPLING_KEYS:
+        values = {name: rec[key] for name, rec in recorded.items() if key in rec}
+        if len(set(values.values())) == 1:
+            settings[key] = next(iter(values.values()))
+            origins[key] = f"{key} {settings[key]} as {', '.join(values)} recorded"
+            continue
+        if values:
+            logger.warning(
+                "the models recorded different %s (%s): sampling all with %s; give --%s to choose",
+                key, ", ".join(f"{n} {v}" for n, v in values.items()), defaults[key], key,
+            )  # fmt: skip
+        settings[key] = defaults[key]
+        origins[key] = f"{key} {defaults[key]} by default"
+    return settings, origins
+
+
 def load_pipeline(spec: ModelSpec, device: str = "cpu", dtype: str = "fp32"):
     """Load a text-to-image pipeline for ``spec`` onto ``device`` in ``dtype`` (LoRA: base + adapter)."""
     from diffusers import DiffusionPipeline

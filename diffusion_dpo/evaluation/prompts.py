@@ -11,6 +11,9 @@ Sources :func:`load_prompts` understands:
 - ``hpsv2`` or ``hpsv2:STYLE`` — the HPSv2 benchmark prompts (Wu et al. 2023, arXiv 2306.09341),
   800 per style ``anime``, ``concept-art``, ``paintings``, ``photo``, downloaded from the hub dataset
   ``zhwang/HPDv2`` (``benchmark/STYLE.json``), with the style as category;
+- ``shapes:heldout``, ``shapes:train`` or ``shapes:all`` — the synthetic shapes world's captions
+  (``diffusion_dpo.synthetic``): its 24 held-out combinations, which no training data of the
+  embedded default or the synthetic experiment shows, its 96 training ones, or all 120;
 - any other string — a hub dataset id, read with ``datasets.load_dataset(id, split=split,
   streaming=True)``.
 
@@ -168,8 +171,24 @@ def _read_dataset(source: str, split: str, prompt_column, category_column, limit
     return _from_records(rows, f"{source} (split {split})", prompt_column, category_column)
 
 
+SHAPES_SETS = {"heldout": True, "train": False, "all": None}
+
+
+def _read_shapes(which: str) -> PromptSet:
+    from diffusion_dpo import synthetic
+
+    if which not in SHAPES_SETS:
+        raise ValueError(
+            f"unknown shapes prompt set {which!r}: use shapes:heldout, shapes:train or shapes:all"
+        )
+    specs = synthetic.specs_for(SHAPES_SETS[which])
+    return PromptSet([synthetic.caption(s) for s in specs], None, f"shapes:{which}")
+
+
 def _read_source(source: str, split: str, prompt_column, category_column, max_prompts) -> PromptSet:
     path = Path(source).expanduser()
+    if source.startswith("shapes:") and not path.exists():
+        return _read_shapes(source.partition(":")[2])
     if source == "hpsv2" or source.startswith("hpsv2:"):
         return _read_hpsv2(source.partition(":")[2])
     if path.is_file():
@@ -203,7 +222,8 @@ def load_prompts(
     """Load an evaluation prompt set (see the module docstring for the accepted sources).
 
     Args:
-        source: file path, folder, ``hpsv2[:STYLE]`` or hub dataset id.
+        source: file path, folder, ``hpsv2[:STYLE]``, ``shapes:heldout`` (or ``:train``, ``:all``) or
+            hub dataset id.
         prompt_column: column holding the prompt; found automatically among ``PROMPT_COLUMNS`` if None.
         category_column: column holding a category per prompt; ``category``/``Category`` are used
             automatically when present.

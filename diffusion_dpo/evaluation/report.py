@@ -196,29 +196,41 @@ def verdict_sentences(summary: dict) -> list[str]:
     ]
 
 
-def _fmt(x, digits: int = 4) -> str:
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+def format_number(x, signed: bool = False) -> str:
+    """The report's one number format: three decimals (``0.296``, ``+0.030``), ``–`` for a missing or
+    non-finite value. A value that rounds to zero but is not zero reads ``<0.001`` rather than ``0.000``
+    (or ``5.92e-05`` in another notation), so every number on the page reads the same way."""
+    if x is None or not math.isfinite(float(x)):
         return "–"
-    return f"{x:.{digits}g}"
+    x = float(x)
+    if x != 0 and abs(x) < 0.0005:
+        return ("+" if signed and x > 0 else "-" if x < 0 else "") + "<0.001"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
-def _img(path: Path, root: Path, caption: str) -> str:
+def _img(path: Path, root: Path, caption: str, delta: float | None = None) -> str:
+    """One image with its caption; ``delta`` (the Δ printed in the caption) is also kept as the
+    figure's ``data-delta``, so a test can check that the image shown is the one whose Δ is printed."""
     src = html.escape(urllib.parse.quote(_rel(path, root)))
+    data = f' data-delta="{delta!r}"' if delta is not None else ""
     return (
-        f'<figure><a href="{src}"><img src="{src}" loading="lazy"></a>'
+        f'<figure{data}><a href="{src}"><img src="{src}" loading="lazy"></a>'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
 
 
 _CSS = """
-body{font-family:sans-serif;margin:1.5em;max-width:1400px}
+body{font-family:sans-serif;margin:1.5em}
 table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#eee}td.l,th.l{text-align:left}
-figure{display:inline-block;margin:2px;vertical-align:top;text-align:center}
-figure img{width:160px;height:160px;object-fit:contain;border:1px solid #ddd}
-figcaption{font-size:11px;max-width:160px}.prompt{font-size:13px;margin:.8em 0 .2em}
+figure{display:inline-block;margin:1px;vertical-align:top;text-align:center}
+figure img{width:72px;height:72px;object-fit:contain;border:1px solid #ddd;image-rendering:pixelated}
+figcaption{font-size:9px;max-width:72px}.prompt{font-size:13px;margin:.6em 0 .2em}
+.blocks{display:flex;flex-wrap:wrap;gap:4px 24px}.block{flex:0 0 auto}
+.row{white-space:nowrap}.who{display:inline-block;width:4em;font-size:11px;vertical-align:middle}
 img.plot{max-width:48%;border:1px solid #eee;margin:2px}
-ul.verdict{font-size:1.15em;line-height:1.6}
+ul.verdict{font-size:1.15em;line-height:1.6}ul.settings{line-height:1.5}
+p.note{background:#fff6e0;border-left:4px solid #e0a000;padding:.5em 1em}
 """
 
 
@@ -251,6 +263,141 @@ def settings_rows(settings: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _seed_range(seeds: list) -> str:
+    if len(seeds) > 2 and list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"seeds {seeds[0]}–{seeds[-1]}"
+    return ("seed " if len(seeds) == 1 else "seeds ") + ", ".join(str(x) for x in seeds)
+
+
+def settings_sentences(settings: dict, n_prompts: int, seeds: list) -> list[str]:
+    """The run's settings as a few plain sentences (prompts, sampling, scorers, statistics, models),
+    then ``key: value`` for any setting they do not cover."""
+    st, used = dict(settings), set()
+
+    def get(key, default=None):
+        used.add(key)
+        return st.get(key, default)
+
+    out = []
+    if "prompts" in st:
+        limit = get("max_prompts")
+        split = get("prompt_split")
+        source = f"{get('prompts')}" + (f" (split {split})" if split and split != "train" else "")
+        out.append(
+            f"Prompts: {n_prompts} distinct prompts from {source}"
+            + (f", the first {limit}" if limit else "")
+            + f"; {len(seeds)} image{'s' if len(seeds) != 1 else ''} per prompt ({_seed_range(seeds)}), "
+            "the same seeds for every model."
+        )
+        used.add("num_images_per_prompt")
+        used.add("seed")
+    if "num_inference_steps" in st:
+        negative = get("negative_prompt")
+        origin = get("sampling_from")
+        out.append(
+            f"Sampling: {get('num_inference_steps')} steps, guidance scale {_plain(get('guidance_scale'))}, "
+            + (
+                f"{get('resolution')}×{get('resolution')} pixels"
+                if st.get("resolution")
+                else "the model's own size"
+            )
+            + (f", negative prompt “{negative}”" if negative else ", no negative prompt")
+            + f", {get('dtype', 'fp32')} weights on {get('device', 'cpu')}, "
+            f"{get('batch_size', 1)} images per pipeline call" + (f" ({origin})" if origin else "") + "."
+        )
+        used.add("resolution")
+    if "scorer_specs" in st:
+        out.append(
+            f"Scorers: {_plain(get('scorer_specs'))}, their backbones in {get('scorer_dtype', 'fp32')}."
+        )
+    if "n_bootstrap" in st:
+        out.append(
+            f"Win-rate intervals: 95%, from {get('n_bootstrap')} bootstrap resamples of the prompts "
+            "(a prompt's seeds stay together)."
+        )
+    if get("implicit_pairs"):
+        out.append(f"Implicit reward accuracy: on the held-out pairs {st['implicit_pairs']}.")
+    for name, spec in (get("model_specs") or {}).items():
+        kind = {"lora": f"a LoRA on {spec.get('base')}", "pipeline": "a diffusers pipeline"}.get(
+            spec.get("kind"), spec.get("kind") or "a model"
+        )
+        out.append(f"Model {name}: {spec.get('source')} ({kind}).")
+    if get("cache_dir"):
+        out.append(f"Images and scores are cached in {st['cache_dir']}: a rerun reuses them.")
+    out += [f"{k}: {v}" for k, v in settings_rows({k: v for k, v in st.items() if k not in used})]
+    return out
+
+
+#: Implicit accuracy this far above chance counts as "learned the pairs" for :func:`disagreement_notes`
+#: (on 200 held-out pairs the standard error at 0.5 is 0.035).
+IMPLICIT_LEARNED = 0.6
+
+
+def disagreement_notes(summary: dict) -> list[str]:
+    """A sentence for each model whose held-out implicit accuracy and win rates disagree: the implicit
+    reward prefers held-out winners (accuracy >= :data:`IMPLICIT_LEARNED`) but its images beat the
+    baseline on no scorer, or its images win while the accuracy is at or below chance."""
+    notes = []
+    base = summary["baseline"]
+    for m, acc in (summary.get("implicit_accuracy") or {}).items():
+        if acc is None or m not in summary["win_rates"]:
+            continue
+        verdicts = {s: verdict(wr) for s, wr in summary["win_rates"][m].items()}
+        beats = [s for s, v in verdicts.items() if v == "beats"]
+        if acc >= IMPLICIT_LEARNED and not beats:
+            notes.append(
+                f"{m}'s implicit reward accuracy is {format_number(acc)}: it ranks the preferred image of a held-out "
+                f"pair above the other far more often than chance, but its own images beat {base}'s on no "
+                "scorer here. The two measure different things: the accuracy compares denoising errors on "
+                "given images; the win rate scores what the model draws from noise with these sampling "
+                f"settings. A model can learn to tell its pairs apart before its samples change, so read "
+                f"the accuracy as “the training signal was learned”, not as “the images are better”; check "
+                "that the steps and guidance are those the models were trained for, then train longer or "
+                "on more pairs."
+            )
+        elif acc <= 0.5 and beats:
+            notes.append(
+                f"{m}'s images beat {base}'s on {', '.join(beats)}, but its implicit reward accuracy is "
+                f"{format_number(acc)}, at or below chance: what improved the images is not what the held-out pairs "
+                "prefer (or the pairs are of another distribution than the prompts)."
+            )
+    return notes
+
+
+def _image_blocks(results: EvalResults, root: Path, rows: list[tuple[int, str]], model: str | None) -> str:
+    """One compact block per prompt ``p`` of ``rows`` (``(p, header)``): a row of images per model, the
+    seeds side by side. With ``model``, only the baseline's and ``model``'s rows, and each of
+    ``model``'s images is captioned with its Δ vs the baseline's image of the same seed."""
+    base = results.baseline
+    shown = [base, model] if model else list(results.models)
+    e = html.escape
+    blocks = []
+    for p, header in rows:
+        lines = [f"<div class='block'><div class='prompt'>{header}</div>"]
+        for m in shown:
+            cells = []
+            for k, seed in enumerate(results.seeds):
+                if model and m == model:
+                    deltas = {
+                        s: float(results.scores[m][s][p][k] - results.scores[base][s][p][k])
+                        for s in results.scorers
+                    }
+                    caption = f"seed {seed}: " + ", ".join(
+                        f"Δ {format_number(d, signed=True)}" for d in deltas.values()
+                    )
+                    cells.append(
+                        _img(results.image_paths[m][p][k], root, caption, next(iter(deltas.values())))
+                    )
+                else:
+                    caption = f"seed {seed}: " + ", ".join(
+                        format_number(results.scores[m][s][p][k]) for s in results.scorers
+                    )
+                    cells.append(_img(results.image_paths[m][p][k], root, caption))
+            lines.append(f"<div class='row'><span class='who'>{e(m)}</span>{''.join(cells)}</div>")
+        blocks.append("".join(lines) + "</div>")
+    return "<div class='blocks'>" + "".join(blocks) + "</div>"
+
+
 def render_html(
     results: EvalResults,
     summary: dict,
@@ -262,9 +409,12 @@ def render_html(
     max_grid_prompts: int = 16,
 ) -> str:
     """The HTML report (prompts escaped, image and plot paths relative to ``root``): the verdict, the
-    win rates (table and ``win_rate_plot``), the score tables, the settings (collapsed), the plots and
-    the images."""
+    win rates (table and ``win_rate_plot``), the score tables, the settings (collapsed, in sentences),
+    the plots and the images: each model's best and worst prompts by the mean Δ over seeds, with every
+    seed's pair of images and its own Δ, then the first prompts side by side, seeds in a row.
+    Every number has one format (:func:`_num`)."""
     base, others, e = results.baseline, results.models[1:], html.escape
+    n_prompts, n_seeds = len(results.prompts), len(results.seeds)
     out = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>Evaluation: {e(', '.join(results.models))}</title>"
     ]
@@ -275,8 +425,9 @@ def render_html(
     else:
         items = "".join(f"<li>{e(t)}</li>" for t in verdict_sentences(summary))
         out.append(f"<ul class='verdict'>{items}</ul>")
+        out += [f"<p class='note'>{e(t)}</p>" for t in disagreement_notes(summary)]
         out.append(
-            f"<p>Every model rendered the same {len(results.prompts)} prompts × {len(results.seeds)} seeds, so "
+            f"<p>Every model rendered the same {n_prompts} prompts × {n_seeds} seeds, so "
             f"each (prompt, seed) gives a pair of images, one from the model and one from the baseline "
             f"<b>{e(base)}</b>. The model wins a pair when the scorer rates its image higher; a tie counts ½; "
             "50% means no difference. The interval is a 95% bootstrap interval that resamples prompts: "
@@ -293,8 +444,8 @@ def render_html(
         for m, by_scorer in summary["win_rates"].items():
             for s, wr in by_scorer.items():
                 out.append(
-                    f"<tr><td class='l'>{e(m)}</td><td class='l'>{e(s)}</td><td>{wr['win_rate']:.3f}</td>"
-                    f"<td>[{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]</td><td>{wr['n']}</td>"
+                    f"<tr><td class='l'>{e(m)}</td><td class='l'>{e(s)}</td><td>{format_number(wr['win_rate'])}</td>"
+                    f"<td>[{format_number(wr['ci_low'])}, {format_number(wr['ci_high'])}]</td><td>{wr['n']}</td>"
                     f"<td>{wr['n_prompts']}</td><td class='l'>{e(verdict(wr))} {e(base)}</td></tr>"
                 )
         out.append("</table>")
@@ -313,10 +464,12 @@ def render_html(
             st = summary["scores"][m][s]
             out.append(
                 f"<tr><td class='l'>{e(m)}</td><td class='l'>{e(s)}</td>"
-                f"<td>{_fmt(st['mean'])} ± {_fmt(st['sem'], 2)}</td><td>{_fmt(st['median'])}</td><td>{st['n']}</td>"
+                f"<td>{format_number(st['mean'])} ± {format_number(st['sem'])}</td><td>{format_number(st['median'])}</td><td>{st['n']}</td>"
             )
             if bt:
-                out.append(f"<td>{bt[s][m]['s']:.3f}</td><td>{bt[s][m]['p_beats_baseline']:.3f}</td>")
+                out.append(
+                    f"<td>{format_number(bt[s][m]['s'])}</td><td>{format_number(bt[s][m]['p_beats_baseline'])}</td>"
+                )
             out.append("</tr>")
     out.append("</table>")
     if summary.get("implicit_accuracy"):
@@ -326,7 +479,7 @@ def render_html(
             "(0.5 is chance).</p><table><tr><th class='l'>model</th><th>accuracy</th></tr>"
         )
         for m, acc in summary["implicit_accuracy"].items():
-            out.append(f"<tr><td class='l'>{e(m)}</td><td>{_fmt(acc)}</td></tr>")
+            out.append(f"<tr><td class='l'>{e(m)}</td><td>{format_number(acc)}</td></tr>")
         out.append("</table>")
     if summary.get("per_category"):
         out.append(
@@ -338,49 +491,49 @@ def render_html(
                 for s in results.scorers:
                     wr = block["win_rates"].get(m, {}).get(s)
                     wr_txt = (
-                        f"{wr['win_rate']:.3f} [{wr['ci_low']:.3f}, {wr['ci_high']:.3f}]"
+                        f"{format_number(wr['win_rate'])} [{format_number(wr['ci_low'])}, {format_number(wr['ci_high'])}]"
                         if wr
                         else "baseline"
                     )
                     out.append(
                         f"<tr><td class='l'>{e(c)}</td><td>{block['n_prompts']}</td><td class='l'>{e(m)}</td>"
-                        f"<td class='l'>{e(s)}</td><td>{_fmt(block['scores'][m][s]['mean'])}</td><td>{wr_txt}</td></tr>"
+                        f"<td class='l'>{e(s)}</td><td>{format_number(block['scores'][m][s]['mean'])}</td><td>{wr_txt}</td></tr>"
                     )
         out.append("</table>")
-    out.append("<details id='settings'><summary>Settings of this run</summary><table>")
-    for k, v in settings_rows(summary["settings"]):
-        out.append(f"<tr><th class='l'>{e(k)}</th><td class='l'>{e(v)}</td></tr>")
-    out.append("</table></details>")
+    out.append("<details id='settings'><summary>Settings of this run</summary><ul class='settings'>")
+    out += [f"<li>{e(t)}</li>" for t in settings_sentences(summary["settings"], n_prompts, results.seeds)]
+    out.append("</ul></details>")
     if plots:
         out.append("<h2>Plots</h2>")
         out += [f"<img class='plot' src='{e(urllib.parse.quote(_rel(p, root)))}'>" for p in plots]
 
-    def cell(m: str, p: int, k: int) -> str:
-        caption = f"{m}: " + ", ".join(f"{s} {results.scores[m][s][p][k]:.3g}" for s in results.scorers)
-        return _img(results.image_paths[m][p][k], root, caption)
-
     for m in others:
         for s in results.scorers:
-            diff = (np.asarray(results.scores[m][s]) - np.asarray(results.scores[base][s])).mean(
-                axis=1
-            )  # [P]
-            order = np.argsort(diff, kind="stable")
+            diff = np.asarray(results.scores[m][s]) - np.asarray(results.scores[base][s])  # [P, S]
+            mean = diff.mean(axis=1)  # [P]
+            order = np.argsort(mean, kind="stable")
             k = min(top_k, len(order))
             out.append(f"<h2>{e(m)} vs {e(base)} by {e(s)}: largest gains and losses</h2>")
+            out.append(
+                f"<p>Prompts ranked by Δ = {e(m)}'s {e(s)} minus {e(base)}'s, averaged over the {n_seeds} seeds; "
+                f"each shows every seed, {e(base)} above {e(m)}, and each seed's own Δ under {e(m)}'s image.</p>"
+            )
             for label, idx in (("best", order[::-1][:k]), ("worst", order[:k])):
-                out.append(f"<h3>{label}</h3>")
-                for p in idx:
-                    out.append(
-                        f"<div class='prompt'>Δ {diff[p]:+.4g} (mean over seeds) — {e(results.prompts[p])}</div>"
-                    )
-                    out.append("".join(cell(x, int(p), 0) for x in (base, m)))
-    n_grid = min(max_grid_prompts, len(results.prompts))
+                rows = [
+                    (int(p), f"mean Δ {format_number(mean[p], signed=True)} — {e(results.prompts[p])}")
+                    for p in idx
+                ]
+                out.append(f"<h3 id='{label}-{_safe_name(m)}-{_safe_name(s)}'>{label}</h3>")
+                out.append(_image_blocks(results, root, rows, model=m))
+    n_grid = min(max_grid_prompts, n_prompts)
     out.append(f"<h2>Side by side (first {n_grid} prompts, every seed)</h2>")
-    for p in range(n_grid):
-        cat = f" [{e(results.categories[p])}]" if results.categories is not None else ""
-        out.append(f"<div class='prompt'><b>{p}</b>{cat}: {e(results.prompts[p])}</div>")
-        for k, seed in enumerate(results.seeds):
-            out.append(f"<div>seed {seed}: " + "".join(cell(m, p, k) for m in results.models) + "</div>")
+    rows = [
+        (p, f"<b>{p}</b>"
+            + (f" [{e(results.categories[p])}]" if results.categories is not None else "")
+            + f": {e(results.prompts[p])}")
+        for p in range(n_grid)
+    ]  # fmt: skip
+    out.append(_image_blocks(results, root, rows, model=None))
     out.append("</body></html>")
     return "\n".join(out)
 

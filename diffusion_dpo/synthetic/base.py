@@ -66,12 +66,19 @@ def tiny_base_arch(path: str | Path) -> str:
 
 
 def build_tiny_base(
-    path: Path, seed: int, resolution: int, arch: str = "sd15", max_sequence_length: int = 16
+    path: Path,
+    seed: int,
+    resolution: int,
+    arch: str = "sd15",
+    max_sequence_length: int = 16,
+    sampling: dict | None = None,
 ) -> Path:
     """Fit the VAE, save the untrained pipeline and pretrain its UNet with this trainer into ``path``.
 
     ``arch``: ``"sd15"`` (UNet, DDPM v-prediction) or ``"sd3"`` (MMDiT and a 16-channel VAE, rectified
-    flow; pretrained with ``max_sequence_length`` T5 tokens, which DPO must use too).
+    flow; pretrained with ``max_sequence_length`` T5 tokens, which DPO must use too). ``sampling``:
+    ``num_inference_steps`` and ``guidance_scale`` the base records in its ``training_config.yaml``
+    (the DPO config's), so ``eval/evaluate.py`` samples the base as the model trained from it.
     """
     import numpy as np
 
@@ -111,13 +118,16 @@ def build_tiny_base(
         "transformer" if arch == "sd3" else "UNet", BASE_IMAGES, BASE_STEPS,
     )  # fmt: skip
     sd3_flags = ["--max_sequence_length", str(max_sequence_length)] if arch == "sd3" else []
+    sampling_flags = [
+        f for key, value in (sampling or {}).items() if value is not None for f in (f"--{key}", str(value))
+    ]
     cfg = parse_config([
         "--pretrained_model_name_or_path", str(work / "init"), "--dataset_name", str(captions),
         "--output_dir", str(path), "--objective", "sft", "--resolution", str(resolution),
         "--train_batch_size", str(BASE_BATCH), "--max_train_steps", str(BASE_STEPS),
         "--learning_rate", str(BASE_LR), "--lr_scheduler", "cosine", "--lr_warmup_steps", "20",
         "--proportion_empty_prompts", "0.1", "--checkpointing_steps", "100000", "--seed", str(seed),
-        *sd3_flags,
+        *sd3_flags, *sampling_flags,
     ])  # fmt: skip
     train(cfg)
     # the trainer's process-wide accelerate state belongs to this run; the DPO run starts afresh
@@ -155,6 +165,7 @@ def ensure_tiny_assets(cfg: TrainConfig) -> None:
         build_tiny_base(
             model, seed=cfg.seed, resolution=cfg.resolution, arch=arch,
             max_sequence_length=cfg.max_sequence_length or 16,
+            sampling={"num_inference_steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale},
         )  # fmt: skip
     train_path = Path(cfg.dataset_name)
     if not train_path.exists():

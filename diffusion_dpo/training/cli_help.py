@@ -17,7 +17,7 @@ import textwrap
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", (
         "pretrained_model_name_or_path", "revision", "variant", "vae_model_name_or_path", "use_lora", "rank",
-        "lora_alpha", "drop_t5", "max_sequence_length", "guidance_scale",
+        "lora_alpha", "drop_t5", "max_sequence_length",
     )),
     ("data", (
         "dataset_name", "dataset_split", "dataset_format", "image_root", "label_mode", "min_label_margin",
@@ -50,7 +50,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("validation", (
         "validation_dataset_name", "validation_split", "num_validation_pairs", "validation_timesteps",
-        "validation_steps", "validation_prompts", "num_inference_steps",
+        "validation_steps", "validation_prompts", "num_inference_steps", "guidance_scale",
     )),
     ("output, logging and the Hub", (
         "output_dir", "report_to", "logging_dir", "push_to_hub", "hub_model_id", "hub_token",
@@ -63,7 +63,7 @@ SHORT_HELP = {
     "vae_model_name_or_path": "Another VAE (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).",
     "drop_t5": "SD3/SD3.5: train and sample without the T5 text encoder.",
     "max_sequence_length": "SD3/SD3.5, FLUX.1: T5 tokens per caption (also when sampling).",
-    "guidance_scale": "FLUX.1 dev: its guidance embedding's value (default 3.5).",
+    "guidance_scale": "Sampling guidance (FLUX.1 dev: its embedding's, 3.5).",
     "resolution_shift": "FLUX.1: draw σ on FluxPipeline's schedule at --resolution.",
     "dataset_name": "Pairs: a hub id, parquet, save_to_disk folder, JSONL or CSV.",
     "dataset_format": "Schema of --dataset_name: auto, pickapic, hpdv3, webdataset, ...",

@@ -52,9 +52,10 @@ class TrainConfig:
     )
     guidance_scale: float | None = _f(
         None,
+        "Guidance when sampling: classifier-free guidance of validation images for SD1.x/2.x, SDXL, SD3 and "
+        "Qwen-Image (default: the pipeline's own), recorded in the output as eval/evaluate.py's default. "
         "FLUX.1 dev: the value fed to its guidance embedding, the same for the policy, the reference and "
-        "sampling (default 3.5, as diffusers' Flux scripts; docs/flux.md#guidance says why some pick 1.0). "
-        "Refused for models without a guidance embedding.",
+        "sampling (default 3.5, as diffusers' Flux scripts; docs/flux.md#guidance says why some pick 1.0).",
     )
     # --- data ---
     dataset_name: str = _f(
@@ -294,7 +295,9 @@ class TrainConfig:
         (100, 300, 500, 700, 900), "Fixed timesteps averaged by the implicit-reward accuracy."
     )
     validation_prompts: list[str] = _f((), "Prompts to sample at validation and after training.")
-    num_inference_steps: int = _f(25, "Sampling steps for validation images.")
+    num_inference_steps: int = _f(
+        25, "Sampling steps for validation images; recorded in the output, eval/evaluate.py's default."
+    )
     # --- output and the Hub ---
     overwrite_output_dir: bool = _f(
         False,

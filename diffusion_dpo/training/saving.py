@@ -47,6 +47,21 @@ def trained_family_options(output_dir: str | Path) -> dict:
     return {key: saved[key] for key in keys if key in saved}
 
 
+#: The sampling settings a trainer output records (its validation images were made so), which
+#: ``eval/evaluate.py`` uses when it is not told otherwise.
+SAMPLING_KEYS = ("num_inference_steps", "guidance_scale")
+
+
+def trained_sampling_settings(output_dir: str | Path) -> dict:
+    """``num_inference_steps`` and ``guidance_scale`` (when set) of a trainer output, from its
+    ``training_config.yaml``; {} for any other pipeline folder or hub id."""
+    path = Path(output_dir) / CONFIG_FILE
+    if not path.is_file():
+        return {}
+    saved = yaml.safe_load(path.read_text()) or {}
+    return {key: saved[key] for key in SAMPLING_KEYS if saved.get(key) is not None}
+
+
 def save_final_model(
     cfg: TrainConfig, models: Models, unet: torch.nn.Module, state_dict: dict | None = None
 ) -> Path:
@@ -156,18 +171,21 @@ def sample_images(
     seed: int,
     autocast_dtype: torch.dtype | None = None,
     pipeline_kwargs: dict | None = None,
+    guidance_scale: float | None = None,
 ) -> list[Path]:
     """One image per prompt from ``torch.Generator("cpu").manual_seed(seed + i)`` (the same noise on any
     device), written as PNGs to ``out_dir``. ``autocast_dtype``: run the denoiser under autocast in the
     run's precision (bf16 or fp16, never autocast's fp16 default in a bf16 run); the VAE always
     decodes outside autocast, in its own dtype. ``pipeline_kwargs``: extra keywords of the pipeline
-    call (default: the family's, e.g. SD3's T5 length)."""
+    call (default: the family's, e.g. SD3's T5 length). ``guidance_scale``: None for the pipeline's own."""
     from diffusion_dpo.models.families import family_for_pipeline
 
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
     device_type = pipe.device.type
     extra = family_for_pipeline(pipe).sampling_kwargs() if pipeline_kwargs is None else pipeline_kwargs
+    if guidance_scale is not None:
+        extra = {**extra, "guidance_scale": guidance_scale}
     paths = []
     for i, prompt in enumerate(prompts):
         gen = torch.Generator(device="cpu").manual_seed(seed + i)
@@ -200,7 +218,7 @@ def validation_images(
             pipe, cfg.validation_prompts, Path(cfg.output_dir) / "validation" / f"step-{step}",
             cfg.resolution, cfg.num_inference_steps, cfg.seed,
             autocast_dtype=models.weight_dtype if models.weight_dtype != torch.float32 else None,
-            pipeline_kwargs=comps.family.sampling_kwargs(),
+            pipeline_kwargs=comps.family.sampling_kwargs(), guidance_scale=cfg.guidance_scale,
         )  # fmt: skip
     finally:
         unet.train(was_training)
@@ -224,4 +242,5 @@ def final_samples(cfg: TrainConfig, models: Models, device) -> list[Path]:
     return sample_images(
         pipe, cfg.validation_prompts, Path(cfg.output_dir) / "samples", cfg.resolution,
         cfg.num_inference_steps, cfg.seed, pipeline_kwargs=models.components.family.sampling_kwargs(),
+        guidance_scale=cfg.guidance_scale,
     )  # fmt: skip

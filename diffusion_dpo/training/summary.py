@@ -15,6 +15,31 @@ WINDOW_SHARE, MIN_WINDOW = 0.1, 10
 _NAMES = {"dpo": "Diffusion-DPO", "sft": "SFT", "kto": "Diffusion-KTO", "mapo": "MaPO"}
 
 
+#: The embedded default's evaluation (:func:`evaluate_command`): the synthetic world's held-out
+#: prompts, each with this many seeds, scored for faithfulness.
+TINY_EVAL_PROMPTS, TINY_EVAL_SCORER, TINY_EVAL_SEEDS = "shapes:heldout", "shapes", 8
+
+
+def evaluate_command(cfg: TrainConfig) -> str:
+    """The ``eval/evaluate.py`` command comparing this run's output with the model it started from.
+    The embedded defaults (``create_tiny_assets``) get their world's held-out prompts and faithfulness
+    scorer; any other run a placeholder prompt file and PickScore; a run with held-out pairs adds them
+    for the implicit accuracy. Sampling steps and guidance are not named: evaluate.py reads the ones
+    this run recorded (``training_config.yaml``)."""
+    out = Path(cfg.output_dir)
+    if cfg.create_tiny_assets:
+        data = f"--prompts {TINY_EVAL_PROMPTS} --scorer {TINY_EVAL_SCORER} --num_images_per_prompt {TINY_EVAL_SEEDS}"
+    else:
+        data = "--prompts PROMPTS.txt --scorer pickscore --num_images_per_prompt 4"
+    if cfg.validation_dataset_name:  # the report then says whether accuracy and win rate agree
+        data += f" --implicit_pairs {cfg.validation_dataset_name}"
+    name = cfg.effective_objective
+    return (
+        f"python eval/evaluate.py --model base={cfg.pretrained_model_name_or_path} --model {name}={out} "
+        f"{data} --output_dir {out.parent / (out.name + '_eval')}"
+    )
+
+
 def _mean(rows: list[dict], key: str) -> float | None:
     values = [r[key] for r in rows if isinstance(r.get(key), int | float) and math.isfinite(r[key])]
     return sum(values) / len(values) if values else None
@@ -47,9 +72,18 @@ def describe_run(cfg: TrainConfig, summary: dict) -> str:
     loss_first, loss_last = _mean(first, "loss"), _mean(last, "loss")
     if loss_first is not None and loss_last is not None:
         trend = "down" if loss_last < loss_first else "up"
+        why = ""
+        if trend == "up" and objective == "dpo" and cfg.loss_type == "sigmoid":
+            # -log σ(β·margin) is about β·|margin| on a pair still ranked wrongly: as the model moves,
+            # those pairs' margins grow, so the mean can rise while more pairs are ranked right
+            why = (
+                "; at this β the loss is dominated by the pairs still ranked wrongly, whose margins grow "
+                "as the model moves, so it can rise while the model learns: the held-out accuracy and "
+                "the evaluation below say whether it did"
+            )
         lines.append(
             f"  loss: {loss_first:.3f} over the first {len(first)} steps -> {loss_last:.3f} over the last "
-            f"{len(last)} ({trend})."
+            f"{len(last)} ({trend}{why})."
         )
     margin_first, margin_last = _mean(first, "rewards/margins"), _mean(last, "rewards/margins")
     if margin_first is not None and margin_last is not None:
@@ -81,6 +115,7 @@ def describe_run(cfg: TrainConfig, summary: dict) -> str:
     lines.append(
         f"  metrics: {out / 'metrics.jsonl'} (one line per step); this summary: {out / 'summary.json'}"
     )
+    lines.append(f"  compare its images with the base's: {evaluate_command(cfg)}")
     return "\n".join(lines)
 
 

@@ -192,13 +192,9 @@ class ModelFamily:
 
 
 def flux_only_options(label: str, guidance_scale: float | None, resolution_shift: int | None) -> None:
-    """Refuse FLUX.1's ``--guidance_scale`` (its guidance embedding) and ``--resolution_shift`` (its
-    resolution-dependent σ shift) for another family."""
-    if guidance_scale is not None:
-        raise ValueError(
-            f"--guidance_scale {guidance_scale}: {label} models have no guidance embedding (it applies to "
-            "FLUX.1 dev); the classifier-free guidance of sampling is eval/evaluate.py's --guidance_scale"
-        )
+    """Refuse FLUX.1's ``--resolution_shift`` (its resolution-dependent σ shift) for another family.
+    ``guidance_scale`` is accepted: for a family without a guidance embedding it is only the classifier-free
+    guidance of sampling (validation images, and eval/evaluate.py's default), never part of training."""
     if resolution_shift is not None:
         raise ValueError(
             f"--resolution_shift: {label} models sample on a fixed schedule, not one shifted by image size "
