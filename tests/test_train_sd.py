@@ -249,8 +249,8 @@ def test_embedded_default_learns_and_says_so(embedded_default_run):
 
     facts = ModelCard.load(out / "README.md").data.to_dict()["diffusion_dpo"]
     assert (
-        facts["steps"] == 300
-        and facts["beta"] == 50
+        facts["steps"] == 150
+        and facts["beta"] == 1000
         and facts["heldout_implicit_accuracy"] == pytest.approx(accuracies[-1], abs=1e-4)
     )
 
@@ -262,7 +262,7 @@ def test_embedded_default_learns_and_says_so(embedded_default_run):
     )  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert "outputs/tiny/dpo already holds this run, finished with the same options" in again.stdout
-    assert f"-> {accuracies[-1]:.2f} at step 300" in again.stdout
+    assert f"-> {accuracies[-1]:.2f} at step 150" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
 
 

@@ -63,6 +63,7 @@ SHORT_HELP = {
     "vae_model_name_or_path": "Another VAE (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).",
     "drop_t5": "SD3/SD3.5: train and sample without the T5 text encoder.",
     "max_sequence_length": "SD3/SD3.5, FLUX.1: T5 tokens per caption (also when sampling).",
+    "num_inference_steps": "Sampling steps of validation images (eval's default too).",
     "guidance_scale": "Sampling guidance (FLUX.1 dev: its embedding's, 3.5).",
     "resolution_shift": "FLUX.1: draw σ on FluxPipeline's schedule at --resolution.",
     "dataset_name": "Pairs: a hub id, parquet, save_to_disk folder, JSONL or CSV.",
