@@ -15,6 +15,10 @@ transformer): the folder has no ``text_encoder_3``, as diffusers allows, and its
 77 T5 positions, zeros in the T5 ones, as the pipeline feeds without T5). Its rows that encode
 captions at every step therefore leave out T5's forward (and its memory); the ``cached_latents`` row,
 which runs no text encoder, is exactly the real model's step.
+
+Why one module of ~470 lines: it is mostly the published configs themselves (five families' denoisers,
+VAEs and text encoders), kept side by side so that a reader checks each against its ``config.json`` in
+one place; the code that builds a folder from them is short and shared.
 """
 
 from __future__ import annotations

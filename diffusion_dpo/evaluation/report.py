@@ -7,6 +7,11 @@ table and an interval plot) and keeps the run's settings in a collapsed section.
 apart from the images, which it references by paths relative to the output folder, so the folder can
 be copied or served as a whole. Each file is written atomically and ``summary.json`` last, so a run
 killed while writing never leaves a truncated summary.
+
+Why one module of ~590 lines: the summary, the console table and the HTML page format the same numbers
+with one formatter (:func:`format_number`) and one verdict wording, and the page's sections (verdicts,
+win rates, best/worst prompts with every seed, settings in words) are read together when one changes;
+the figures already live in :mod:`.plots`.
 """
 
 from __future__ import annotations
