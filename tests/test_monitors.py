@@ -13,6 +13,7 @@ error, a β that is not restored on resume.
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -348,7 +349,7 @@ def test_the_embedded_default_is_quiet_and_shows_its_monitors(embedded_default_r
     assert result.returncode == 0, result.stderr[-3000:]
     out = cwd / "outputs/tiny/dpo"
     assert json.loads((out / "summary.json").read_text())["monitors/warnings"] == []
-    assert "monitors over the last 30 steps: winner's error vs the reference" in result.stdout
+    assert re.search(r"monitors over the last \d+ steps: winner's error vs the reference", result.stdout)
     assert "monitors: no warning" in result.stdout and "WARNING" not in result.stdout
     row = _rows(out)[-1]
     for key in ("monitors/chosen_vs_ref", "monitors/negative_margins", "monitors/grad_factor",
