@@ -118,6 +118,7 @@ def _project_source() -> str:
         *ROOT.glob("*.py"),
         *ROOT.glob("eval/*.py"),
         *ROOT.glob("data/*.py"),
+        *ROOT.glob("tools/*.py"),
         *ROOT.rglob("diffusion_dpo/**/*.py"),
     ]
     return "\n".join(p.read_text() for p in files)
