@@ -554,6 +554,7 @@ def run_once(name: str, command: dict, run_dir: Path, work: Work, timeout: float
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
+    load_before = _load()
     with open(run_dir / "log.txt", "w") as log:
         log.write(" ".join(cmd) + "\n\n")
         log.flush()
@@ -570,6 +571,7 @@ def run_once(name: str, command: dict, run_dir: Path, work: Work, timeout: float
         )
     record = json.loads(stamps_json.read_text())
     record["median_s_per_step"] = run_median(record["stamps"], work.warmup, work.steps)
+    record["load_average_before"], record["load_average_after"] = load_before, _load()
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
     return record
@@ -622,6 +624,9 @@ def measure(args) -> dict:
             else None,
             optimizer=first["optimizers"][0]["class"] if first["optimizers"] else None,
             threads=sorted({o["threads"] for rec in records[name] for o in rec["optimizers"]}),
+            run_load_averages=[
+                [rec["load_average_before"], rec["load_average_after"]] for rec in records[name]
+            ],
             patches=first["patches"],
             command=[str(commands[name]["script"]), *commands[name]["args"]],
         )
@@ -636,6 +641,21 @@ def measure(args) -> dict:
         "orders": round_orders(trainers, args.rounds),
         **summary,
     }
+
+
+def _load_line(result: dict) -> str:
+    loads = [
+        pair[0][0]
+        for row in result["trainers"].values()
+        for pair in row.get("run_load_averages", [])
+        if pair and pair[0]
+    ]
+    if not loads:
+        return ""
+    return (
+        f"1-minute load average at the start of the runs: {min(loads):.2f} to {max(loads):.2f} "
+        f"(median {statistics.median(loads):.2f}) on {result['machine']['cores']} cores."
+    )
 
 
 def report_markdown(result: dict) -> str:
@@ -654,6 +674,7 @@ def report_markdown(result: dict) -> str:
         "",
         markdown_table(result),
         "",
+        _load_line(result),
         f"Ours: {result['ours']['commit'][:12]}{' (uncommitted changes)' if result['ours']['dirty'] else ''}.",
     ]
     for name, origin in result["references"].items():
