@@ -227,3 +227,13 @@ def test_the_patches_work_and_are_undone():
 
             assert importlib.util.find_spec("wandb") is not None
         assert "wandb" not in sys.modules
+
+
+def test_the_defaults_are_the_documented_measurement():
+    args = sbs.parse_args([])
+    assert (args.rounds, args.warmup, args.steps, args.threads) == (5, 2, 20, 2)
+    assert (args.resolution, args.batch_size, args.rank, args.beta_dpo) == (64, 4, 4, 5000.0)
+    assert args.trainers.split(",") == list(sbs.TRAINERS)
+    assert Path(args.output_dir) == ROOT / "outputs" / "side_by_side"
+    with pytest.raises(SystemExit):
+        sbs.parse_args(["--warmup", "0"])

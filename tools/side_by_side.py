@@ -687,15 +687,17 @@ def report_markdown(result: dict) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for name in ("paper", "diffusers"):
+    # spelled out, not looped over the names: the docs' check finds each flag in the source
+    for name, flags in (
+        ("paper", ("--paper_script", "--paper_repo", "--paper_rev")),
+        ("diffusers", ("--diffusers_script", "--diffusers_repo", "--diffusers_rev")),
+    ):
         ref = REFERENCES[name]
         group = parser.add_argument_group(f"{name}'s script ({ref['repo']} {ref['path']})")
-        group.add_argument(f"--{name}_script", metavar="FILE", help="Use this local copy of it.")
-        group.add_argument(f"--{name}_repo", metavar="DIR", help="Read it from this clone or git dir.")
+        group.add_argument(flags[0], metavar="FILE", help="Use this local copy of it.")
+        group.add_argument(flags[1], metavar="DIR", help="Read it from this clone or git dir.")
         group.add_argument(
-            f"--{name}_rev",
-            metavar="REV",
-            help=f"Commit to read (default: {ref['commit'][:12]}; HEAD of a repo).",
+            flags[2], metavar="REV", help=f"Commit to read (default: {ref['commit'][:12]}; HEAD of a repo)."
         )
     parser.add_argument("--output_dir", default=str(ROOT / "outputs" / "side_by_side"))
     parser.add_argument("--trainers", default=",".join(TRAINERS), help="Comma-separated subset, in order.")
