@@ -368,9 +368,9 @@ def log_step(run: Run, at: Position, totals: dict, finite: bool, new_bad: list[d
     run.monitors.after_step(step, row)  # the gathered values: the same state on every process
     if accelerator.is_main_process:
         append_metrics(run.out / "metrics.jsonl", row)
-        bar.set_postfix(
-            progress_fields(row) | _monitor_postfix(row)
-        )  # no `nan` for a value that does not exist (yet)
+        # no `nan` for a value that does not exist (yet); drawn at the bar's next refresh (tqdm redraws
+        # at most every 0.1 s, and at the end), not on every step
+        bar.set_postfix(progress_fields(row) | _monitor_postfix(row), refresh=False)
     # trackers take numbers only (not the lists of bad rows, not a missing value)
     accelerator.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
     return row
