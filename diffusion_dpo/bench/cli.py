@@ -16,7 +16,10 @@ Rows (configurations), each measured in a fresh process (:mod:`diffusion_dpo.ben
 - ``full``: the full fine-tune with the speed options given on this command line;
 - ``lora``: the same with LoRA (the reference is the UNet with adapters disabled: no second UNet);
 - ``cached_latents``: ``full`` from precomputed latents and text embeddings, the encoders in CPU memory;
-- ``mapo``: ``full`` with ``--objective mapo`` (no reference forward, no reference copy).
+- ``mapo``: ``full`` with ``--objective mapo`` (no reference forward, no reference copy);
+- ``loop``, ``loop_lora``: ``train()`` itself on JPEG pairs (``default`` and ``lora``'s configurations),
+  data loading, logging and host syncs included (:mod:`diffusion_dpo.bench.whole_loop`); the table adds
+  each one's loop overhead, whole loop − step.
 
 Every row reports pairs per second (median over the timed optimizer steps after warm-up), peak memory,
 and on GPU the model FLOPs utilisation; and its speed-up and memory ratio against the baseline row.
