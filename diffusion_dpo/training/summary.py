@@ -67,6 +67,16 @@ def describe_run(cfg: TrainConfig, summary: dict) -> str:
             f"so every pair ties) -> {end['eval/implicit_acc']:.2f} at step {end['step']}: the share of "
             f"held-out pairs whose preferred image the model now prefers (0.5 is chance)."
         )
+    wins = [r for r in rows if r.get("eval/win_rate") is not None]
+    if wins:
+        curve = ", ".join(f"{r['eval/win_rate']:.2f}" for r in wins[:-1][-4:])
+        end = wins[-1]
+        lines.append(
+            f"  held-out win rate of samples vs the reference ({cfg.validation_scorer}): "
+            + (f"{curve} -> " if curve else "")
+            + f"{end['eval/win_rate']:.2f} [{end['eval/win_rate_ci_low']:.2f}, "
+            f"{end['eval/win_rate_ci_high']:.2f}] at step {end['step']} (0.5: as good as the reference)."
+        )
     window = max(MIN_WINDOW, int(len(rows) * WINDOW_SHARE))
     first, last = rows[:window], rows[-window:]
     loss_first, loss_last = _mean(first, "loss"), _mean(last, "loss")
