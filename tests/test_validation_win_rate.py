@@ -115,7 +115,9 @@ def test_prompts_are_the_validation_prompts_or_the_held_out_captions(tmp_path, t
     cfg = parse_config(_flags(tiny_sd_path, pairs, tmp_path, validation_scorer="shapes"))
     captions = type("Pairs", (), {"captions": ["b", "a", "b", " ", "c"]})()
     assert win_rate_module.validation_prompts(cfg, captions) == ["b", "a", "c"]
-    cfg = parse_config(_flags(tiny_sd_path, pairs, tmp_path, validation_scorer="shapes", validation_prompts=["x"]))
+    cfg = parse_config(
+        _flags(tiny_sd_path, pairs, tmp_path, validation_scorer="shapes", validation_prompts=["x"])
+    )
     assert win_rate_module.validation_prompts(cfg, captions) == ["x"]
 
 
@@ -198,7 +200,11 @@ def test_a_resumed_run_rebuilds_the_reference_and_validates_at_the_same_steps(tm
     )))  # fmt: skip
 
     def curve(out):
-        return [(r["step"], r["eval/win_rate"], r["eval/score_reference"]) for r in _rows(out) if "eval/win_rate" in r]
+        return [
+            (r["step"], r["eval/win_rate"], r["eval/score_reference"])
+            for r in _rows(out)
+            if "eval/win_rate" in r
+        ]
 
     assert [s for s, _, _ in curve(tmp_path / "straight")] == [2, 4, 6]
     assert curve(tmp_path / "resumed") == pytest.approx(curve(tmp_path / "straight"))

@@ -211,9 +211,7 @@ def training_pipeline(cfg: TrainConfig, models: Models, unet: torch.nn.Module):
 
 
 @torch.no_grad()
-def sample_prompt_images(
-    cfg: TrainConfig, models: Models, pipe, prompt: str, seeds: list[int]
-) -> list:
+def sample_prompt_images(cfg: TrainConfig, models: Models, pipe, prompt: str, seeds: list[int]) -> list:
     """PIL images of one prompt, one per seed (``torch.Generator("cpu").manual_seed(seed)`` each), in
     one pipeline call with the run's sampling settings and precision, as :func:`validation_images`
     samples. The call's batch is the prompt's seeds whatever else is sampled, so an image does not
