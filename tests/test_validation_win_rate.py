@@ -121,13 +121,47 @@ def test_prompts_are_the_validation_prompts_or_the_held_out_captions(tmp_path, t
     assert win_rate_module.validation_prompts(cfg, captions) == ["x"]
 
 
+def test_measuring_leaves_the_global_rng_as_it_was(monkeypatch):
+    """A scorer (or pipeline) that draws from torch's global RNG does not move the training's stream:
+    the state after a measurement equals the state before (and a draw without the fork would move it).
+    The reference is scored once; the images are fakes, the scorer a double that draws."""
+    monkeypatch.setattr(win_rate_module, "training_pipeline", lambda cfg, models, unet: None)
+    monkeypatch.setattr(
+        win_rate_module, "sample_prompt_images", lambda cfg, models, pipe, prompt, seeds: [None] * len(seeds)
+    )
+    draws = []
+
+    class Drawing:
+        def __call__(self, images, prompts):
+            draws.append(torch.rand(1).item())
+            return torch.rand(len(images))
+
+    class Accelerator:
+        device, num_processes, process_index = torch.device("cpu"), 1, 0
+
+        def unwrap_model(self, model):
+            return model
+
+    cfg = type("Cfg", (), {"seed": 0, "num_validation_images": 3})()
+    models = type("Models", (), {"unet": torch.nn.Linear(1, 1), "ref_unet": torch.nn.Linear(1, 1)})()
+    measure = win_rate_module.SampleWinRate(cfg, ["a", "b"], "cpu", scorer=Drawing())
+    before = torch.get_rng_state()
+    first = measure.measure(models, Accelerator())
+    assert torch.equal(torch.get_rng_state(), before) and len(draws) == 4  # reference and policy, 2 prompts
+    measure.measure(models, Accelerator())
+    assert torch.equal(torch.get_rng_state(), before) and len(draws) == 6  # the reference's scores cached
+    assert 0.0 <= first["eval/win_rate_ci_low"] <= first["eval/win_rate"] <= first["eval/win_rate_ci_high"]
+
+
 # ---- the trainer --------------------------------------------------------------------------------
 
 
 def test_a_run_logs_the_win_rate_at_its_validations_and_trains_as_without_it(tmp_path, tiny_sd_path, pairs):
     """4 steps, validation every 2: eval/win_rate (with ci_low <= win_rate <= ci_high) at steps 2 and
     4 only, in metrics.jsonl and the closing lines; and the weights equal, bit for bit, those of the
-    same run without --validation_scorer (sampling draws nothing from the training's RNG)."""
+    same run without --validation_scorer: sampling leaves nothing behind that training reads (modes,
+    devices, the RNG; the RNG alone is checked directly above, as the loop's draws have their own
+    generators)."""
     plain = train(parse_config(_flags(tiny_sd_path, pairs, tmp_path / "plain")))
     reset_accelerate()
     cfg = parse_config(
