@@ -13,7 +13,11 @@ base (configs/synthetic_dpo.yaml, 60 steps, held-out implicit accuracy every 10)
 
 Every model renders the held-out prompts from the same seeds as the base; the table gives each one's
 win rate against the base (shapes scorer, 95% bootstrap interval over prompts), its final held-out
-implicit accuracy, and the first monitor warning (step, monitor) of its run. One torch thread.
+implicit accuracy, and the first monitor warning (step, monitor) of its run. During training every
+validation also logs the held-out win rate of the run's samples against its reference, the base
+(``--validation_scorer shapes``: the 24 held-out prompts with the evaluation's seeds and sampling
+settings, so the last point is the evaluation's win rate): ``win_rate_curve`` in results.json, so the
+study shows whether the monitors fire before the samples get worse. One torch thread.
 """
 
 from __future__ import annotations
@@ -53,11 +57,21 @@ def _first_warning(model_dir: Path) -> dict | None:
     return {"step": warnings[0]["step"], "monitor": warnings[0]["monitor"]} if warnings else None
 
 
-def _curve(model_dir: Path) -> list[tuple[int, float]]:
+def _curve(model_dir: Path, *keys: str) -> list[list]:
+    """``[step, value of each key]`` at every validation (rows that have the first key)."""
     rows = [json.loads(line) for line in (model_dir / "metrics.jsonl").read_text().splitlines()]
+    return [[r["step"], *(round(r[k], 4) for k in keys)] for r in rows if r.get(keys[0]) is not None]
+
+
+WIN_RATE_KEYS = ("eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high")
+
+
+def _win_rate_flags(scale) -> list[str]:
+    # sampled as the final evaluation samples (its seeds, steps and guidance), against the run's reference
     return [
-        (r["step"], round(r["eval/implicit_acc"], 4)) for r in rows if r.get("eval/implicit_acc") is not None
-    ]
+        "--validation_scorer", "shapes", "--num_validation_images", str(scale.images_per_prompt),
+        "--num_inference_steps", str(scale.inference_steps), "--guidance_scale", str(scale.guidance_scale),
+    ]  # fmt: skip
 
 
 def run_seed(exp, seed: int, out: Path, lr: float) -> dict:
@@ -68,7 +82,10 @@ def run_seed(exp, seed: int, out: Path, lr: float) -> dict:
     trained = {}
     for name, (factor, steps, extra) in SETTINGS.items():
         trained[name] = out / "models" / name
-        flags = [*exp._validation_flags(data, scale, "shapes"), "--max_train_steps", str(steps), *extra]
+        flags = [
+            *exp._validation_flags(data, scale, "shapes"), *_win_rate_flags(scale), "--max_train_steps", str(steps),
+            *extra,
+        ]  # fmt: skip
         stages.run(
             name, f"DPO lr x{factor}, {steps} steps {' '.join(extra)}", exp.train_stage, "dpo", models["base"],
             data["pairs"], trained[name], exp.replace(scale, train_steps={}), seed, flags,
@@ -82,15 +99,18 @@ def run_seed(exp, seed: int, out: Path, lr: float) -> dict:
     table = exp.results.method_results(json.loads((eval_dir / "summary.json").read_text()), tuple(SETTINGS))
     for name in SETTINGS:
         table[name]["first_warning"] = _first_warning(trained[name])
-        table[name]["implicit_acc_curve"] = _curve(trained[name])
+        table[name]["implicit_acc_curve"] = _curve(trained[name], "eval/implicit_acc")
+        table[name]["win_rate_curve"] = _curve(trained[name], *WIN_RATE_KEYS)  # [step, rate, low, high]
     (out / "results.json").write_text(json.dumps(table, indent=2) + "\n")
     return table
 
 
 def markdown(tables: dict[int, dict]) -> str:
     lines = [
-        "| setting | seed | win rate vs base [95% CI] | held-out implicit acc (peak -> final) | first warning |",
-        "|---|---|---|---|---|",
+        "| setting | seed | win rate vs base [95% CI] | held-out implicit acc (peak -> final) "
+        "| win rate during training, steps " + "/".join(str(s) for s, *_ in _first_curve(tables)) + " "
+        "| first interval below 0.5 | first warning |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name in SETTINGS:
         for seed, table in tables.items():
@@ -98,11 +118,19 @@ def markdown(tables: dict[int, dict]) -> str:
             curve = [acc for _, acc in row["implicit_acc_curve"]]
             warning = row["first_warning"]
             said = f"step {warning['step']}: `{warning['monitor']}`" if warning else "none"
+            wins = row.get("win_rate_curve") or []
+            below = next((step for step, _, _, high in wins if high < 0.5), None)
             lines.append(
                 f"| {name} | {seed} | {row['win_rate']:.2f} [{row['ci_low']:.2f}, {row['ci_high']:.2f}] | "
-                f"{max(curve):.2f} -> {curve[-1]:.2f} | {said} |"
+                f"{max(curve):.2f} -> {curve[-1]:.2f} | {', '.join(f'{w:.2f}' for _, w, _, _ in wins) or '-'} | "
+                f"{f'step {below}' if below is not None else 'none'} | {said} |"
             )
     return "\n".join(lines)
+
+
+def _first_curve(tables: dict[int, dict]) -> list:
+    first = next(iter(tables.values()), {})
+    return next((row.get("win_rate_curve") or [] for name, row in first.items() if name in SETTINGS), [])
 
 
 def main(argv: list[str] | None = None) -> None:
