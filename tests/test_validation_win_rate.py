@@ -242,3 +242,28 @@ def test_a_resumed_run_rebuilds_the_reference_and_validates_at_the_same_steps(tm
 
     assert [s for s, _, _ in curve(tmp_path / "straight")] == [2, 4, 6]
     assert curve(tmp_path / "resumed") == pytest.approx(curve(tmp_path / "straight"))
+
+
+@pytest.mark.parametrize("family", ["tiny_sd_path", "tiny_sdxl_path", "tiny_sd3_path", "tiny_flux_path"])
+def test_every_family_samples_its_reference_as_the_frozen_model_or_the_lora_base(
+    request, tmp_path, pairs, family
+):
+    """One step of a full fine-tune and of LoRA in each family (through the family's own pipeline, no
+    family branch in the trainer): the reference's scores are the same images in both, the frozen copy
+    of the base and the base under disabled adapters."""
+    model = request.getfixturevalue(family)
+    scores = {}
+    for lora in (False, True):
+        out = tmp_path / str(lora)
+        flags = _flags(
+            model, pairs, out, validation_scorer="shapes", num_validation_images=2, max_train_steps=1,
+            use_lora=lora, validation_timesteps=[500],
+        )  # fmt: skip
+        train(parse_config(flags))
+        reset_accelerate()
+        [row] = [r for r in _rows(out) if "eval/win_rate" in r]
+        scores[lora] = row["eval/score_reference"]
+        assert (
+            0.0 <= row["eval/win_rate_ci_low"] <= row["eval/win_rate"] <= row["eval/win_rate_ci_high"] <= 1.0
+        )
+    assert scores[True] == pytest.approx(scores[False], rel=1e-6)
