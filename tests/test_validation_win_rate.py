@@ -192,11 +192,14 @@ def test_a_scorer_that_prefers_the_reference_warns_and_stops(tmp_path, tiny_sd_p
 
     prompts = len(set(_heldout_captions(pairs[1])))  # the scorer is called once per prompt
     _with_scorer(monkeypatch, _Stub(lambda call: 1.0 if call <= prompts else 0.0))
-    summary = train(parse_config(_flags(tiny_sd_path, pairs, tmp_path / "bad", validation_scorer="shapes")))
+    cfg = parse_config(_flags(tiny_sd_path, pairs, tmp_path / "bad", validation_scorer="shapes"))
+    summary = train(cfg)
     [warning] = [w for w in summary["monitors/warnings"] if w["monitor"] == "eval/win_rate_ci_high"]
     assert warning["step"] == 2  # once, at the first validation (the implicit accuracy may warn too)
     rows = [r for r in _rows(tmp_path / "bad") if "eval/win_rate" in r]
     assert [(r["eval/win_rate"], r["eval/win_rate_ci_high"]) for r in rows] == [(0.0, 0.0), (0.0, 0.0)]
+    closing = describe_run(cfg, summary)
+    assert "WARNING eval/win_rate_ci_high: step 2:" in closing and "0.00 [0.00, 0.00] at step 4" in closing
 
     reset_accelerate()
     _with_scorer(monkeypatch, _Stub(lambda call: 1.0 if call <= prompts else 0.0))

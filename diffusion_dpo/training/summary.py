@@ -143,11 +143,11 @@ def _monitor_lines(last: list[dict], warnings: list[dict]) -> list[str]:
         value = _mean(last, key)
         if value is not None:
             parts.append(f"{label} {fmt.format(value)}")
-    if not parts:
-        return []
-    lines = [f"  monitors over the last {len(last)} steps: " + "; ".join(parts) + "."]
-    if not warnings:
-        lines.append("  monitors: no warning (docs/monitors.md says what each one watches).")
+    lines = []
+    if parts:  # the step monitors exist for --objective dpo; the validation ones may warn for any
+        lines.append(f"  monitors over the last {len(last)} steps: " + "; ".join(parts) + ".")
+        if not warnings:
+            lines.append("  monitors: no warning (docs/monitors.md says what each one watches).")
     for warning in warnings:
         lines.append(f"  WARNING {warning['monitor']}: {warning['message']}")
     return lines
