@@ -105,7 +105,7 @@ SHORT_HELP = {
     "use_adafactor": "Adafactor instead of AdamW: almost no optimizer state.",
     "channels_last": "Channels-last UNets (often faster convolutions on GPUs).",
     "compile_unet": "torch.compile the trained UNet (faster steps on GPU).",
-    "validation_steps": "Every N steps: held-out implicit accuracy (and images).",
+    "validation_steps": "Every N steps: held-out accuracy, images, the win rate.",
     "validation_dataset_name": "Held-out pairs for the implicit-reward accuracy.",
     "validation_scorer": "Log the samples' win rate vs the reference under this scorer.",
     "num_validation_images": "--validation_scorer: images per prompt (the same seeds).",
