@@ -286,7 +286,8 @@ class TrainConfig:
     report_to: str = _f("none", "Trackers for accelerate: none, tensorboard, wandb, all.")
     logging_dir: str = _f("logs", "Tracker logs, relative to output_dir.")
     validation_steps: int = _f(
-        500, "Every N steps: held-out implicit-reward accuracy (and images, and --validation_scorer's win rate)."
+        500,
+        "Every N steps: held-out implicit-reward accuracy (and images, and --validation_scorer's win rate).",
     )
     validation_dataset_name: str | None = _f(
         None, "Held-out pairs for implicit-reward accuracy (default: none; same formats as dataset_name)."
