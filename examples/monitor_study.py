@@ -9,7 +9,13 @@ base (configs/synthetic_dpo.yaml, 60 steps, held-out implicit accuracy every 10)
 
 - ``tuned``: the config's learning rate;
 - ``x10``: 10x that learning rate (the setting that degrades);
-- ``x10_safeguard``: 10x with ``--winner_safeguard``; ``x10_auto_beta``: 10x with ``--auto_beta``.
+- ``x10_safeguard``: 10x with ``--winner_safeguard``; ``x10_auto_beta``: 10x with ``--auto_beta``;
+- ``tuned_safeguard``: the tuned learning rate with ``--winner_safeguard`` (what the guard costs when
+  nothing goes wrong).
+
+``--settings`` runs a subset. ``results.md`` covers every seed in the folder: per run, then per setting
+across seeds (the mean win rate with a t-interval over seeds, and paired differences: each seed is its
+own world, base and data, easier or harder for every setting alike).
 
 Every model renders the held-out prompts from the same seeds as the base; the table gives each one's
 win rate against the base (shapes scorer, 95% bootstrap interval over prompts), its final held-out
@@ -38,6 +44,7 @@ SETTINGS = {  # name: (learning-rate factor, max_train_steps, extra flags)
     "x10": (10, 60, []),
     "x10_safeguard": (10, 60, ["--winner_safeguard"]),
     "x10_auto_beta": (10, 60, ["--auto_beta"]),
+    "tuned_safeguard": (1, 60, ["--winner_safeguard"]),  # what the guard costs where nothing goes wrong
 }
 
 
@@ -146,8 +153,8 @@ def across_seeds(tables: dict[int, dict]) -> str:
     clears 0.5, and how many runs warned."""
     lines = [
         "| setting | seeds | mean win rate vs base [95% CI over seeds] | per seed | minus tuned, paired [95% CI] "
-        "| interval above 0.5 | warned |",
-        "|---|---|---|---|---|---|---|",
+        "| minus x10, paired | interval above 0.5 | warned |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in SETTINGS:
         rows = [table[name] for table in tables.values() if name in table]
@@ -155,15 +162,23 @@ def across_seeds(tables: dict[int, dict]) -> str:
             continue
         rates = [row["win_rate"] for row in rows]
         # each seed's world is easier or harder for every setting alike: the paired difference is sharper
-        diffs = [
-            t[name]["win_rate"] - t["tuned"]["win_rate"]
-            for t in tables.values()
-            if name in t and "tuned" in t
-        ]
+        paired = {
+            other: [
+                t[name]["win_rate"] - t[other]["win_rate"]
+                for t in tables.values()
+                if name in t and other in t
+            ]
+            for other in ("tuned", "x10")
+        }
+        differences = " | ".join(
+            _mean_ci(paired[other], signed=True) if other != name and paired[other] else "-"
+            for other in ("tuned", "x10")
+        )
+        above = sum(row["ci_low"] > 0.5 for row in rows)
+        warned = sum(row["first_warning"] is not None for row in rows)
         lines.append(
             f"| {name} | {len(rows)} | {_mean_ci(rates)} | {', '.join(f'{r:.2f}' for r in rates)} | "
-            f"{_mean_ci(diffs, signed=True) if name != 'tuned' else '-'} | {sum(row['ci_low'] > 0.5 for row in rows)}/{len(rows)} | "
-            f"{sum(row['first_warning'] is not None for row in rows)}/{len(rows)} |"
+            f"{differences} | {above}/{len(rows)} | {warned}/{len(rows)} |"
         )
     return "\n".join(lines)
 
@@ -176,7 +191,10 @@ def _mean_ci(values: list[float], signed: bool = False) -> str:
     if not 1 < n <= len(T975):
         return f"{mean:{f}}"
     half = T975[n - 1] * statistics.stdev(values) / n**0.5
-    return f"{mean:{f}} [{mean - half:{f}}, {mean + half:{f}}]"
+    low, high = mean - half, mean + half
+    if not signed:  # a win rate lies in [0, 1]
+        low, high = max(low, 0.0), min(high, 1.0)
+    return f"{mean:{f}} [{low:{f}}, {high:{f}}]"
 
 
 def _done_seeds(out: Path) -> dict[int, dict]:
