@@ -43,6 +43,8 @@ def test_cli_runs_the_comparison_rows_and_writes_json(model_dir, tmp_path, capsy
         "lora",
         "cached_latents",
         "mapo",
+        "loop",
+        "loop_lora",
     ]
     for row in rows:
         assert row["status"] == "ok", row.get("error")
@@ -74,6 +76,58 @@ def test_cli_runs_the_comparison_rows_and_writes_json(model_dir, tmp_path, capsy
     table = capsys.readouterr().out
     for name in ("paper_baseline", "default", "full", "lora", "pairs/s", "peak mem"):
         assert name in table
+
+
+def test_the_loop_rows_run_train_itself_and_report_the_loops_overhead_over_the_step(
+    model_dir, tmp_path, capsys
+):
+    """The whole-loop rows run train() on JPEG pairs for warm-up + timed optimizer steps (counted by
+    the optimizer hook, and train()'s own metrics.jsonl has a row for each step before the last, after
+    which the hook stops it); their s/step is the median gap between optimizer steps, and the overhead
+    is whole loop − step of the same configuration, as the table prints it (none without the step row)."""
+    import math
+
+    out = tmp_path / "bench.json"
+    argv = ["--arch", "tiny", "--resolution", "32", "--batch_pairs", "2", "--warmup", "1", "--steps", "3"]
+    argv += ["--threads", "1", "--rows", "default,loop,loop_lora", "--source_size", "48"]
+    cli.main([*argv, "--model_dir", str(model_dir), "--output", str(out)])
+    rows = {r["name"]: r for r in json.loads(out.read_text())}
+    assert list(rows) == ["default", "loop", "loop_lora"]
+    table = capsys.readouterr().out
+    for name in ("loop", "loop_lora"):
+        loop = rows[name]
+        assert loop["status"] == "ok", loop.get("error")
+        assert loop["config"]["train_batch_size"] == 2 and loop["config"].get("use_lora", False) == (
+            name == "loop_lora"
+        )
+        assert loop["optimizer_steps"] == 1 + 3 and loop["metrics_rows"] == 1 + 3 - 1
+        assert len(loop["step_seconds"]) == 3
+        assert loop["step_seconds_median"] == sorted(loop["step_seconds"])[1]
+        for value in (loop["step_seconds_median"], loop["pairs_per_s"], loop["peak_memory_bytes"]):
+            assert math.isfinite(value) and value > 0
+        assert loop["pairs_per_s"] == pytest.approx(2 / loop["step_seconds_median"])
+        assert loop["memory_breakdown_bytes"]["optimizer_states"] > 0
+    loop, step = rows["loop"], rows["default"]
+    assert loop["step_row"] == "default" and loop["memory_breakdown_bytes"] == step["memory_breakdown_bytes"]
+    assert loop["loop_overhead_s"] == loop["step_seconds_median"] - step["step_seconds_median"]
+    assert loop["loop_overhead_fraction"] == pytest.approx(
+        loop["loop_overhead_s"] / step["step_seconds_median"]
+    )
+    assert "loop overhead per optimizer step" in table
+    assert (
+        f"  loop: {loop['step_seconds_median']:.4f} - default {step['step_seconds_median']:.4f} = " in table
+    )
+    # the LoRA loop's step row (lora) was not measured: no overhead, and the table says so
+    assert rows["loop_lora"]["step_row"] == "lora" and rows["loop_lora"]["loop_overhead_s"] is None
+    assert "  loop_lora: not measured" in table
+    # the GPU suite's first command (the issue's SD1.5 comparison) measures the loop rows
+    from diffusion_dpo.bench import suite
+
+    name, suite_args = suite.SUITE[0]
+    args = cli.build_parser().parse_args([*suite_args, "--device", "cpu"])
+    args.resolution, args.batch_pairs = 512, 16
+    names = [r.name for r in cli.build_rows(args, "cpu", tmp_path)]
+    assert name == "sd15_compare" and {"default", "loop", "lora", "loop_lora"} <= set(names)
 
 
 def test_sdxl_80gb_preset_runs_on_cpu_with_the_tiny_sdxl_model(model_dir, tmp_path):

@@ -31,6 +31,11 @@ MONITORS = (
 )  # fmt: skip
 
 
+#: --validation_scorer: prompts split across processes, scores gathered (docs/monitors.md)
+WIN_RATE = ("eval/win_rate", "eval/win_rate_ci_low", "eval/win_rate_ci_high", "eval/score_policy",
+            "eval/score_reference")  # fmt: skip
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,6 +86,7 @@ def _assert_same_training(base_unet: Path, one: Path, two: Path, weights: str = 
             "kto/kl",
             "data/skipped_rows",
             "eval/implicit_acc",
+            *WIN_RATE,
             *MONITORS,
         ):
             if key in r1:
@@ -112,7 +118,8 @@ def test_two_processes_train_what_one_process_trains_dpo(tmp_path, tiny_sd_path,
         pretrained_model_name_or_path=tiny_sd_path, dataset_name=data, resolution=32, max_train_steps=4,
         gradient_accumulation_steps=2, learning_rate=1e-2, adam_epsilon=1.0, lr_warmup_steps=0,
         checkpointing_steps=2, seed=0, max_bad_row_fraction=0.5, validation_dataset_name=heldout,
-        num_validation_pairs=7, validation_steps=2,
+        num_validation_pairs=7, validation_steps=2, validation_scorer="shapes", num_validation_images=2,
+        num_inference_steps=2,
     )  # fmt: skip
     _train(1, output_dir=tmp_path / "one", train_batch_size=2, **common)
     _train(2, output_dir=tmp_path / "two", train_batch_size=1, **common)
@@ -120,6 +127,7 @@ def test_two_processes_train_what_one_process_trains_dpo(tmp_path, tiny_sd_path,
     rows = _rows(tmp_path / "two")
     assert rows[-1]["data/skipped_rows"] >= 1  # some placeholders were met
     assert "eval/implicit_acc" in rows[1] and "eval/implicit_acc" in rows[3]
+    assert all(key in rows[1] and key in rows[3] for key in WIN_RATE)
     two = tmp_path / "two"
     assert sorted(p.name for p in two.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     state = json.loads((two / "checkpoint-4" / "training_state.json").read_text())

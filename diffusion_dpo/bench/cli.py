@@ -16,7 +16,10 @@ Rows (configurations), each measured in a fresh process (:mod:`diffusion_dpo.ben
 - ``full``: the full fine-tune with the speed options given on this command line;
 - ``lora``: the same with LoRA (the reference is the UNet with adapters disabled: no second UNet);
 - ``cached_latents``: ``full`` from precomputed latents and text embeddings, the encoders in CPU memory;
-- ``mapo``: ``full`` with ``--objective mapo`` (no reference forward, no reference copy).
+- ``mapo``: ``full`` with ``--objective mapo`` (no reference forward, no reference copy);
+- ``loop``, ``loop_lora``: ``train()`` itself on JPEG pairs (``default`` and ``lora``'s configurations),
+  data loading, logging and host syncs included (:mod:`diffusion_dpo.bench.whole_loop`); the table adds
+  each one's loop overhead, whole loop − step.
 
 Every row reports pairs per second (median over the timed optimizer steps after warm-up), peak memory,
 and on GPU the model FLOPs utilisation; and its speed-up and memory ratio against the baseline row.
@@ -65,6 +68,7 @@ class Row:
     train: dict  # TrainConfig values
     cached_latents: bool = False
     skip: str | None = None  # why this row is not measured here
+    step_row: str | None = None  # a whole-loop row (train() itself): the step row of the same configuration
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     data.add_argument(
         "--source_size", type=int, default=None,
-        help="Side of the source JPEGs, decoded and resized to --resolution (default: --resolution).",
+        help="Side of the source JPEGs, decoded and resized to --resolution (default: --resolution); also "
+        "the JPEGs of the whole-loop rows (loop, loop_lora).",
     )  # fmt: skip
     p.add_argument(
         "--model_dir", default="outputs/bench_models", help="Where the random-weight models are built, once."
@@ -253,6 +258,9 @@ def build_rows(args, device: str, model_path: Path) -> list[Row]:
             f"second copy); {given}"
         )
         rows.append(Row("mapo", mapo, dict(base, **speed, objective="mapo")))
+        loop = "train() itself on JPEG pairs: data loading, schedule, logging, metrics.jsonl, host syncs"
+        rows.append(Row("loop", f"{loop}; train_sd.py's defaults", dict(base), step_row="default"))
+        rows.append(Row("loop_lora", f"{loop}; LoRA; {given}", dict(base, **speed, **lora), step_row="lora"))
     return select_rows(rows, args.rows, [r.name for r in rows])
 
 
@@ -272,14 +280,14 @@ def _measure(row: Row, args, device: str, work: Path, shapes: dict | None = None
     """Run one row in a fresh process; its measurements, or ``{"status": ..., "error": ...}``."""
     spec = {
         "train": row.train, "cached_latents": row.cached_latents, "device": device, "warmup": args.warmup,
-        "steps": args.steps, "threads": args.threads, "shapes": shapes,
+        "steps": args.steps, "threads": args.threads, "shapes": shapes, "source_size": args.source_size,
     }  # fmt: skip
     spec_path, result_path = work / f"{row.name}.spec.json", work / f"{row.name}.result.json"
     spec_path.write_text(json.dumps(spec))
+    module = "diffusion_dpo.bench.whole_loop" if row.step_row else "diffusion_dpo.bench.measure"
     proc = subprocess.run(
-        [sys.executable, "-m", "diffusion_dpo.bench.measure", str(spec_path), str(result_path)],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [sys.executable, "-m", module, str(spec_path), str(result_path)], capture_output=True, text=True
+    )
     if proc.returncode != 0 or not result_path.is_file():
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         oom = "out of memory" in proc.stderr.lower() or "OutOfMemoryError" in proc.stderr
@@ -374,7 +382,22 @@ def run(args) -> list[dict]:
                 out["fits_80gb"] = taken < BUDGET_80GB
         results.append(out)
     _add_ratios(results)
+    _add_loop_overheads(results, rows)
     return results
+
+
+def _add_loop_overheads(results: list[dict], rows: list[Row]) -> None:
+    """A whole-loop row's ``loop_overhead_s``: its s/step minus its step row's (both medians), and that
+    as a share of the step row's; None where either was not measured."""
+    by_name = {r["name"]: r for r in results}
+    for row in rows:
+        if row.step_row is None:
+            continue
+        r, step = by_name[row.name], by_name.get(row.step_row)
+        r["step_row"] = row.step_row
+        ok = r["status"] == "ok" and step is not None and step["status"] == "ok"
+        r["loop_overhead_s"] = r["step_seconds_median"] - step["step_seconds_median"] if ok else None
+        r["loop_overhead_fraction"] = r["loop_overhead_s"] / step["step_seconds_median"] if ok else None
 
 
 def _add_ratios(results: list[dict]) -> None:
@@ -410,8 +433,8 @@ def format_table(results: list[dict], args) -> str:
         lines.append("peak memory: the row's process's peak resident set size minus its size after imports")
     width = max(34, *(len(r["name"]) for r in results))
     header = (
-        f"{'row':<{width}} {'pairs/s':>9} {'vs ' + str(first.get('baseline')):>20} {'peak mem':>10} "
-        f"{'mem ratio':>9} {'static':>9} {'TFLOP/s':>8} {'MFU':>6}  notes"
+        f"{'row':<{width}} {'pairs/s':>9} {'s/step':>8} {'vs ' + str(first.get('baseline')):>20} "
+        f"{'peak mem':>10} {'mem ratio':>9} {'static':>9} {'TFLOP/s':>8} {'MFU':>6}  notes"
     )
     lines += ["", header, "-" * len(header)]
     for r in results:
@@ -426,9 +449,22 @@ def format_table(results: list[dict], args) -> str:
         if r.get("nonfinite_steps"):
             notes += f"; {r['nonfinite_steps']} non-finite steps"
         lines.append(
-            f"{r['name']:<{width}} {r['pairs_per_s']:>9.3f} {r['speedup_vs_baseline']:>19.2f}x "
+            f"{r['name']:<{width}} {r['pairs_per_s']:>9.3f} {r['step_seconds_median']:>8.4f} "
+            f"{r['speedup_vs_baseline']:>19.2f}x "
             f"{_size(r['peak_memory_bytes']):>10} {r['memory_ratio_vs_baseline']:>9.2f} "
             f"{_size(r['static_memory_bytes']):>9} {r['achieved_tflops']:>8.3f} {mfu:>6}  {notes}"
+        )
+    loops = [r for r in results if r.get("step_row")]
+    if loops:
+        lines += ["", "loop overhead per optimizer step (whole loop - step, medians; s/step above):"]
+    for r in loops:
+        if r.get("loop_overhead_s") is None:
+            lines.append(f"  {r['name']}: not measured (its step row {r['step_row']} or itself)")
+            continue
+        loop_s, overhead = r["step_seconds_median"], r["loop_overhead_s"]
+        lines.append(
+            f"  {r['name']}: {loop_s:.4f} - {r['step_row']} {loop_s - overhead:.4f} = {overhead:+.4f} s "
+            f"({r['loop_overhead_fraction']:+.1%} of the step)"
         )
     lines += [
         "",

@@ -114,7 +114,8 @@ def decode_image(value: ImageLike, *, where: str = "image") -> Image.Image:
     try:
         image = _open_image(value, where)
         image.load()  # PIL decodes lazily; force it here so a truncated file fails now
-        return to_rgb(image)
+        # an image decoded here is ours to change: no copies of its pixels (a given PIL image is not)
+        return _upright_rgb(image, owned=image is not value)
     except (BadRowError, MemoryError):
         raise
     except Exception as error:
@@ -139,7 +140,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
       grayscale (``F``) from [0, 1] to [0, 255]; PIL's own ``convert`` would clip both at 255.
     - Everything else (``L``, ``1``, ``P``, ``CMYK``, ``YCbCr``, ...) goes through ``convert("RGB")``.
     """
-    image = ImageOps.exif_transpose(image)
+    return _upright_rgb(image, owned=False)
+
+
+def _upright_rgb(image: Image.Image, owned: bool) -> Image.Image:
+    """:func:`to_rgb`; with ``owned`` (an image nobody else holds) the orientation is applied in place and
+    an RGB image is returned as it is: the same pixels without the two copies per image that
+    ``exif_transpose`` and ``convert`` make otherwise (per training row, every step)."""
+    if owned:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
     if image.mode in _WIDE_GRAY_WHITE:
         gray = np.asarray(image, dtype=np.float64) * (255.0 / _WIDE_GRAY_WHITE[image.mode])
         gray = np.nan_to_num(gray, nan=0.0)
@@ -147,6 +158,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    if owned and image.mode == "RGB":
+        return image
     return image.convert("RGB")
 
 

@@ -51,6 +51,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("validation", (
         "validation_dataset_name", "validation_split", "num_validation_pairs", "validation_timesteps",
         "validation_steps", "validation_prompts", "num_inference_steps", "guidance_scale",
+        "validation_scorer", "num_validation_images",
     )),
     ("output, logging and the Hub", (
         "output_dir", "report_to", "logging_dir", "push_to_hub", "hub_model_id", "hub_token",
@@ -104,8 +105,10 @@ SHORT_HELP = {
     "use_adafactor": "Adafactor instead of AdamW: almost no optimizer state.",
     "channels_last": "Channels-last UNets (often faster convolutions on GPUs).",
     "compile_unet": "torch.compile the trained UNet (faster steps on GPU).",
-    "validation_steps": "Every N steps: held-out implicit accuracy (and images).",
+    "validation_steps": "Every N steps: held-out accuracy, images, the win rate.",
     "validation_dataset_name": "Held-out pairs for the implicit-reward accuracy.",
+    "validation_scorer": "Log the samples' win rate vs the reference under this scorer.",
+    "num_validation_images": "--validation_scorer: images per prompt (the same seeds).",
     "overwrite_output_dir": "Train again over a finished run of the same options.",
     "push_to_hub": "Upload the model, its card and samples to the Hub at the end.",
     "hub_model_id": "Hub repo to push to (default: the output folder's name).",

@@ -14,10 +14,16 @@ Tensor = torch.Tensor
 
 
 class StepWindow:
-    """Sums what the micro-batches of one optimizer step report, then reduces it over processes once."""
+    """Sums what the micro-batches of one optimizer step report, then reduces it over processes once.
+
+    Per optimizer step this is the loop's only exchange with the device: the metrics of each
+    micro-batch are stacked into one vector on the device (one stack, one multiply, one add, whatever
+    their number), the row counts and the stop flag stay Python numbers (sent along only where the
+    processes must sum them), and :meth:`reduce` reads everything in one ``tolist``."""
 
     def __init__(self):
-        self.sums: dict[str, Tensor] = {}
+        self.keys: list[str] | None = None  # the metrics' names, sorted, from the first micro-batch
+        self.sums: Tensor | float = 0.0  # [len(keys)]: each metric's sum over valid rows
         self.valid = self.rows = self.skipped = 0
         self.nonfinite: Tensor | bool = False  # a tensor once added to: no host sync per micro-batch
         self.bad_rows: list[dict] = []
@@ -25,8 +31,13 @@ class StepWindow:
     def add(self, loss: Tensor, metrics: dict[str, Tensor], batch: dict) -> None:
         n = len(batch["captions"])
         valid = int(batch["valid"].sum()) if "valid" in batch else n
-        for k, v in metrics.items():  # metrics are means over the valid rows: weight them by their count
-            self.sums[k] = self.sums.get(k, 0.0) + v.detach().float() * valid
+        keys = sorted(metrics)
+        if self.keys is None:
+            self.keys = keys
+        elif keys != self.keys:
+            raise ValueError(f"a micro-batch reported the metrics {keys}, the step's first {self.keys}")
+        # metrics are means over the valid rows: weight them by their count
+        self.sums = self.sums + torch.stack([metrics[k].detach().float() for k in keys]) * valid
         self.valid += valid
         self.rows += n
         self.skipped += n - valid
@@ -37,25 +48,26 @@ class StepWindow:
         """All processes' totals: ``metrics`` (means over valid rows; None where no row was valid),
         ``rows``, ``skipped``, ``nonfinite`` (any process), ``stop`` (any process), and this process's
         ``grad_norm`` (NaN if None), read in the same host sync."""
-        keys = sorted(self.sums)
+        keys = self.keys or []
         device = accelerator.device
-        packed = torch.stack(
-            [torch.as_tensor(self.sums[k], device=device, dtype=torch.float32) for k in keys]
-            + [torch.tensor(float(x), device=device) for x in (self.valid, self.rows, self.skipped)]
-            + [
-                torch.as_tensor(self.nonfinite, device=device).float(),
-                torch.tensor(float(stop), device=device),
-            ]
-        )
-        if accelerator.num_processes > 1:
-            packed = accelerator.reduce(packed, reduction="sum")
+        sums = torch.as_tensor(self.sums, device=device, dtype=torch.float32).reshape(-1)[: len(keys)]
+        nonfinite = torch.as_tensor(self.nonfinite, device=device).float().reshape(1)
         norm = torch.as_tensor(float("nan") if grad_norm is None else grad_norm, device=device)
-        # the one host sync of the step: nothing before it in the step reads a value off the device
-        values = torch.cat([packed, norm.detach().float().reshape(1)]).tolist()
-        valid, rows, skipped, nonfinite, stop_any, norm_value = values[len(keys) :]
+        counts = [float(self.valid), float(self.rows), float(self.skipped), float(stop)]
+        if accelerator.num_processes > 1:  # the counts and the stop flag are summed with the metrics
+            host = torch.tensor(counts, dtype=torch.float32)
+            packed = torch.cat([sums, nonfinite, host.to(device)])
+            packed = accelerator.reduce(packed, reduction="sum")
+            # the one host sync of the step: nothing before it in the step reads a value off the device
+            values = torch.cat([packed, norm.detach().float().reshape(1)]).tolist()
+            nonfinite_any, (valid, rows, skipped, stop_any, norm_value) = values[len(keys)], values[-5:]
+        else:  # one process: its counts are the totals, on the host already
+            values = torch.cat([sums, nonfinite, norm.detach().float().reshape(1)]).tolist()
+            nonfinite_any, norm_value = values[len(keys)], values[-1]
+            valid, rows, skipped, stop_any = counts
         metrics = {k: (values[i] / valid if valid else None) for i, k in enumerate(keys)}
         return {
-            "metrics": metrics, "rows": int(rows), "skipped": int(skipped), "nonfinite": nonfinite > 0,
+            "metrics": metrics, "rows": int(rows), "skipped": int(skipped), "nonfinite": nonfinite_any > 0,
             "stop": stop_any > 0, "grad_norm": norm_value,
         }  # fmt: skip
 

@@ -285,7 +285,10 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _f(None, "A checkpoint-N folder, or `latest` in output_dir.")
     report_to: str = _f("none", "Trackers for accelerate: none, tensorboard, wandb, all.")
     logging_dir: str = _f("logs", "Tracker logs, relative to output_dir.")
-    validation_steps: int = _f(500, "Every N steps: held-out implicit-reward accuracy (and images).")
+    validation_steps: int = _f(
+        500,
+        "Every N steps: held-out implicit-reward accuracy (and images, and --validation_scorer's win rate).",
+    )
     validation_dataset_name: str | None = _f(
         None, "Held-out pairs for implicit-reward accuracy (default: none; same formats as dataset_name)."
     )
@@ -297,6 +300,16 @@ class TrainConfig:
     validation_prompts: list[str] = _f((), "Prompts to sample at validation and after training.")
     num_inference_steps: int = _f(
         25, "Sampling steps for validation images; recorded in the output, eval/evaluate.py's default."
+    )
+    validation_scorer: str | None = _f(
+        None,
+        "Every --validation_steps, sample held-out prompts with the policy and the reference (same seeds) and "
+        "log their win rate under this scorer (eval/evaluate.py's names: shapes, pickscore, hpsv2.1=PATH, "
+        "...) with a 95% interval (docs/monitors.md). Prompts: --validation_prompts, else the captions of "
+        "--validation_dataset_name's pairs. Default: off (it costs sampling time).",
+    )
+    num_validation_images: int = _f(
+        4, "--validation_scorer: images per prompt (seeds seed..seed+N-1, the same for both models)."
     )
     # --- output and the Hub ---
     overwrite_output_dir: bool = _f(
@@ -420,6 +433,8 @@ class TrainConfig:
                 f"--auto_beta_min {self.beta_range[0]} <= --beta_dpo {self.beta_dpo} <= --auto_beta_max "
                 f"{self.beta_range[1]} must hold, with the minimum > 0"
             )
+        if self.validation_scorer is not None:
+            self._check_validation_scorer()
         if self.stop_on_degradation < 0:
             raise ValueError(f"--stop_on_degradation must be >= 0 (0: off), got {self.stop_on_degradation}")
         positive = (
@@ -466,6 +481,31 @@ class TrainConfig:
             choices = next(f for f in dataclasses.fields(self) if f.name == name).metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
+
+    def _check_validation_scorer(self) -> None:
+        from diffusion_dpo.scorers import SCORERS, parse_spec
+
+        try:
+            name = parse_spec(self.validation_scorer)[0]
+        except ValueError as err:
+            raise ValueError(f"--validation_scorer: {err}") from None
+        if name not in SCORERS:
+            raise ValueError(
+                f"--validation_scorer {self.validation_scorer!r}: unknown scorer {name!r}; available: "
+                f"{', '.join(SCORERS)}"
+            )
+        if not self.validation_prompts and not self.validation_dataset_name:
+            raise ValueError(
+                "--validation_scorer samples held-out prompts: give --validation_prompts, or "
+                "--validation_dataset_name (its pairs' captions are used)"
+            )
+        if self.effective_objective in ("sft", "mapo") and not self.use_lora:
+            raise ValueError(
+                "--validation_scorer compares samples with the reference model's, and a full --objective "
+                f"{self.effective_objective} fine-tune has none; drop it or train LoRA (--use_lora)"
+            )
+        if self.num_validation_images < 1:
+            raise ValueError(f"--num_validation_images must be >= 1, got {self.num_validation_images}")
 
     def family_options(self) -> dict:
         """What the model family is built with (:func:`diffusion_dpo.models.families.family_for_index`)."""

@@ -49,6 +49,7 @@ from diffusion_dpo.training.previous_run import start_over
 from diffusion_dpo.training.saving import final_samples, save_final_model, validation_images
 from diffusion_dpo.training.step import compute_batch_loss
 from diffusion_dpo.training.validation import encode_heldout_pairs, heldout_accuracy
+from diffusion_dpo.training.win_rate import SampleWinRate, validation_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ class Run:
     nonfinite: NonFiniteSteps
     bad: BadRows
     monitors: RunMonitors  # docs/monitors.md: warnings, --auto_beta, --stop_on_degradation
+    win_rate: SampleWinRate | None = None  # --validation_scorer: samples vs the reference's
 
 
 @dataclass
@@ -169,6 +171,10 @@ def set_up(cfg: TrainConfig) -> Run:
     )
 
     check_sources(cfg)  # every path and hub id the run reads, before anything is created or loaded
+    if cfg.validation_scorer:
+        from diffusion_dpo.scorers import check_scorer
+
+        check_scorer(cfg.validation_scorer)  # its weight files, named before the models load
     out = Path(cfg.output_dir)
     accelerator = _accelerator(cfg, out)
     # Seeds model initialisation (LoRA adapters) alike on every process. The training draws do not use
@@ -221,6 +227,16 @@ def set_up(cfg: TrainConfig) -> Run:
                 cfg.num_validation_pairs, cfg.resolution,
             )  # fmt: skip
 
+    win = None
+    if cfg.validation_scorer and dist.params_sharded(accelerator):
+        logger.warning(
+            "%s shards the UNet, so --validation_scorer's win rate is not measured during training (one "
+            "process cannot sample alone); run eval/evaluate.py on the saved model",
+            dist.engine(accelerator),
+        )
+    elif cfg.validation_scorer:
+        win = SampleWinRate(cfg, validation_prompts(cfg, heldout), accelerator.device)
+
     bad = BadRows(cfg.max_bad_row_fraction)
     stats = data.stats
     if stats is not None and getattr(stats, "bad_labels", 0):
@@ -231,7 +247,7 @@ def set_up(cfg: TrainConfig) -> Run:
     return Run(
         cfg=cfg, out=out, accelerator=accelerator, models=models, data=data, optimizer=optimizer,
         lr_scheduler=lr_scheduler, lr=lr, params=params, owns_step=owns_step, heldout=heldout,
-        nonfinite=NonFiniteSteps(cfg.max_nonfinite_steps), bad=bad, monitors=RunMonitors(cfg),
+        nonfinite=NonFiniteSteps(cfg.max_nonfinite_steps), bad=bad, monitors=RunMonitors(cfg), win_rate=win,
     )  # fmt: skip
 
 
@@ -361,16 +377,26 @@ def log_step(run: Run, at: Position, totals: dict, finite: bool, new_bad: list[d
             "(%d in a row, %d in all)",
             step, row.get("loss"), grad_norm, run.nonfinite.consecutive, run.nonfinite.skipped,
         )  # fmt: skip
-    if run.heldout is not None and (step % cfg.validation_steps == 0 or step == cfg.max_train_steps):
+    validate = step % cfg.validation_steps == 0 or step == cfg.max_train_steps
+    if run.heldout is not None and validate:
         row["eval/implicit_acc"] = heldout_accuracy(
             run.models, run.heldout, cfg.validation_timesteps, cfg.seed, accelerator=accelerator
         )
+    if run.win_rate is not None and validate:
+        started = time.time()
+        with encoders_on(run.models, accelerator.device):
+            row.update(run.win_rate.measure(run.models, accelerator))
+        logger.info(
+            "step %d: win rate of samples vs the reference %.3f [%.3f, %.3f] (%s, %d prompts x %d seeds, %.1f s)",
+            step, row["eval/win_rate"], row["eval/win_rate_ci_low"], row["eval/win_rate_ci_high"],
+            cfg.validation_scorer, len(run.win_rate.prompts), len(run.win_rate.seeds), time.time() - started,
+        )  # fmt: skip
     run.monitors.after_step(step, row)  # the gathered values: the same state on every process
     if accelerator.is_main_process:
         append_metrics(run.out / "metrics.jsonl", row)
-        bar.set_postfix(
-            progress_fields(row) | _monitor_postfix(row)
-        )  # no `nan` for a value that does not exist (yet)
+        # no `nan` for a value that does not exist (yet); drawn at the bar's next refresh (tqdm redraws
+        # at most every 0.1 s, and at the end), not on every step
+        bar.set_postfix(progress_fields(row) | _monitor_postfix(row), refresh=False)
     # trackers take numbers only (not the lists of bad rows, not a missing value)
     accelerator.log({k: v for k, v in row.items() if isinstance(v, int | float)}, step=step)
     return row

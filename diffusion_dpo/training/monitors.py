@@ -147,6 +147,16 @@ THRESHOLDS = (
         "training pairs but not the preference",
         "train fewer steps, lower --learning_rate, raise --beta_dpo; check the labels",
     ),
+    Threshold(
+        "eval/win_rate_ci_high",
+        0.5,
+        None,
+        "the held-out samples lose to the reference's under --validation_scorer: the upper end of the win "
+        "rate's 95% interval is {value:.2f}, below 0.5, so the policy's images are significantly worse than "
+        "the model it started from",
+        "go back to an earlier checkpoint; lower --learning_rate, raise --beta_dpo, or enable "
+        "--winner_safeguard; check that the scorer measures what the labels prefer",
+    ),
     # fmt: on
 )
 
@@ -199,8 +209,9 @@ class MonitorAlarms:
             if ref_trend > 0:
                 row["monitors/chosen_rel_trend"] = trend / ref_trend
                 values["monitors/chosen_rel_trend"] = (trend / ref_trend, self.seen["mse/ref_chosen"])
-        if isinstance(row.get("eval/implicit_acc"), float):  # a validation is a whole measurement
-            values["eval/implicit_acc"] = (row["eval/implicit_acc"], WARMUP_CHECKS)
+        for key in ("eval/implicit_acc", "eval/win_rate_ci_high"):  # a validation is a whole measurement
+            if isinstance(row.get(key), float):
+                values[key] = (row[key], WARMUP_CHECKS)
 
         new = []
         fired = {w["monitor"] for w in self.warnings}

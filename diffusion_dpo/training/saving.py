@@ -200,17 +200,43 @@ def sample_images(
     return paths
 
 
+def training_pipeline(cfg: TrainConfig, models: Models, unet: torch.nn.Module):
+    """The family's pipeline around the in-memory models and ``unet`` (the current weights, unwrapped,
+    or the reference): what validation samples with during training."""
+    comps = models.components
+    with quiet_loading():
+        return pipeline_class(comps).from_pretrained(
+            cfg.pretrained_model_name_or_path, revision=cfg.revision, **pipeline_parts(comps, unet)
+        )
+
+
+@torch.no_grad()
+def sample_prompt_images(cfg: TrainConfig, models: Models, pipe, prompt: str, seeds: list[int]) -> list:
+    """PIL images of one prompt, one per seed (``torch.Generator("cpu").manual_seed(seed)`` each), in
+    one pipeline call with the run's sampling settings and precision, as :func:`validation_images`
+    samples. The call's batch is the prompt's seeds whatever else is sampled, so an image does not
+    depend on how prompts are split across processes."""
+    pipe.set_progress_bar_config(disable=True)
+    dtype = models.weight_dtype if models.weight_dtype != torch.float32 else None
+    extra = dict(models.components.family.sampling_kwargs())
+    if cfg.guidance_scale is not None:
+        extra["guidance_scale"] = cfg.guidance_scale
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+    with torch.autocast(pipe.device.type, dtype=dtype, enabled=dtype is not None):
+        latents = pipe(
+            prompt, num_images_per_prompt=len(seeds), num_inference_steps=cfg.num_inference_steps,
+            height=cfg.resolution, width=cfg.resolution, generator=generators, output_type="latent", **extra,
+        ).images  # fmt: skip
+    return decode_latents(pipe, latents, cfg.resolution)
+
+
 def validation_images(
     cfg: TrainConfig, models: Models, unet: torch.nn.Module, step: int, device
 ) -> list[Path]:
     """Sample the validation prompts with the current weights (``unet`` unwrapped) into
     ``output_dir/validation/step-N``, in the run's precision."""
     comps = models.components
-    parts = pipeline_parts(comps, unet)
-    with quiet_loading():
-        pipe = pipeline_class(comps).from_pretrained(
-            cfg.pretrained_model_name_or_path, revision=cfg.revision, **parts
-        )
+    pipe = training_pipeline(cfg, models, unet)
     was_training = unet.training
     unet.eval()
     try:

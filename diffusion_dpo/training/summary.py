@@ -67,6 +67,16 @@ def describe_run(cfg: TrainConfig, summary: dict) -> str:
             f"so every pair ties) -> {end['eval/implicit_acc']:.2f} at step {end['step']}: the share of "
             f"held-out pairs whose preferred image the model now prefers (0.5 is chance)."
         )
+    wins = [r for r in rows if r.get("eval/win_rate") is not None]
+    if wins:
+        curve = ", ".join(f"{r['eval/win_rate']:.2f}" for r in wins[:-1][-4:])
+        end = wins[-1]
+        lines.append(
+            f"  held-out win rate of samples vs the reference ({cfg.validation_scorer}): "
+            + (f"{curve} -> " if curve else "")
+            + f"{end['eval/win_rate']:.2f} [{end['eval/win_rate_ci_low']:.2f}, "
+            f"{end['eval/win_rate_ci_high']:.2f}] at step {end['step']} (0.5: as good as the reference)."
+        )
     window = max(MIN_WINDOW, int(len(rows) * WINDOW_SHARE))
     first, last = rows[:window], rows[-window:]
     loss_first, loss_last = _mean(first, "loss"), _mean(last, "loss")
@@ -133,11 +143,11 @@ def _monitor_lines(last: list[dict], warnings: list[dict]) -> list[str]:
         value = _mean(last, key)
         if value is not None:
             parts.append(f"{label} {fmt.format(value)}")
-    if not parts:
-        return []
-    lines = [f"  monitors over the last {len(last)} steps: " + "; ".join(parts) + "."]
-    if not warnings:
-        lines.append("  monitors: no warning (docs/monitors.md says what each one watches).")
+    lines = []
+    if parts:  # the step monitors exist for --objective dpo; the validation ones may warn for any
+        lines.append(f"  monitors over the last {len(last)} steps: " + "; ".join(parts) + ".")
+        if not warnings:
+            lines.append("  monitors: no warning (docs/monitors.md says what each one watches).")
     for warning in warnings:
         lines.append(f"  WARNING {warning['monitor']}: {warning['message']}")
     return lines

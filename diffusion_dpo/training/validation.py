@@ -8,7 +8,7 @@ a reference model, for ``eval/evaluate.py --implicit_pairs``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ class HeldOutPairs:
     latents_l: Tensor
     hidden: Tensor  # [N, L, D]
     cond: dict[str, Tensor] | None
+    captions: list[str] = field(default_factory=list)  # [N]: what --validation_scorer samples
 
 
 @torch.no_grad()
@@ -40,7 +41,7 @@ def encode_heldout_pairs(models: Models, loader, max_pairs: int, resolution: int
     family = comps.family
     device = next(models.unet.parameters()).device
     shift = getattr(comps.vae.config, "shift_factor", None)
-    parts: dict[str, list] = {"w": [], "l": [], "h": [], "cond_w": [], "cond_l": []}
+    parts: dict[str, list] = {"w": [], "l": [], "h": [], "cond_w": [], "cond_l": [], "captions": []}
     n = 0
     for batch in loader:
         dtype = next(comps.vae.parameters()).dtype
@@ -49,6 +50,7 @@ def encode_heldout_pairs(models: Models, loader, max_pairs: int, resolution: int
             latents = scaled_latents(dist.mean, comps.vae.config.scaling_factor, shift)
             parts[key].append(latents.to(models.weight_dtype))
         hidden, pooled = conditioning(models, batch["captions"], device)
+        parts["captions"].extend(batch["captions"])
         parts["h"].append(hidden)
         for suffix in ("_w", "_l"):  # the family's extra inputs (SDXL, SD3), per image
             cond = family.added_conditioning(pooled, batch, [suffix], resolution, models.weight_dtype, device)
@@ -66,7 +68,7 @@ def encode_heldout_pairs(models: Models, loader, max_pairs: int, resolution: int
             key: torch.cat([torch.cat([c[key] for c in parts[f"cond{s}"]])[:max_pairs] for s in ("_w", "_l")])
             for key in parts["cond_w"][0]
         }
-    return HeldOutPairs(cat["w"], cat["l"], cat["h"], cond)
+    return HeldOutPairs(cat["w"], cat["l"], cat["h"], cond, list(parts["captions"][:max_pairs]))
 
 
 def heldout_accuracy(
