@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from trainer_runs import reset_accelerate, tiny_run_flags
@@ -141,13 +142,15 @@ def test_each_step_monitor_warns_past_its_threshold(values, monitor):
     assert [w["monitor"] for w in alarms.warnings] == [monitor]
 
 
-def test_held_out_accuracy_below_chance_warns_at_its_validation():
+def test_held_out_accuracy_significantly_below_chance_warns_at_its_validation():
     alarms = MonitorAlarms()
-    alarms.observe(1, _row(1, **{"eval/implicit_acc": 0.62}))
+    # 0.45 of 64 pairs is noise (Wilson upper end 0.57): no warning
+    alarms.observe(1, _row(1, **{"eval/implicit_acc": 0.45, "eval/implicit_acc_ci_high": 0.57}))
     assert alarms.warnings == []
-    alarms.observe(2, _row(2, **{"eval/implicit_acc": 0.45}))
-    assert [w["monitor"] for w in alarms.warnings] == ["eval/implicit_acc"]
-    assert "below chance" in alarms.warnings[0]["message"]
+    # 0.35 of 128 pairs: the interval ends at 0.44
+    alarms.observe(2, _row(2, **{"eval/implicit_acc": 0.35, "eval/implicit_acc_ci_high": 0.44}))
+    assert [w["monitor"] for w in alarms.warnings] == ["eval/implicit_acc_ci_high"]
+    assert "significantly below chance" in alarms.warnings[0]["message"]
 
 
 # ---- Diffusion-SDPO's winner safeguard ----------------------------------------------------------
@@ -355,6 +358,15 @@ def test_the_embedded_default_is_quiet_and_shows_its_monitors(embedded_default_r
     for key in ("monitors/chosen_vs_ref", "monitors/negative_margins", "monitors/grad_factor",
                 "monitors/pred_norm_ratio", "monitors/chosen_rel_trend"):  # fmt: skip
         assert isinstance(row[key], float), key
+    # the held-out accuracy's warning reads its Wilson interval's upper end, written out here
+    validations = [r for r in _rows(out) if "eval/implicit_acc" in r]
+    n = len(pq.read_table(cwd / "outputs/tiny/pairs_heldout.parquet"))
+    n = min(n, 256)  # configs/tiny.yaml's num_validation_pairs
+    assert validations
+    for r in validations:
+        p, z = r["eval/implicit_acc"], 1.959963984540054
+        centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+        assert r["eval/implicit_acc_ci_high"] == pytest.approx((centre + half) / (1 + z * z / n), abs=1e-9)
 
 
 UNSTABLE = ["--learning_rate", "3e-3", "--max_train_steps", "30", "--validation_steps", "30",

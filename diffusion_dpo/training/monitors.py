@@ -140,11 +140,11 @@ THRESHOLDS = (
         TRY,
     ),
     Threshold(
-        "eval/implicit_acc",
+        "eval/implicit_acc_ci_high",
         0.5,
         None,
-        "the held-out implicit-reward accuracy fell to {value:.2f}, below chance: the policy learns the "
-        "training pairs but not the preference",
+        "the held-out implicit-reward accuracy is significantly below chance (its 95% interval ends at "
+        "{value:.2f}): the policy learns the training pairs but not the preference",
         "train fewer steps, lower --learning_rate, raise --beta_dpo; check the labels",
     ),
     Threshold(
@@ -209,7 +209,10 @@ class MonitorAlarms:
             if ref_trend > 0:
                 row["monitors/chosen_rel_trend"] = trend / ref_trend
                 values["monitors/chosen_rel_trend"] = (trend / ref_trend, self.seen["mse/ref_chosen"])
-        for key in ("eval/implicit_acc", "eval/win_rate_ci_high"):  # a validation is a whole measurement
+        for key in (
+            "eval/implicit_acc_ci_high",
+            "eval/win_rate_ci_high",
+        ):  # a validation is a whole measurement
             if isinstance(row.get(key), float):
                 values[key] = (row[key], WARMUP_CHECKS)
 
