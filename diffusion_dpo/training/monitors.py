@@ -103,7 +103,7 @@ class Threshold:
 
 TRY = "lower --learning_rate, raise --beta_dpo, or enable --winner_safeguard"
 
-#: The thresholds: the embedded default (configs/tiny.yaml, 300 steps) stays inside all of them, a
+#: The thresholds: the embedded default (configs/tiny.yaml) stays inside all of them, a
 #: run at 15x its learning rate leaves the first within 20 steps (docs/monitors.md has the values).
 THRESHOLDS = (
     # fmt: off
