@@ -19,6 +19,8 @@ from diffusion_dpo.training.models import check_xformers, setup_models
 from diffusion_dpo.training.optim import adam_kernel_kwargs, make_optimizer
 from diffusion_dpo.training.step import compute_batch_loss
 
+#: every row but the whole-loop ones (train() itself: tested once, on SD1.5, in its own test)
+STEP_ROWS = ["paper_baseline", "default", "full", "lora", "cached_latents", "mapo"]
 TINY_ARGS = ["--resolution", "32", "--batch_pairs", "1", "--warmup", "1", "--steps", "1", "--threads", "1"]
 
 
@@ -235,10 +237,22 @@ def test_tiny_sd3_runs_every_comparison_row(model_dir, tmp_path):
     transformer's reference, LoRA on its attention projections, and batches from a cache with pooled
     embeddings."""
     out = tmp_path / "bench_sd3.json"
-    cli.main(["--arch", "tiny_sd3", *TINY_ARGS, "--model_dir", str(model_dir), "--output", str(out)])
+    cli.main(
+        [
+            "--arch",
+            "tiny_sd3",
+            *TINY_ARGS,
+            "--rows",
+            ",".join(STEP_ROWS),
+            "--model_dir",
+            str(model_dir),
+            "--output",
+            str(out),
+        ]
+    )
     assert (model_dir / "tiny_sd3" / "text_encoder_3").is_dir()  # T5 runs in the uncached rows
     rows = {r["name"]: r for r in json.loads(out.read_text())}
-    assert list(rows) == ["paper_baseline", "default", "full", "lora", "cached_latents", "mapo"]
+    assert list(rows) == STEP_ROWS
     for row in rows.values():
         assert row["status"] == "ok", row.get("error")
         assert row["pairs_per_s"] > 0 and row["flops_per_step"] > 0 and row["peak_memory_bytes"] > 0
@@ -331,7 +345,7 @@ def test_sd35_medium_rows_train_without_t5_at_the_real_sequence_length(tmp_path)
     args = cli.build_parser().parse_args(["--arch", "sd35_medium", "--batch_pairs", "1"])
     args.resolution = archs.default_resolution("sd35_medium")
     rows = cli.build_rows(args, "cpu", tmp_path / "sd35_medium")
-    assert [r.name for r in rows] == ["paper_baseline", "default", "full", "lora", "cached_latents", "mapo"]
+    assert [r.name for r in rows] == [*STEP_ROWS, "loop", "loop_lora"]
     for row in rows:
         assert row.train["drop_t5"] is True and row.train["max_sequence_length"] == 77
         assert row.train["resolution"] == 1024 and "vae_model_name_or_path" not in row.train
@@ -766,7 +780,7 @@ def test_flux_dev_is_the_published_architecture_and_its_rows_train_at_512_t5_tok
     args = cli.build_parser().parse_args(["--arch", "flux_dev", "--batch_pairs", "1"])
     args.resolution = archs.default_resolution("flux_dev")
     rows = cli.build_rows(args, "cpu", tmp_path / "flux_dev")
-    assert [r.name for r in rows] == ["paper_baseline", "default", "full", "lora", "cached_latents", "mapo"]
+    assert [r.name for r in rows] == [*STEP_ROWS, "loop", "loop_lora"]
     for row in rows:
         cfg = TrainConfig(**row.train)
         cfg.validate()
@@ -777,9 +791,21 @@ def test_tiny_flux_runs_every_comparison_row(model_dir, tmp_path):
     """The tiny FLUX.1 model through every row: packed latents, the guidance embedding, its LoRA targets,
     and batches from a cache with CLIP's pooled embedding."""
     out = tmp_path / "bench_flux.json"
-    cli.main(["--arch", "tiny_flux", *TINY_ARGS, "--model_dir", str(model_dir), "--output", str(out)])
+    cli.main(
+        [
+            "--arch",
+            "tiny_flux",
+            *TINY_ARGS,
+            "--rows",
+            ",".join(STEP_ROWS),
+            "--model_dir",
+            str(model_dir),
+            "--output",
+            str(out),
+        ]
+    )
     rows = {r["name"]: r for r in json.loads(out.read_text())}
-    assert list(rows) == ["paper_baseline", "default", "full", "lora", "cached_latents", "mapo"]
+    assert list(rows) == STEP_ROWS
     for row in rows.values():
         assert row["status"] == "ok", row.get("error")
         assert row["pairs_per_s"] > 0 and row["flops_per_step"] > 0 and row["peak_memory_bytes"] > 0

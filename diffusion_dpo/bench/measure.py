@@ -261,22 +261,31 @@ def run(spec: dict) -> dict:
         torch.cuda.set_sync_debug_mode(0)
         result["host_syncs_per_step"] = sum("synchroniz" in str(w.message) for w in caught)
     else:
-        peak = _peak_rss()
-        result.update(
-            peak_memory_bytes=peak - rss_before,
-            peak_memory_kind="peak resident set size of the process minus its size after imports",
-            peak_rss_bytes=peak,
-            device_name="cpu",
-        )
+        result.update(cpu_peak_memory(rss_before), device_name="cpu")
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def cpu_peak_memory(rss_before: int) -> dict:
+    """A CPU row's peak memory: the process's peak resident set size minus its size after imports."""
+    peak = _peak_rss()
+    return dict(
+        peak_memory_bytes=peak - rss_before,
+        peak_memory_kind="peak resident set size of the process minus its size after imports",
+        peak_rss_bytes=peak,
+    )
+
+
+def run_spec_file(measure_row: Callable[[dict], dict], argv: list[str] | None = None) -> None:
+    """A row's fresh process: read its spec (JSON), set the threads, measure, write the result (JSON)."""
     spec_path, result_path = argv if argv is not None else sys.argv[1:]
     spec = json.loads(Path(spec_path).read_text())
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    Path(result_path).write_text(json.dumps(run(spec)) + "\n")
+    Path(result_path).write_text(json.dumps(measure_row(spec)) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_spec_file(run, argv)
 
 
 if __name__ == "__main__":

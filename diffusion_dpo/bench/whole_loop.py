@@ -24,10 +24,8 @@ host syncs (as torch reports them) are the row's ``host_syncs_per_step``, as the
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -49,7 +47,7 @@ def run(spec: dict) -> dict:
     import peft  # noqa: F401
 
     from diffusion_dpo.bench.loading import write_jpeg_pairs
-    from diffusion_dpo.bench.measure import _current_rss, _peak_rss, memory_breakdown
+    from diffusion_dpo.bench.measure import _current_rss, cpu_peak_memory, memory_breakdown
     from diffusion_dpo.training import loop
     from diffusion_dpo.training.config import TrainConfig
 
@@ -99,12 +97,7 @@ def run(spec: dict) -> dict:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
             else:
-                peak = _peak_rss()
-                result.update(
-                    peak_memory_bytes=peak - rss_before,
-                    peak_memory_kind="peak resident set size of the process minus its size after imports",
-                    peak_rss_bytes=peak,
-                )
+                result.update(cpu_peak_memory(rss_before))
                 raise _Measured
 
     with tempfile.TemporaryDirectory(prefix="dpo-bench-loop-") as tmp:
@@ -151,11 +144,9 @@ def run(spec: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    spec_path, result_path = argv if argv is not None else sys.argv[1:]
-    spec = json.loads(Path(spec_path).read_text())
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
-    Path(result_path).write_text(json.dumps(run(spec)) + "\n")
+    from diffusion_dpo.bench.measure import run_spec_file
+
+    run_spec_file(run, argv)
 
 
 if __name__ == "__main__":
