@@ -254,9 +254,10 @@ class TrainConfig:
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.")
     adam_implementation: str = _f(
         "auto",
-        "AdamW kernels: auto (fused on CUDA, PyTorch's own choice elsewhere), fused (one kernel for all "
-        "weights), foreach (a few batched kernels: PyTorch's choice on CUDA), for_loop (weight by weight: "
-        "PyTorch's choice on CPU). Same update up to float rounding; checkpoints load across them.",
+        "AdamW kernels: auto (fused on CUDA, foreach elsewhere), fused (one kernel for all weights), "
+        "foreach (a few batched kernels: PyTorch's choice on CUDA; on CPU the for_loop update bit for bit, "
+        "with less Python per weight), for_loop (weight by weight: PyTorch's choice on CPU). Same update "
+        "up to float rounding; checkpoints load across them.",
         choices=("auto", "fused", "foreach", "for_loop"),
     )
     use_8bit_adam: bool = _f(

@@ -15,13 +15,14 @@ def adam_kernel_kwargs(implementation: str, device: torch.device | str) -> dict:
     """``torch.optim.AdamW`` keyword for ``--adam_implementation`` on ``device``.
 
     ``auto`` is ``fused`` on CUDA (one kernel launch for all weights instead of a few per tensor;
-    without it the optimizer step of a small model is launch-bound) and PyTorch's own choice elsewhere,
-    which leaves CPU runs bit for bit as they were.
+    without it the optimizer step of a small model is launch-bound) and ``foreach`` elsewhere: on CPU
+    PyTorch's own choice is the weight-by-weight loop, whose Python work per tensor is most of a small
+    model's optimizer step, and ``foreach`` does the same float operations in the same order, so it
+    gives that loop's update bit for bit (tests/test_optim.py), where CPU ``fused`` rounds differently.
     """
     if implementation == "auto":
-        implementation = "fused" if torch.device(device).type == "cuda" else "default"
+        implementation = "fused" if torch.device(device).type == "cuda" else "foreach"
     return {
-        "default": {},
         "fused": {"fused": True},
         "foreach": {"foreach": True},
         "for_loop": {"foreach": False},
