@@ -38,7 +38,7 @@ def _train(implementation: str, steps: int = 6) -> tuple[list[torch.Tensor], tor
 
 def test_auto_on_cpu_is_the_for_loop_update_bit_for_bit():
     """``auto`` (foreach on CPU) against ``for_loop`` (what PyTorch picks on CPU, the paper's ``train.py``
-    included): the same weights and moments after every update, to the last bit; and the weights moved."""
+    included): the same weights and moments after six updates, to the last bit; and the weights moved."""
     auto, auto_opt = _train("auto")
     loop, loop_opt = _train("for_loop")
     assert auto_opt.defaults["foreach"] is True and loop_opt.defaults["foreach"] is False
