@@ -6,10 +6,10 @@ May import: :mod:`diffusion_dpo.transfer` only: pure tensor code, family-agnosti
 hand it their process and prediction).
 """
 
+from diffusion_dpo.diffusion.adapters import adapters_disabled
 from diffusion_dpo.diffusion.draws import RowDraws, draw_for_rows, heldout_noise, row_generator
 from diffusion_dpo.diffusion.objective import (
     PairOutputs,
-    adapters_disabled,
     denoising_errors,
     denoising_target,
     implicit_reward_accuracy,

@@ -16,12 +16,11 @@ or a bare DDPM-style diffusers scheduler for a UNet. With it, the shared core's 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 
+from diffusion_dpo.diffusion.adapters import adapters_disabled
 from diffusion_dpo.diffusion.draws import heldout_noise
 from diffusion_dpo.diffusion.processes import as_process
 
@@ -42,29 +41,6 @@ def per_sample_mse(pred: Tensor, target: Tensor) -> Tensor:
 def logratios_from_errors(model_errors: Tensor, ref_errors: Tensor) -> Tensor:
     """The diffusion log-ratio surrogate ``−0.5·(eθ − eref)`` (``[N]`` → ``[N]``)."""
     return -0.5 * (model_errors - ref_errors)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # accelerate/DDP/torch.compile wrappers keep the real module in .module / ._orig_mod
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
-
-
-@contextlib.contextmanager
-def adapters_disabled(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Run the LoRA UNet as its own reference: the base weights, adapters switched off."""
-    base = _unwrap(unet)
-    if not getattr(base, "_hf_peft_config_loaded", False):
-        raise ValueError(
-            "ref_unet=None means 'the same UNet with its LoRA adapters disabled', but this UNet has no "
-            "adapters; pass a frozen reference UNet for a full fine-tune"
-        )
-    base.disable_adapters()
-    try:
-        yield base
-    finally:
-        base.enable_adapters()
 
 
 def _reference_prediction(process, unet, ref_unet, noisy, timesteps, hidden, cond) -> Tensor:
