@@ -115,10 +115,29 @@ def test_step_statistics_and_the_table_on_hand_made_numbers():
         "| the paper's `train.py` (full fine-tune, frozen reference) | 0.2000 | 0.1000 0.3000 0.2000 |"
         in table
     )
-    assert "ours_full / paper: **0.750** (-25.0%)" in table
-    assert "ours_lora / diffusers: **1.250** (+25.0%)" in table
-    # a ratio needs both of its trainers
+    assert "ours_full / paper: **0.750** (-25.0%; 95% interval over rounds " in table
+    assert "ours_lora / diffusers: **1.250** (+25.0%; 95% interval over rounds " in table
+    for key, (low, high) in summary["ratio_intervals"].items():
+        assert low <= summary["ratios"][key] <= high
+    # a ratio needs both of its trainers; one round has no interval
     assert sbs.summarize({"paper": [0.1], "ours_lora": [0.2]})["ratios"] == {}
+    one_round = sbs.summarize({"paper": [0.1], "ours_full": [0.2]})
+    assert one_round["ratio_intervals"] == {}
+    assert "ours_full / paper: **2.000** (+100.0%)" in sbs.markdown_table(one_round)
+
+
+def test_ratio_interval_by_hand():
+    # 2 rounds, ours 1 and 3 s, theirs 2 and 2 s: the 4 resamples of the rounds give the ratios
+    # 1/2 (round 0 twice), 3/2 (round 1 twice) and 2/2 (one of each, twice): 0.5, 1, 1, 1.5
+    assert sbs.ratio_interval([1.0, 3.0], [2.0, 2.0]) == (0.5, 1.5)
+    assert sbs.ratio_interval([1.0, 3.0], [2.0, 2.0], level=0.5) == (0.5, 1.0)
+    # rounds stay paired: ours 0.9x theirs in every round is 0.9 in every resample, however the
+    # rounds vary (8 rounds: the seeded draws)
+    theirs = [0.4, 0.9, 0.5, 0.6, 0.45, 0.8, 0.55, 0.7]
+    low, high = sbs.ratio_interval([0.9 * t for t in theirs], theirs)
+    assert low == pytest.approx(0.9) and high == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="same number"):
+        sbs.ratio_interval([1.0, 2.0], [1.0])
 
 
 def test_each_round_rotates_the_order():

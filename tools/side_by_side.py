@@ -19,7 +19,7 @@ into ``OUTPUT_DIR/reference/``; the commit used is recorded. How each run is tim
 ``time.perf_counter()`` at every optimizer step and runs the script with ``runpy`` as ``__main__``; a
 run's s/step is the median of the gaps between consecutive steps after the warm-up steps. Runs
 alternate: each round runs every trainer once, the order rotated per round; a trainer's figure is the
-median of its run medians. Results: ``OUTPUT_DIR/results.md`` and ``results.json``.
+median of its run medians, and each ratio comes with a 95% bootstrap interval over rounds. Results: ``OUTPUT_DIR/results.md`` and ``results.json``.
 
 A reference script that cannot run as it is (the paper's requires xformers, diffusers' imports wandb)
 is patched at run time by the runner, never edited; every patch applied is named in the results.
@@ -275,20 +275,52 @@ def run_median(stamps: Sequence[float], warmup: int, steps: int) -> float:
     return statistics.median(gaps[:steps])
 
 
+def ratio_interval(
+    ours: Sequence[float], theirs: Sequence[float], level: float = 0.95
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of ``median(ours) / median(theirs)`` over rounds: round ``i``'s two
+    run medians stay together (they ran minutes apart, so a slow spell of the machine hits both). Every
+    one of the ``n**n`` resamples of the ``n`` rounds is taken (5 rounds: 3,125), so the interval is
+    exact and the same on every rerun of the same numbers; above 7 rounds, 20,000 seeded draws."""
+    import itertools
+
+    import numpy as np
+
+    ours, theirs, n = np.asarray(ours, float), np.asarray(theirs, float), len(ours)
+    if n != len(theirs) or n < 2:
+        raise ValueError(
+            f"a ratio interval needs the same number (>= 2) of rounds, got {n} and {len(theirs)}"
+        )
+    if n <= 7:
+        picks = np.array(list(itertools.product(range(n), repeat=n)))
+    else:
+        picks = np.random.default_rng(0).integers(0, n, size=(20_000, n))
+    ratios = np.median(ours[picks], axis=1) / np.median(theirs[picks], axis=1)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(ratios, [alpha, 1 - alpha], method="inverted_cdf")
+    return float(low), float(high)
+
+
 def summarize(run_medians: dict[str, list[float]]) -> dict:
-    """Per trainer the median of its run medians and the runs; the ours/theirs ratios of :data:`RATIOS`
-    where both trainers ran."""
+    """Per trainer the median of its run medians and the runs (in round order); the ours/theirs ratios
+    of :data:`RATIOS` where both trainers ran, with their 95% intervals over rounds
+    (:func:`ratio_interval`) where they ran the same rounds, two or more."""
     trainers = {
         name: {"median_s_per_step": statistics.median(values), "run_medians": list(values)}
         for name, values in run_medians.items()
         if values
     }
+    pairs = [(ours, theirs) for ours, theirs in RATIOS if ours in trainers and theirs in trainers]
     ratios = {
         f"{ours}/{theirs}": trainers[ours]["median_s_per_step"] / trainers[theirs]["median_s_per_step"]
-        for ours, theirs in RATIOS
-        if ours in trainers and theirs in trainers
+        for ours, theirs in pairs
     }
-    return {"trainers": trainers, "ratios": ratios}
+    intervals = {
+        f"{ours}/{theirs}": list(ratio_interval(run_medians[ours], run_medians[theirs]))
+        for ours, theirs in pairs
+        if len(run_medians[ours]) == len(run_medians[theirs]) >= 2
+    }
+    return {"trainers": trainers, "ratios": ratios, "ratio_intervals": intervals}
 
 
 def round_orders(trainers: Sequence[str], rounds: int) -> list[list[str]]:
@@ -305,7 +337,9 @@ def markdown_table(summary: dict) -> str:
     lines.append("")
     for key, ratio in summary["ratios"].items():
         ours, theirs = key.split("/")
-        lines.append(f"- {ours} / {theirs}: **{ratio:.3f}** ({(ratio - 1) * 100:+.1f}%)")
+        interval = summary.get("ratio_intervals", {}).get(key)
+        within = f"; 95% interval over rounds {interval[0]:.3f} to {interval[1]:.3f}" if interval else ""
+        lines.append(f"- {ours} / {theirs}: **{ratio:.3f}** ({(ratio - 1) * 100:+.1f}%{within})")
     return "\n".join(lines)
 
 
