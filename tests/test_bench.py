@@ -5,6 +5,7 @@ machine, never from a timed test. Runs are tiny (32 px, one pair, one or two ste
 """
 
 import json
+import os
 
 import pytest
 import torch
@@ -34,7 +35,35 @@ def _one_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the rows' processes
 
 
-def test_cli_runs_the_comparison_rows_and_writes_json(model_dir, tmp_path, capsys):
+@pytest.fixture
+def rows_in_this_process(monkeypatch):
+    """Each row runs in the test's process instead of a fresh one. On a 2-core VM a row's own process
+    spends ~10 s importing torch, diffusers and transformers and a second measuring a tiny step; what
+    a fresh process adds (a memory baseline and peak of the row's own) is tested with real processes, a
+    step row's and the whole-loop rows', by test_the_loop_rows_run_train_itself_and_report_the_loops_overhead_over_the_step."""
+    import importlib
+    import subprocess
+    import traceback
+
+    from trainer_runs import reset_accelerate
+
+    def in_process(module, spec_path, result_path):
+        threads, environ = torch.get_num_threads(), dict(os.environ)  # a loop row sets ACCELERATE_USE_CPU
+        try:
+            importlib.import_module(module).main([str(spec_path), str(result_path)])
+            return subprocess.CompletedProcess([module], 0, "", "")
+        except Exception:
+            return subprocess.CompletedProcess([module], 1, "", traceback.format_exc())
+        finally:
+            torch.set_num_threads(threads)
+            os.environ.clear()
+            os.environ.update(environ)
+            reset_accelerate()
+
+    monkeypatch.setattr(cli, "_row_process", in_process)
+
+
+def test_cli_runs_the_comparison_rows_and_writes_json(model_dir, tmp_path, capsys, rows_in_this_process):
     out = tmp_path / "bench.json"
     cli.main(["--arch", "tiny", *TINY_ARGS, "--model_dir", str(model_dir), "--output", str(out)])
     rows = json.loads(out.read_text())
@@ -232,7 +261,7 @@ def test_meta_step_flops_equal_a_real_step_and_lora_needs_fewer(tiny_sd_path):
 # ---- SD3 architectures --------------------------------------------------------------------------------
 
 
-def test_tiny_sd3_runs_every_comparison_row(model_dir, tmp_path):
+def test_tiny_sd3_runs_every_comparison_row(model_dir, tmp_path, rows_in_this_process):
     """The tiny SD3 model (MMDiT, two CLIPs and a T5) through every row: the flow objective, the
     transformer's reference, LoRA on its attention projections, and batches from a cache with pooled
     embeddings."""
@@ -476,7 +505,9 @@ def test_speed_flags_parse_and_are_documented():
 
 def test_adam_kernels_fused_by_default_on_cuda_foreach_elsewhere():
     assert adam_kernel_kwargs("auto", "cuda") == {"fused": True}
-    assert adam_kernel_kwargs("auto", "cpu") == {"foreach": True}  # the for-loop's update: tests/test_optim.py
+    assert adam_kernel_kwargs("auto", "cpu") == {
+        "foreach": True
+    }  # the for-loop's update: tests/test_optim.py
     assert adam_kernel_kwargs("for_loop", "cuda") == {"foreach": False}
     cfg = TrainConfig(pretrained_model_name_or_path="m", dataset_name="d", adam_implementation="fused")
     optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], 1e-3, "cpu")
@@ -787,7 +818,7 @@ def test_flux_dev_is_the_published_architecture_and_its_rows_train_at_512_t5_tok
         assert cfg.resolution == 1024 and cfg.max_sequence_length is None  # the family's 512
 
 
-def test_tiny_flux_runs_every_comparison_row(model_dir, tmp_path):
+def test_tiny_flux_runs_every_comparison_row(model_dir, tmp_path, rows_in_this_process):
     """The tiny FLUX.1 model through every row: packed latents, the guidance embedding, its LoRA targets,
     and batches from a cache with CLIP's pooled embedding."""
     out = tmp_path / "bench_flux.json"

@@ -276,6 +276,13 @@ def _flop_key(row: Row) -> tuple:
     )
 
 
+def _row_process(module: str, spec_path: Path, result_path: Path) -> subprocess.CompletedProcess:
+    # a fresh process per row: its memory baseline and peak are the row's alone
+    return subprocess.run(
+        [sys.executable, "-m", module, str(spec_path), str(result_path)], capture_output=True, text=True
+    )
+
+
 def _measure(row: Row, args, device: str, work: Path, shapes: dict | None = None) -> dict:
     """Run one row in a fresh process; its measurements, or ``{"status": ..., "error": ...}``."""
     spec = {
@@ -285,9 +292,7 @@ def _measure(row: Row, args, device: str, work: Path, shapes: dict | None = None
     spec_path, result_path = work / f"{row.name}.spec.json", work / f"{row.name}.result.json"
     spec_path.write_text(json.dumps(spec))
     module = "diffusion_dpo.bench.whole_loop" if row.step_row else "diffusion_dpo.bench.measure"
-    proc = subprocess.run(
-        [sys.executable, "-m", module, str(spec_path), str(result_path)], capture_output=True, text=True
-    )
+    proc = _row_process(module, spec_path, result_path)
     if proc.returncode != 0 or not result_path.is_file():
         tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
         oom = "out of memory" in proc.stderr.lower() or "OutOfMemoryError" in proc.stderr
