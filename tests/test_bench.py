@@ -505,9 +505,8 @@ def test_speed_flags_parse_and_are_documented():
 
 def test_adam_kernels_fused_by_default_on_cuda_foreach_elsewhere():
     assert adam_kernel_kwargs("auto", "cuda") == {"fused": True}
-    assert adam_kernel_kwargs("auto", "cpu") == {
-        "foreach": True
-    }  # the for-loop's update: tests/test_optim.py
+    # on CPU, the for-loop's update bit for bit: tests/test_optim.py
+    assert adam_kernel_kwargs("auto", "cpu") == {"foreach": True}
     assert adam_kernel_kwargs("for_loop", "cuda") == {"foreach": False}
     cfg = TrainConfig(pretrained_model_name_or_path="m", dataset_name="d", adam_implementation="fused")
     optimizer = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(3))], 1e-3, "cpu")

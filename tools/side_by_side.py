@@ -19,7 +19,8 @@ into ``OUTPUT_DIR/reference/``; the commit used is recorded. How each run is tim
 ``time.perf_counter()`` at every optimizer step and runs the script with ``runpy`` as ``__main__``; a
 run's s/step is the median of the gaps between consecutive steps after the warm-up steps. Runs
 alternate: each round runs every trainer once, the order rotated per round; a trainer's figure is the
-median of its run medians, and each ratio comes with a 95% bootstrap interval over rounds. Results: ``OUTPUT_DIR/results.md`` and ``results.json``.
+median of its run medians, and each ratio comes with a 95% bootstrap interval over rounds. Results:
+``OUTPUT_DIR/results.md`` and ``results.json``.
 
 A reference script that cannot run as it is (the paper's requires xformers, diffusers' imports wandb)
 is patched at run time by the runner, never edited; every patch applied is named in the results.
